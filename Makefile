@@ -1,0 +1,54 @@
+# Thin wrappers over the CMake presets. `make run` and `make test` install the Debian packages
+# first (scripts/install-deps.sh is idempotent and fast when everything is present).
+JOBS ?= 2
+BENCH_ARGS ?=
+
+.PHONY: all deps build run test bench asan tsan debug stress install-test format clean
+
+all: build
+
+deps:
+	@./scripts/install-deps.sh
+
+build: deps
+	cmake --preset release >/dev/null
+	cmake --build --preset release -j $(JOBS)
+
+run: build
+	./build/release/tools/pgmap-bench/pgmap-bench --out out $(BENCH_ARGS)
+
+test: build
+	ctest --preset release -j $(JOBS) --label-exclude long
+
+bench: build
+	./build/release/tools/pgmap-bench/pgmap-bench --out out --full $(BENCH_ARGS)
+	@for b in build/release/src/*/*_benchmark; do echo "== $$b"; $$b --benchmark_min_time=0.2 \
+	  --benchmark_repetitions=5 --benchmark_report_aggregates_only=true || exit 1; done
+
+debug: deps
+	cmake --preset debug >/dev/null
+	cmake --build --preset debug -j $(JOBS)
+	ctest --preset debug -j $(JOBS) --label-exclude long
+
+asan: deps
+	cmake --preset asan >/dev/null
+	cmake --build --preset asan -j $(JOBS)
+	ctest --preset asan -j $(JOBS) --label-exclude long
+
+tsan: deps
+	cmake --preset tsan >/dev/null
+	cmake --build --preset tsan -j $(JOBS)
+	ctest --preset tsan -j $(JOBS) --label-exclude long
+
+# Longer stress runs, outside `make test` (which runs a bounded version of each).
+stress: build
+	PGMAP_STRESS_SECONDS=60 ctest --preset release -L 'stress|property|long' --output-on-failure
+
+install-test: build
+	./tests/install/run.sh build/release
+
+format:
+	find include src tools tests -name '*.h' -o -name '*.cc' | xargs clang-format -i
+
+clean:
+	rm -rf build out

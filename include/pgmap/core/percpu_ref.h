@@ -1,0 +1,215 @@
+// PercpuRef: a reference count that costs a thread-local increment while the object is live and
+// becomes an ordinary atomic counter, with zero detection, once it is being torn down. It is the
+// user-space twin of the kernel's percpu_ref (lib/percpu-refcount.c), and it is what a pagemap
+// uses as its liveness reference.
+//
+// ---- Modes and why zero cannot be seen in percpu mode ------------------------------------------
+//
+// In percpu ("live") mode every thread counts its gets and puts in its own slot: a relaxed load
+// and store of a word that no other thread writes, so there is no shared cache line on the fast
+// path. A slot may go negative or wrap (a thread may put what another got); only the modular sum
+// of all slots plus the shared atomic means anything, and computing that sum needs every thread
+// to stop touching its slot. So percpu mode cannot notice the count reaching zero. That is why
+// the owner holds an *initial reference* and shutdown has two stages:
+//
+//   1. kill(): mark the ref DEAD (which implies ATOMIC), wait until no thread is still in the
+//      middle of a percpu operation, fold every thread's slot into the shared atomic, run the
+//      confirm callback, and drop the initial reference.
+//   2. The last put() in atomic mode sees the count reach zero and runs `release` exactly once.
+//
+// There is no implied grace period between kill and release: release may run inside kill()
+// (if nothing else was held) or later on whichever thread drops the last reference.
+//
+// ---- The bias ----------------------------------------------------------------------------------
+//
+// While percpu, the shared atomic holds kBias plus whatever was counted there directly (threads
+// without a slot: exiting threads, or refs that ran out of slots). The fold adds `sum - kBias` in
+// one atomic operation, so the shared count never transiently reads zero during the switch, and
+// slow-path operations can always use zero-checking atomics regardless of the mode they saw.
+//
+// ---- How the switch knows that no thread is mid-operation --------------------------------------
+//
+// A fast-path operation is: set my thread's `active` flag; read the mode word; if percpu, update
+// my slot; clear `active` (release). The switch stores the new mode, then issues a process-wide
+// memory barrier (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED), with an mprotect-IPI fallback):
+// afterwards, every thread either read the mode after the barrier (and sees ATOMIC) or has its
+// `active` store visible. The switch waits for each visible `active` to clear, then reads the
+// slots. The reader pays only plain stores to its own cache line: no lock prefix, no fence.
+//
+// After kill() (or kill_and_confirm()) returns, tryget_live() fails on every thread; a
+// tryget_live() that was already past its check when kill started may still succeed, and its
+// reference is counted like any other.
+//
+// ---- Threads and slots -------------------------------------------------------------------------
+//
+// Each thread gets a counter block (one slot per live PercpuRef) on its first operation. A block
+// is never freed: when its thread exits, it is parked and later adopted by a new thread as is, so
+// references taken on one thread and dropped on another, or dropped after the taker exited, are
+// never lost or counted twice. After a thread's exit hook ran, its operations go to the shared
+// atomic. There are kMaxPercpuRefs slots; a ref created when none is free runs in atomic mode for
+// its whole life (is_percpu() tells), which is slower but equally correct.
+//
+// ---- Misuse ------------------------------------------------------------------------------------
+//
+// put below zero, get on a released ref, double kill, resurrect of a live ref, reinit of a
+// non-zero ref: each returns a typed Errc, changes nothing, and calls report_misuse() (which
+// aborts in PGMAP_DEBUG_INVARIANTS builds). Underflow in percpu mode cannot be seen until the fold;
+// kill() then reports it. Operations are not async-signal-safe.
+//
+// ---- Example -----------------------------------------------------------------------------------
+//
+//   PercpuRef ref([&] { done.set(); });    // live, count 1 (the initial reference)
+//   if (ref.tryget_live()) { use(); ref.put(); }   // hot path: thread-local
+//   ref.kill();                             // no new tryget_live; initial ref dropped
+//   done.wait();                            // release ran: all users are gone
+//
+// When to use: an object with many short-lived users on many threads and a rare, explicit
+// shutdown (a pagemap, a device). When not: objects that die often (kill costs a process-wide
+// barrier, ~2-5 us here; start them with kInitAtomic and switch_to_percpu() once long-lived), or
+// counts that must be read often (use a plain atomic). Alternatives: std::shared_ptr (one shared
+// atomic, 11 ns here and 47-80 ns under 2-thread contention), liburcu urcu_ref (plain atomic),
+// hazard pointers / RCU when the reader holds nothing across blocking.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "pgmap/core/error.h"
+
+namespace pgmap {
+
+inline constexpr std::size_t kMaxPercpuRefs = 16384;
+
+namespace detail {
+
+// One thread's counters. Allocated once, never freed (see "Threads and slots").
+struct ThreadCounters {
+  alignas(64) std::atomic<std::uint32_t> active;  // 1 while a fast-path operation is in flight
+  alignas(64) std::atomic<std::uint64_t> counts[kMaxPercpuRefs];
+};
+
+extern thread_local ThreadCounters* t_counters;
+
+inline void compiler_barrier() noexcept { asm volatile("" ::: "memory"); }
+
+}  // namespace detail
+
+class PercpuRef {
+ public:
+  using Callback = std::function<void()>;
+
+  enum InitFlags : unsigned {
+    kInitAtomic = 1u,   // start in atomic mode (switch_to_percpu() later)
+    kInitDead = 2u,     // start dead with count 0 (reinit() to bring it live)
+    kAllowReinit = 4u,  // keep the percpu slot after kill so resurrect/reinit return to percpu
+  };
+
+  // `release` runs exactly once, when the count reaches zero after kill; it must not block for
+  // long and may run on any thread, including inside kill(). It may destroy this object.
+  explicit PercpuRef(Callback release, unsigned flags = 0);
+
+  // The ref must be released (count zero) or never used by anyone but the owner; destroying a
+  // ref that others still hold is reported as misuse (Errc::busy).
+  ~PercpuRef();
+
+  PercpuRef(const PercpuRef&) = delete;
+  PercpuRef& operator=(const PercpuRef&) = delete;
+
+  // ---- hot path: never block ----
+  Errc get() noexcept { return get_many(1); }
+  Errc put() noexcept { return put_many(1); }
+  inline Errc get_many(std::uint64_t n) noexcept;
+  inline Errc put_many(std::uint64_t n) noexcept;
+  // Succeeds unless the count is zero (fails only after release).
+  inline bool tryget() noexcept;
+  // Succeeds unless the ref was killed. Guaranteed to fail once kill() has returned.
+  inline bool tryget_live() noexcept;
+
+  // ---- mode changes: may block for a process-wide barrier (µs), serialized per ref ----
+
+  // Makes tryget_live() fail, switches to atomic mode, runs `confirm` (if any), then drops the
+  // initial reference. Errc::already_dead if already killed (nothing changes); Errc::underflow if
+  // the fold found more puts than gets (the count is left at what the fold computed).
+  Errc kill() noexcept { return kill_and_confirm(nullptr); }
+  Errc kill_and_confirm(const Callback& confirm) noexcept;
+
+  // Switch modes without killing. switch_to_atomic is sticky: the ref stays atomic until
+  // switch_to_percpu(). Errc::dead for switch_to_percpu on a dead ref; Errc::no_memory if the
+  // ref has no percpu slot.
+  Errc switch_to_atomic() noexcept;
+  Errc switch_to_percpu() noexcept;
+
+  // Undo a kill before release: re-take the initial reference and go live again.
+  // Errc::not_dead on a live ref, Errc::released if the count already reached zero (use reinit).
+  Errc resurrect() noexcept;
+  // Bring a released (zero) ref back to the state right after construction.
+  // Errc::busy if the count is not zero.
+  Errc reinit() noexcept;
+
+  // ---- queries ----
+  bool is_zero() const noexcept;     // atomic mode and count == 0
+  bool is_dying() const noexcept {   // killed (DEAD set)
+    return (mode_.load(std::memory_order_acquire) & kDead) != 0;
+  }
+  bool is_percpu() const noexcept {
+    return (mode_.load(std::memory_order_acquire) & kAtomic) == 0;
+  }
+  // The exact count in atomic mode; in percpu mode a racy snapshot of the sum (diagnostics only).
+  std::int64_t approx_count() const noexcept;
+
+ private:
+  static constexpr std::uintptr_t kAtomic = 1;
+  static constexpr std::uintptr_t kDead = 2;
+  static constexpr std::uintptr_t kModeMask = kAtomic | kDead;
+  static constexpr unsigned kSlotShift = 2;
+
+  struct Data;
+
+  // The fast path: adds `delta` (mod 2^64) to this thread's slot and returns true if the ref is
+  // in percpu mode; returns false, having changed nothing, otherwise.
+  inline bool percpu_add(std::uint64_t delta) noexcept;
+  Errc get_slow(std::uint64_t n) noexcept;
+  Errc put_slow(std::uint64_t n) noexcept;
+  bool tryget_slow(bool live) noexcept;
+  void go_live_locked() noexcept;
+  static bool ensure_thread_counters() noexcept;
+
+  // Hot word: slot << kSlotShift | kAtomic | kDead. The cold state lives behind data_, so a user
+  // embedding a PercpuRef pays 16 bytes in its hot cache line (Ming Lei's split in the kernel).
+  std::atomic<std::uintptr_t> mode_;
+  std::unique_ptr<Data> data_;
+};
+
+// ---- fast paths -------------------------------------------------------------------------------
+
+inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
+  detail::ThreadCounters* t = detail::t_counters;
+  if (t == nullptr) [[unlikely]] return false;
+  t->active.store(1, std::memory_order_relaxed);
+  detail::compiler_barrier();  // the flag store stays before the mode load (membarrier pairs)
+  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+  bool percpu = (m & kModeMask) == 0;  // percpu implies not dead
+  if (percpu) [[likely]] {
+    std::atomic<std::uint64_t>& c = t->counts[m >> kSlotShift];
+    c.store(c.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
+  }
+  t->active.store(0, std::memory_order_release);
+  return percpu;
+}
+
+inline Errc PercpuRef::get_many(std::uint64_t n) noexcept {
+  return percpu_add(n) ? Errc::ok : get_slow(n);
+}
+
+inline Errc PercpuRef::put_many(std::uint64_t n) noexcept {
+  return percpu_add(0 - n) ? Errc::ok : put_slow(n);
+}
+
+inline bool PercpuRef::tryget() noexcept { return percpu_add(1) || tryget_slow(false); }
+
+inline bool PercpuRef::tryget_live() noexcept { return percpu_add(1) || tryget_slow(true); }
+
+}  // namespace pgmap

@@ -1,0 +1,284 @@
+// DevPagemap: device memory handed out as pages (the kernel's struct dev_pagemap with
+// memremap_pages / memunmap_pages, mm/memremap.c).
+//
+// A pagemap covers one or more pfn ranges of backings, owns their page metadata (PageArray), and
+// has a liveness reference (PercpuRef) that lookups take with tryget_live. Its strategy (strategy.h)
+// decides what folio references cost and what memunmap waits for.
+//
+// ---- Lifecycle ---------------------------------------------------------------------------------
+//
+//   memremap(params)    validate ranges (aligned, inside the backing, not overlapping any live
+//                       pagemap), build the metadata, publish in the pfn -> pagemap registry.
+//                       State: live.
+//   memunmap(opts)      1. kill: lookups (get_dev_pagemap, tryget_live, request) fail from now on,
+//                          and no idle folio can become busy.           State: dying.
+//                       2. wait for what the strategy counts (see strategy.h), bounded by
+//                          opts.timeout; the refuse policy instead returns Errc::busy at once if
+//                          anything is held.
+//                       3. unpublish from the registry and wait for an RCU grace period.
+//                       4. retire the metadata (poisoned under ASan, quarantined, or unmapped) and
+//                          revoke the device bytes (ASan).                  State: dead.
+//                       If step 2 times out or refuses, the kill is undone (the ref is resurrected)
+//                       and the pagemap is live again, exactly as before the call; the Error
+//                       carries a HolderReport of who holds what.
+//   ~DevPagemap         memunmap with no timeout if still live.
+//
+// ---- Folio references (hot path, never block) --------------------------------------------------
+//
+// get_folio / put_folio / pin_folio / unpin_folio take any pfn of a folio and act on its head.
+// The caller must either already hold a reference on that folio, or hold a pagemap reference
+// (get_dev_pagemap) or be the pagemap's owner: nothing may look at an idle folio's pagemap
+// otherwise (I1). Errors: Errc::out_of_range (pfn not in this pagemap), Errc::dead (the pagemap is
+// dying and the strategy refuses the reference; nothing changed), Errc::underflow (put below
+// zero; nothing changed), Errc::use_after_teardown (quarantined metadata reached: the caller held
+// nothing that kept the pagemap alive — only possible under `none` or by misuse).
+//
+// When a folio's refcount reaches zero, ops.page_free runs (on the putting thread), then under
+// `transition` the folio's pagemap reference is dropped, and waiters keyed on the folio's refcount
+// are woken (always for FS_DAX, I16; for other types while the pagemap is dying).
+//
+// Thread safety: every member is thread-safe. memunmap may run concurrently with any folio
+// operation; concurrent memunmaps of one pagemap: one wins, the others get Errc::already_dead.
+// Lock order: docs/lock-order.md.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "pgmap/core/diagnostics.h"
+#include "pgmap/core/error.h"
+#include "pgmap/core/percpu_ref.h"
+#include "pgmap/core/wait_table.h"
+#include "pgmap/memory/backing.h"
+#include "pgmap/memory/page_array.h"
+#include "pgmap/memory/pfn.h"
+#include "pgmap/memory/strategy.h"
+
+namespace pgmap {
+
+class DevPagemap;
+
+struct PagemapOps {
+  // A folio's refcount reached zero. Runs on the thread that dropped the last reference; must not
+  // block or take references on this pagemap.
+  std::function<void(DevPagemap& pgmap, Pfn head, unsigned order)> page_free;
+  // Memory failure on [pfn, pfn + nr_pages) (used by the upper layers; Errc::not_supported makes
+  // the caller fall back to the generic handler).
+  std::function<Errc(DevPagemap& pgmap, Pfn pfn, std::uint64_t nr_pages, int flags)>
+      memory_failure;
+};
+
+struct PagemapRangeSpec {
+  std::shared_ptr<Backing> backing;
+  std::uint64_t offset = 0;  // bytes into the backing
+  std::uint64_t size = 0;    // bytes; 0 = to the end of the backing
+};
+
+struct MemremapParams {
+  PagemapType type = PagemapType::fs_dax;
+  Strategy strategy = Strategy::transition;
+  unsigned base_order = 0;  // folio order of the memmap (vmemmap_shift): 0, 9 or 18
+  std::vector<PagemapRangeSpec> ranges;
+  PagemapOps ops;
+  const void* owner = nullptr;  // who created it (driver), reported in diagnostics
+  std::string name;             // for messages; defaults to the pfn span
+  // Keep retired metadata mapped and poisoned-by-value so late accesses are detected instead of
+  // faulting. Default: on in PGMAP_DEBUG_INVARIANTS builds.
+  std::optional<bool> quarantine;
+};
+
+enum class UnmapPolicy {
+  wait,    // wait for every holder (bounded by `timeout` if given)
+  refuse,  // Errc::busy, with a holder report, if anything is held; never waits for folios
+};
+
+struct DrainProgress {
+  std::uint64_t busy_folios = 0;   // still busy at the last look (sweep) or -1 if not counted
+  std::int64_t pagemap_refs = 0;   // outstanding pagemap references
+  std::chrono::nanoseconds elapsed{0};
+};
+
+struct MemunmapOptions {
+  UnmapPolicy policy = UnmapPolicy::wait;
+  std::optional<std::chrono::nanoseconds> timeout;  // none: wait as long as it takes
+  unsigned scan_threads = 1;                          // sweep: threads that scan the metadata
+  std::function<void(const DrainProgress&)> progress;
+  std::chrono::milliseconds progress_every{500};
+};
+
+struct TeardownStats {
+  double kill_seconds = 0;      // kill (percpu fold and membarrier)
+  double drain_seconds = 0;     // waiting for the pagemap reference to be released
+  double sweep_seconds = 0;     // scanning every folio and waiting on busy ones (sweep)
+  double teardown_seconds = 0;  // unpublish + grace period + retiring the metadata
+  double total_seconds = 0;
+  std::uint64_t waited_folios = 0;  // folios the sweep found busy and waited on
+};
+
+// RAII reference on a pagemap (get_dev_pagemap's result). Empty when the lookup failed.
+class PagemapRef {
+ public:
+  PagemapRef() = default;
+  explicit PagemapRef(DevPagemap* p) noexcept : p_(p) {}
+  PagemapRef(PagemapRef&& o) noexcept : p_(std::exchange(o.p_, nullptr)) {}
+  PagemapRef& operator=(PagemapRef&& o) noexcept {
+    if (this != &o) {
+      reset();
+      p_ = std::exchange(o.p_, nullptr);
+    }
+    return *this;
+  }
+  ~PagemapRef() { reset(); }
+  DevPagemap* get() const noexcept { return p_; }
+  DevPagemap* operator->() const noexcept { return p_; }
+  explicit operator bool() const noexcept { return p_ != nullptr; }
+  void reset() noexcept;
+  DevPagemap* release() noexcept { return std::exchange(p_, nullptr); }
+
+ private:
+  DevPagemap* p_ = nullptr;
+};
+
+class DevPagemap {
+ public:
+  enum class State { live, dying, dead };
+
+  ~DevPagemap();
+  DevPagemap(const DevPagemap&) = delete;
+  DevPagemap& operator=(const DevPagemap&) = delete;
+
+  PagemapType type() const noexcept { return type_; }
+  Strategy strategy() const noexcept { return strategy_; }
+  unsigned base_order() const noexcept { return base_order_; }
+  State state() const noexcept { return state_.load(std::memory_order_acquire); }
+  const void* owner() const noexcept { return owner_; }
+  const std::string& name() const noexcept { return name_; }
+  std::size_t nr_ranges() const noexcept { return ranges_.size(); }
+  PfnRange range(std::size_t i) const noexcept { return ranges_[i].pfns; }
+  std::uint64_t total_pages() const noexcept;
+  bool contains(Pfn pfn) const noexcept { return locate(pfn).array != nullptr; }
+
+  // Metadata of the range containing pfn (nullptr if none, or after memunmap).
+  PageArray* array_for(Pfn pfn) const noexcept { return locate(pfn).array; }
+  // Bytes of the device at pfn (valid while the caller holds a reference keeping it alive).
+  std::byte* address_of(Pfn pfn) const noexcept;
+
+  // ---- pagemap references (get_dev_pagemap / put_dev_pagemap) ----
+  bool tryget_live() noexcept { return ref_.tryget_live(); }
+  void put_ref() noexcept { ref_.put(); }
+
+  // ---- folio references: hot path ----
+  Errc get_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
+  Errc put_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
+  Errc pin_folio(Pfn pfn) noexcept;    // FOLL_PIN: bias for small folios, exact for large
+  Errc unpin_folio(Pfn pfn) noexcept;
+  std::uint32_t folio_ref_count(Pfn pfn) const noexcept;
+  bool folio_maybe_dma_pinned(Pfn pfn) const noexcept;
+
+  // ---- the allocation event (alloc_event strategy; usable by any strategy) ----
+  // Takes one pagemap reference for [first, first + nr) that the caller keeps for as long as it
+  // uses those pages (Dan Williams' proposal: discovering the pfn is the allocation). Fails with
+  // Errc::dead once the pagemap is dying, Errc::out_of_range if the range is not inside one of its
+  // ranges. The Allocation releases the reference when destroyed.
+  class Allocation {
+   public:
+    Allocation() = default;
+    Allocation(Allocation&& o) noexcept
+        : pgmap_(std::exchange(o.pgmap_, nullptr)), first_(o.first_), nr_(o.nr_) {}
+    Allocation& operator=(Allocation&& o) noexcept;
+    ~Allocation() { reset(); }
+    void reset() noexcept;
+    explicit operator bool() const noexcept { return pgmap_ != nullptr; }
+    Pfn first() const noexcept { return first_; }
+    std::uint64_t count() const noexcept { return nr_; }
+    DevPagemap* pagemap() const noexcept { return pgmap_; }
+
+   private:
+    friend class DevPagemap;
+    Allocation(DevPagemap* p, Pfn first, std::uint64_t nr) : pgmap_(p), first_(first), nr_(nr) {}
+    DevPagemap* pgmap_ = nullptr;
+    Pfn first_ = 0;
+    std::uint64_t nr_ = 0;
+  };
+  Result<Allocation> request(Pfn first, std::uint64_t nr) noexcept;
+
+  // ---- teardown ----
+  Result<TeardownStats> memunmap(const MemunmapOptions& opts = {});
+  // Who holds what right now (a scan of every folio; cold path).
+  HolderReport holders() const;
+  // Late accesses detected on quarantined metadata (only `none` or misuse produce them).
+  std::uint64_t late_accesses() const noexcept {
+    return late_accesses_.load(std::memory_order_relaxed);
+  }
+  std::string describe() const;
+
+ private:
+  friend Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);
+
+  struct Range {
+    PfnRange pfns;
+    std::shared_ptr<Backing> backing;
+    std::uint64_t offset;
+    std::unique_ptr<PageArray> array;
+  };
+  struct Loc {
+    PageArray* array = nullptr;
+    std::uint64_t head = 0;  // head entry of the folio containing the pfn
+  };
+
+  DevPagemap(const MemremapParams& params, std::vector<Range> ranges);
+  Loc locate(Pfn pfn) const noexcept;
+  Errc late_access(PageArray* a, std::uint64_t head, std::uint32_t undo_add,
+                   std::uint32_t undo_sub) noexcept;
+  void folio_freed(PageArray* a, std::uint64_t head) noexcept;
+  Errc put_refcount(PageArray* a, std::uint64_t head, std::uint32_t refs) noexcept;
+  void on_release() noexcept;
+  bool released_since(std::uint64_t gen0) const noexcept;
+  void revive(std::uint64_t gen0) noexcept;
+  Errc sweep(const MemunmapOptions& opts, Deadline deadline, TeardownStats& stats);
+  bool anything_held() const noexcept;
+  Error holders_error(Errc code, const char* why) const;
+
+  const PagemapType type_;
+  const Strategy strategy_;
+  const unsigned base_order_;
+  const PagemapOps ops_;
+  const void* const owner_;
+  const bool quarantine_;
+  std::string name_;
+  std::vector<Range> ranges_;
+  // Hot: read on every folio operation.
+  PageArray* first_array_ = nullptr;  // ranges_[0].array, for the common single-range case
+  std::atomic<bool> alive_{true};     // cleared at kill; sweep checks it after every get
+  std::atomic<bool> dying_{false};    // set at kill; folio frees then wake waiters
+  PercpuRef ref_;
+  // Cold.
+  std::atomic<State> state_{State::live};
+  std::atomic<std::uint64_t> release_gen_{0};  // +1 each time ref_ reaches zero
+  std::atomic<std::uint64_t> late_accesses_{0};
+  std::mutex teardown_mu_;  // one memunmap at a time
+};
+
+// Creates a pagemap. Errors: Errc::invalid_argument (no ranges, null backing, bad base order,
+// PRIVATE without page_free), Errc::unaligned (offset/size not multiples of the base folio size or
+// of the backing's alignment), Errc::out_of_range (range past the end of the backing),
+// Errc::overlap (range overlaps a live pagemap or another range of the same request),
+// Errc::no_memory. Nothing is published on error.
+Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);
+
+// The live pagemap covering pfn with a reference held, or an empty PagemapRef. If `cached`
+// already covers pfn it is returned as is (no new reference); otherwise its reference is dropped.
+// Safe against concurrent memunmap (RCU).
+PagemapRef get_dev_pagemap(Pfn pfn, PagemapRef cached = {}) noexcept;
+
+// Number of published pagemaps (diagnostics).
+std::size_t pagemap_count() noexcept;
+
+}  // namespace pgmap

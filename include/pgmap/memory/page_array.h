@@ -1,0 +1,141 @@
+// PageArray: the dense page metadata ("struct page") of one pfn range of a pagemap.
+//
+// Layout. One entry per base folio of the pagemap (4 KiB pages, or 2 MiB / 1 GiB for compound
+// devdax pagemaps, like the kernel's vmemmap_shift). The hot array holds only the refcount, 4 B
+// per entry, so a removal sweep over 1 TiB of 4 KiB pages reads 1 GiB, not the 16 GiB of
+// 64-byte struct pages, and a 2 MiB-granular pagemap of 1 TiB has a 2 MiB hot array. Everything
+// else lives in cold arrays that are mapped MAP_NORESERVE and cost nothing until an upper layer
+// touches them: mapcount, exact pincount (large folios), folio order, flags, and the
+// mapping/index/share fields of fsdax.
+//
+// Folios. A folio of order o >= base order spans 2^(o - base) entries; its references live in
+// the head entry and every entry of the folio records the order, so the head of any pfn is found
+// by aligning down. Tail entries keep refcount 0. set_folio_order() builds or splits folios and
+// requires them idle (the kernel's dax_folio_init()/folio_reset_order(); bug 5.8 is a split that
+// forgot to reset the order, which reset_order() here cannot).
+//
+// Pins. FOLL_PIN adds kPinBias to the refcount of a small folio (order <= 1 in 4 KiB units) and
+// adds 1 to the refcount plus 1 to the exact pincount of a large folio, as the kernel does.
+//
+// Concurrency. All fields are atomics; PageArray imposes no protocol on its own. The pagemap's
+// liveness strategy decides what a 0 -> 1 and 1 -> 0 refcount transition means (dev_pagemap.h).
+//
+// Teardown. retire() makes the metadata unusable: in ASan builds it is poisoned (any access is
+// reported); with quarantine it is kept mapped and every refcount is set to kRetiredRef, so a late
+// put or get is detected (Errc::use_after_teardown) instead of corrupting memory; otherwise the
+// memory is unmapped, as the kernel frees the memmap.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "pgmap/core/error.h"
+#include "pgmap/memory/pfn.h"
+
+namespace pgmap {
+
+// Per-entry flag bits (PageArray::flags()).
+enum PageFlag : std::uint8_t {
+  kPageHead = 1u << 0,      // first entry of a folio
+  kPagePoisoned = 1u << 1,  // memory failure recorded (PG_hwpoison)
+  kPageShared = 1u << 2,    // fsdax: folio associated with several mappings (share counts them)
+};
+
+class PageArray {
+ public:
+  // Added to a small folio's refcount per FOLL_PIN (GUP_PIN_COUNTING_BIAS).
+  static constexpr std::uint32_t kPinBias = 1024;
+  // Refcounts at or above this are not references: a retired (quarantined) entry holds
+  // kRetiredRef, and any get or put that finds such a value reports use after teardown.
+  static constexpr std::uint32_t kRetiredRef = 0xDEAD0000u;
+  static constexpr std::uint32_t kMaxRef = kRetiredRef - 1;
+
+  // Allocates and initialises the metadata for `range` at `base_order` (0, 9 or 18). The range
+  // must be aligned to the base folio. Every refcount is written (like memmap_init_zone_device),
+  // so the hot array is really resident afterwards. Errc::unaligned, Errc::no_memory.
+  static Result<std::unique_ptr<PageArray>> create(PfnRange range, unsigned base_order);
+  ~PageArray();
+  PageArray(const PageArray&) = delete;
+  PageArray& operator=(const PageArray&) = delete;
+
+  PfnRange range() const noexcept { return range_; }
+  unsigned base_order() const noexcept { return base_order_; }
+  std::uint64_t entries() const noexcept { return entries_; }
+  bool contains(Pfn pfn) const noexcept { return range_.contains(pfn); }
+  std::uint64_t index_of(Pfn pfn) const noexcept { return (pfn - range_.start) >> base_order_; }
+  Pfn pfn_of(std::uint64_t e) const noexcept { return range_.start + (e << base_order_); }
+
+  // ---- fields (entry index e, from index_of) ----
+  std::atomic<std::uint32_t>& ref(std::uint64_t e) noexcept { return ref_[e]; }
+  std::atomic<std::int32_t>& mapcount(std::uint64_t e) noexcept { return cold_->mapcount[e]; }
+  std::atomic<std::uint32_t>& pincount(std::uint64_t e) noexcept { return cold_->pincount[e]; }
+  std::atomic<std::uint8_t>& flags(std::uint64_t e) noexcept { return cold_->flags[e]; }
+  std::atomic<const void*>& mapping(std::uint64_t e) noexcept { return cold_->mapping[e]; }
+  std::atomic<std::uint64_t>& index_or_share(std::uint64_t e) noexcept {
+    return cold_->index_or_share[e];
+  }
+
+  // Folio order (in 4 KiB pages) of the folio containing entry e, and its head entry.
+  unsigned order(std::uint64_t e) const noexcept {
+    return base_order_ + cold_->order[e].load(std::memory_order_acquire);
+  }
+  std::uint64_t head_of(std::uint64_t e) const noexcept {
+    unsigned rel = cold_->order[e].load(std::memory_order_acquire);
+    return e & ~((std::uint64_t{1} << rel) - 1);
+  }
+  // Entries per folio of entry e's folio.
+  std::uint64_t folio_entries(std::uint64_t e) const noexcept {
+    return std::uint64_t{1} << cold_->order[e].load(std::memory_order_acquire);
+  }
+  // True for folios pinned with the bias (small) rather than the exact pincount (large).
+  bool uses_pin_bias(std::uint64_t head) const noexcept { return order(head) <= 1; }
+
+  // Builds a folio of `order` at head entry `head` (aligned), or splits it back to base folios
+  // when order == base_order(). Every entry of the old and new folio must be idle (refcount 0,
+  // mapcount 0, pincount 0): Errc::busy otherwise; Errc::unaligned / Errc::out_of_range /
+  // Errc::invalid_argument for a bad head or order. Splitting resets the order of every entry.
+  // The caller serializes changes to the same folio (the kernel holds the entry lock).
+  Errc set_folio_order(std::uint64_t head, unsigned order) noexcept;
+
+  // ---- scans (cold paths: removal, diagnostics) ----
+  // First entry in [from, to) whose refcount is non-zero, or `to`. Reads only the hot array.
+  std::uint64_t find_busy(std::uint64_t from, std::uint64_t to) const noexcept;
+  std::uint64_t count_busy() const noexcept;
+
+  // ---- teardown ----
+  enum class RetireMode { unmap, quarantine };
+  void retire(RetireMode mode) noexcept;
+  bool retired() const noexcept { return retired_; }
+
+  // Memory actually used by the hot array, and virtual size of everything.
+  std::uint64_t hot_bytes() const noexcept { return entries_ * sizeof(std::uint32_t); }
+  std::uint64_t reserved_bytes() const noexcept;
+
+ private:
+  struct Cold {
+    std::atomic<std::int32_t>* mapcount;
+    std::atomic<std::uint32_t>* pincount;
+    std::atomic<std::uint8_t>* order;  // relative to base_order_
+    std::atomic<std::uint8_t>* flags;
+    std::atomic<const void*>* mapping;
+    std::atomic<std::uint64_t>* index_or_share;
+  };
+  PageArray(PfnRange range, unsigned base_order, std::uint64_t entries);
+
+  PfnRange range_;
+  unsigned base_order_;
+  std::uint64_t entries_;
+  std::atomic<std::uint32_t>* ref_ = nullptr;
+  std::unique_ptr<Cold> cold_;
+  struct Region {
+    void* base = nullptr;
+    std::size_t len = 0;
+  };
+  Region regions_[7];
+  bool retired_ = false;
+  bool unmapped_ = false;
+};
+
+}  // namespace pgmap

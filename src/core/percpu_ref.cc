@@ -1,0 +1,337 @@
+#include "pgmap/core/percpu_ref.h"
+
+#include <sched.h>
+#include <sys/mman.h>
+
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <new>
+#include <vector>
+
+#include "core/heavy_barrier.h"
+
+namespace pgmap {
+namespace detail {
+
+thread_local ThreadCounters* t_counters = nullptr;
+
+namespace {
+
+// All counter blocks ever created, the parked ones, and the slot allocator. Lock order: a ref's
+// own mutex (Data::mu) before this one.
+struct Registry {
+  std::mutex mu;
+  std::vector<ThreadCounters*> all;
+  std::vector<ThreadCounters*> parked;
+  std::vector<std::uint32_t> free_slots;
+  std::uint32_t next_slot = 0;
+
+  static Registry& get() {
+    static Registry* r = new Registry;  // never destroyed: threads may exit after main returns
+    return *r;
+  }
+
+  ThreadCounters* adopt_or_create() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!parked.empty()) {
+      ThreadCounters* t = parked.back();
+      parked.pop_back();
+      return t;
+    }
+    void* mem = mmap(nullptr, sizeof(ThreadCounters), PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (mem == MAP_FAILED) return nullptr;  // the thread falls back to the shared atomic
+    auto* t = new (mem) ThreadCounters;     // mmap memory is zero: every count starts at 0
+    all.push_back(t);
+    return t;
+  }
+
+  void park(ThreadCounters* t) {
+    std::lock_guard<std::mutex> lock(mu);
+    parked.push_back(t);
+  }
+
+  std::uint32_t alloc_slot() {
+    std::lock_guard<std::mutex> lock(mu);
+    if (!free_slots.empty()) {
+      std::uint32_t s = free_slots.back();
+      free_slots.pop_back();
+      return s;
+    }
+    if (next_slot < kMaxPercpuRefs) return next_slot++;
+    return kNoSlot;
+  }
+
+  // The slot's counts must sum to zero with no thread touching them; they are reset so that the
+  // next owner starts from zero in every block.
+  void free_slot(std::uint32_t slot) {
+    std::lock_guard<std::mutex> lock(mu);
+    for (ThreadCounters* t : all) t->counts[slot].store(0, std::memory_order_relaxed);
+    free_slots.push_back(slot);
+  }
+
+  // Collects and zeroes one slot across all blocks. The caller already published ATOMIC and ran
+  // the heavy barrier, so a thread either sees ATOMIC or has its `active` flag visible here.
+  std::uint64_t collect(std::uint32_t slot) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::uint64_t sum = 0;
+    for (ThreadCounters* t : all) {
+      for (unsigned spins = 0; t->active.load(std::memory_order_acquire) != 0; ++spins) {
+        if (spins > 64) sched_yield();  // its owner was preempted mid-operation
+      }
+      sum += t->counts[slot].load(std::memory_order_relaxed);
+      t->counts[slot].store(0, std::memory_order_relaxed);
+    }
+    return sum;
+  }
+
+  static constexpr std::uint32_t kNoSlot = std::numeric_limits<std::uint32_t>::max();
+};
+
+// Parks the thread's counter block when the thread exits. After it ran, the thread's operations
+// take the shared-atomic slow path (t_exiting keeps it from registering again).
+thread_local bool t_exiting = false;
+struct ExitHook {
+  ThreadCounters* block = nullptr;
+  ~ExitHook() {
+    t_exiting = true;
+    t_counters = nullptr;
+    if (block != nullptr) Registry::get().park(block);
+  }
+};
+thread_local ExitHook t_exit_hook;
+
+}  // namespace
+}  // namespace detail
+
+using detail::Registry;
+
+namespace {
+// Added to the shared count while percpu, so it can never read zero before the fold.
+constexpr std::int64_t kBias = std::int64_t{1} << 62;
+}  // namespace
+
+struct PercpuRef::Data {
+  std::atomic<std::int64_t> count;
+  Callback release;
+  std::mutex mu;              // serializes mode changes of this ref
+  std::uint32_t slot;         // Registry::kNoSlot: atomic-only
+  bool allow_reinit;
+  bool force_atomic;          // switch_to_atomic() is sticky
+};
+
+bool PercpuRef::ensure_thread_counters() noexcept {
+  if (detail::t_counters != nullptr || detail::t_exiting) return false;
+  detail::ThreadCounters* t = Registry::get().adopt_or_create();
+  if (t == nullptr) return false;
+  detail::t_exit_hook.block = t;  // constructs the hook, so its destructor will run at exit
+  detail::t_counters = t;
+  return true;
+}
+
+PercpuRef::PercpuRef(Callback release, unsigned flags) : mode_(0), data_(new Data) {
+  data_->release = std::move(release);
+  data_->allow_reinit = (flags & kAllowReinit) != 0;
+  data_->force_atomic = (flags & kInitAtomic) != 0;
+  data_->slot = Registry::get().alloc_slot();
+  bool dead = (flags & kInitDead) != 0;
+  bool percpu = !dead && !data_->force_atomic && data_->slot != Registry::kNoSlot;
+  std::uintptr_t slot_bits =
+      data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
+  if (dead) {
+    data_->count.store(0, std::memory_order_relaxed);
+    mode_.store(slot_bits | kAtomic | kDead, std::memory_order_release);
+  } else if (percpu) {
+    data_->count.store(kBias + 1, std::memory_order_relaxed);
+    mode_.store(slot_bits, std::memory_order_release);
+  } else {
+    data_->count.store(1, std::memory_order_relaxed);
+    mode_.store(slot_bits | kAtomic, std::memory_order_release);
+  }
+}
+
+PercpuRef::~PercpuRef() {
+  std::uintptr_t m = mode_.load(std::memory_order_acquire);
+  if ((m & kAtomic) == 0) {
+    // Never killed: only legal if nobody but the owner ever used it. Fold to find out.
+    mode_.store(m | kAtomic, std::memory_order_seq_cst);
+    detail::heavy_barrier();
+    auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
+    data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel);
+  }
+  std::int64_t c = data_->count.load(std::memory_order_acquire);
+  if (c > 1 || ((m & kDead) != 0 && c != 0)) {
+    report_misuse(Errc::busy, "PercpuRef destroyed while references are held");
+  }
+  if (data_->slot != Registry::kNoSlot) Registry::get().free_slot(data_->slot);
+}
+
+// ---- slow paths -------------------------------------------------------------------------------
+// They use the shared atomic with zero checks whatever mode they saw: in percpu mode the count
+// carries kBias, so the checks cannot fire; after a fold they are exact.
+
+Errc PercpuRef::get_slow(std::uint64_t n) noexcept {
+  if (ensure_thread_counters() && percpu_add(n)) return Errc::ok;
+  auto add = static_cast<std::int64_t>(n);
+  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  do {
+    if (old <= 0) {
+      report_misuse(Errc::released, "PercpuRef::get on a released reference");
+      return Errc::released;
+    }
+  } while (!data_->count.compare_exchange_weak(old, old + add, std::memory_order_acq_rel,
+                                               std::memory_order_relaxed));
+  return Errc::ok;
+}
+
+Errc PercpuRef::put_slow(std::uint64_t n) noexcept {
+  if (ensure_thread_counters() && percpu_add(0 - n)) return Errc::ok;
+  auto sub = static_cast<std::int64_t>(n);
+  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  do {
+    if (old < sub) {
+      report_misuse(Errc::underflow, "PercpuRef::put below zero");
+      return Errc::underflow;
+    }
+  } while (!data_->count.compare_exchange_weak(old, old - sub, std::memory_order_acq_rel,
+                                               std::memory_order_relaxed));
+  if (old == sub && data_->release) data_->release();  // only one put can move it to zero
+  return Errc::ok;
+}
+
+bool PercpuRef::tryget_slow(bool live) noexcept {
+  if (ensure_thread_counters() && percpu_add(1)) return true;
+  if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) return false;
+  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  do {
+    if (old <= 0) return false;
+  } while (!data_->count.compare_exchange_weak(old, old + 1, std::memory_order_seq_cst,
+                                               std::memory_order_relaxed));
+  // In atomic mode a kill does not wait for us, so check DEAD again after taking the reference:
+  // either we see it and back out, or our increment preceded the kill and counts as before it.
+  if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) {
+    put_slow(1);
+    return false;
+  }
+  return true;
+}
+
+// ---- mode changes -----------------------------------------------------------------------------
+
+Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
+  Errc result = Errc::ok;
+  {
+    std::lock_guard<std::mutex> lock(data_->mu);
+    std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+    if ((m & kDead) != 0) {
+      report_misuse(Errc::already_dead, "PercpuRef killed twice");
+      return Errc::already_dead;
+    }
+    mode_.store(m | kAtomic | kDead, std::memory_order_seq_cst);
+    if ((m & kAtomic) == 0) {
+      detail::heavy_barrier();
+      auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
+      std::int64_t now = data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel) + sum - kBias;
+      if (now < 1) {  // the initial reference must still be there
+        report_misuse(Errc::underflow, "PercpuRef: more puts than gets found at kill");
+        result = Errc::underflow;
+      }
+    }
+    if (!data_->allow_reinit && data_->slot != Registry::kNoSlot) {
+      Registry::get().free_slot(data_->slot);
+      data_->slot = Registry::kNoSlot;
+    }
+  }
+  if (confirm) confirm();
+  if (result == Errc::ok) put_slow(1);  // drop the initial reference; may run release
+  return result;
+}
+
+Errc PercpuRef::switch_to_atomic() noexcept {
+  std::lock_guard<std::mutex> lock(data_->mu);
+  data_->force_atomic = true;
+  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+  if ((m & kAtomic) != 0) return Errc::ok;
+  mode_.store(m | kAtomic, std::memory_order_seq_cst);
+  detail::heavy_barrier();
+  auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
+  data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel);
+  return Errc::ok;
+}
+
+Errc PercpuRef::switch_to_percpu() noexcept {
+  std::lock_guard<std::mutex> lock(data_->mu);
+  data_->force_atomic = false;
+  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+  if ((m & kAtomic) == 0) return Errc::ok;
+  if ((m & kDead) != 0) return Errc::dead;
+  if (data_->slot == Registry::kNoSlot) return Errc::no_memory;
+  data_->count.fetch_add(kBias, std::memory_order_acq_rel);
+  // The slot's counts are zero in every block (reset by the last collect or free_slot).
+  mode_.store(std::uintptr_t{data_->slot} << kSlotShift, std::memory_order_seq_cst);
+  return Errc::ok;
+}
+
+// Clears DEAD and returns to percpu mode unless atomic mode was asked for or there is no slot.
+// Called with data_->mu held and the initial reference already counted in data_->count.
+void PercpuRef::go_live_locked() noexcept {
+  bool percpu = !data_->force_atomic && data_->slot != Registry::kNoSlot;
+  std::uintptr_t slot_bits =
+      data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
+  if (percpu) {
+    data_->count.fetch_add(kBias, std::memory_order_acq_rel);
+    mode_.store(slot_bits, std::memory_order_seq_cst);  // the slot's counts are all zero
+  } else {
+    mode_.store(slot_bits | kAtomic, std::memory_order_seq_cst);
+  }
+}
+
+Errc PercpuRef::resurrect() noexcept {
+  std::lock_guard<std::mutex> lock(data_->mu);
+  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+  if ((m & kDead) == 0) {
+    report_misuse(Errc::not_dead, "PercpuRef::resurrect of a live reference");
+    return Errc::not_dead;
+  }
+  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  do {
+    if (old <= 0) return Errc::released;
+  } while (!data_->count.compare_exchange_weak(old, old + 1, std::memory_order_acq_rel,
+                                               std::memory_order_relaxed));
+  go_live_locked();
+  return Errc::ok;
+}
+
+Errc PercpuRef::reinit() noexcept {
+  std::lock_guard<std::mutex> lock(data_->mu);
+  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
+  std::int64_t expected = 0;
+  if ((m & kAtomic) == 0 || !data_->count.compare_exchange_strong(expected, 1)) {
+    report_misuse(Errc::busy, "PercpuRef::reinit of a reference that is not zero");
+    return Errc::busy;
+  }
+  go_live_locked();
+  return Errc::ok;
+}
+
+bool PercpuRef::is_zero() const noexcept {
+  return (mode_.load(std::memory_order_acquire) & kAtomic) != 0 &&
+         data_->count.load(std::memory_order_acquire) == 0;
+}
+
+std::int64_t PercpuRef::approx_count() const noexcept {
+  std::uintptr_t m = mode_.load(std::memory_order_acquire);
+  std::int64_t c = data_->count.load(std::memory_order_acquire);
+  if ((m & kAtomic) != 0) return c;
+  Registry& r = Registry::get();
+  std::lock_guard<std::mutex> lock(r.mu);
+  std::uint64_t sum = 0;
+  for (detail::ThreadCounters* t : r.all) {
+    sum += t->counts[m >> kSlotShift].load(std::memory_order_relaxed);
+  }
+  return c - kBias + static_cast<std::int64_t>(sum);
+}
+
+}  // namespace pgmap

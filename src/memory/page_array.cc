@@ -1,0 +1,160 @@
+#include "pgmap/memory/page_array.h"
+
+#include <sys/mman.h>
+
+#include <cstring>
+#include <new>
+
+#include "pgmap/core/sanitizer.h"
+
+namespace pgmap {
+namespace {
+
+// Maps `len` bytes of zeroed, lazily committed memory; huge pages where the kernel allows, so a
+// 1 GiB array costs 512 faults and 512 TLB entries instead of 262144.
+void* map_zeroed(std::size_t len) {
+  void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return nullptr;
+  if (len >= kPmdSize) madvise(p, len, MADV_HUGEPAGE);
+  return p;
+}
+
+}  // namespace
+
+PageArray::PageArray(PfnRange range, unsigned base_order, std::uint64_t entries)
+    : range_(range), base_order_(base_order), entries_(entries), cold_(new Cold{}) {}
+
+Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned base_order) {
+  if (base_order != 0 && base_order != kPmdOrder && base_order != kPudOrder) {
+    return Error(Errc::invalid_argument,
+                 "page array base order must be 0, 9 or 18, got " + std::to_string(base_order));
+  }
+  std::uint64_t unit = order_pages(base_order);
+  if (range.count == 0 || !is_aligned(range.start, unit) || !is_aligned(range.count, unit)) {
+    return Error(Errc::unaligned, "page array range must be non-empty and aligned to " +
+                                      std::to_string(unit) + " pages");
+  }
+  std::uint64_t n = range.count >> base_order;
+  std::unique_ptr<PageArray> a(new PageArray(range, base_order, n));
+  const std::size_t sizes[7] = {n * sizeof(std::atomic<std::uint32_t>),
+                                n * sizeof(std::atomic<std::int32_t>),
+                                n * sizeof(std::atomic<std::uint32_t>),
+                                n * sizeof(std::atomic<std::uint8_t>),
+                                n * sizeof(std::atomic<std::uint8_t>),
+                                n * sizeof(std::atomic<const void*>),
+                                n * sizeof(std::atomic<std::uint64_t>)};
+  for (int i = 0; i < 7; ++i) {
+    void* p = map_zeroed(sizes[i]);
+    if (p == nullptr) {
+      return Error(Errc::no_memory, "cannot map " + std::to_string(sizes[i]) +
+                                        " bytes of page metadata");  // ~PageArray unmaps the rest
+    }
+    a->regions_[i] = {p, sizes[i]};
+  }
+  // Zeroed memory is a valid representation of each atomic; give them their lifetime.
+  a->ref_ = new (a->regions_[0].base) std::atomic<std::uint32_t>[n];
+  a->cold_->mapcount = new (a->regions_[1].base) std::atomic<std::int32_t>[n];
+  a->cold_->pincount = new (a->regions_[2].base) std::atomic<std::uint32_t>[n];
+  a->cold_->order = new (a->regions_[3].base) std::atomic<std::uint8_t>[n];
+  a->cold_->flags = new (a->regions_[4].base) std::atomic<std::uint8_t>[n];
+  a->cold_->mapping = new (a->regions_[5].base) std::atomic<const void*>[n];
+  a->cold_->index_or_share = new (a->regions_[6].base) std::atomic<std::uint64_t>[n];
+  // memmap_init_zone_device: write every refcount so the hot array is resident, and mark every
+  // base folio a head. (Array new of std::atomic value-initialises in C++20, but through pages the
+  // kernel has not faulted in yet; the explicit write is what commits them.)
+  std::memset(static_cast<void*>(a->ref_), 0, sizes[0]);
+  std::memset(static_cast<void*>(a->cold_->flags), kPageHead, sizes[4]);
+  return a;
+}
+
+PageArray::~PageArray() {
+  if (unmapped_) return;
+  for (Region& r : regions_) {
+    if (r.base == nullptr) continue;
+    sanitizer::unpoison(r.base, r.len);
+    munmap(r.base, r.len);
+  }
+}
+
+std::uint64_t PageArray::reserved_bytes() const noexcept {
+  std::uint64_t total = 0;
+  for (const Region& r : regions_) total += r.len;
+  return total;
+}
+
+Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
+  if (order < base_order_ || order > kPudOrder) return Errc::invalid_argument;
+  std::uint64_t span = std::uint64_t{1} << (order - base_order_);
+  if (head >= entries_ || head + span > entries_) return Errc::out_of_range;
+  if (!is_aligned(head, span)) return Errc::unaligned;
+  // The old folios overlapping the new span must lie inside it and be idle.
+  std::uint64_t old_head = head_of(head);
+  std::uint64_t last = head + span - 1;
+  std::uint64_t old_end = head_of(last) + folio_entries(last);
+  if (old_head < head || old_end > head + span) return Errc::busy;  // straddles a larger folio
+  for (std::uint64_t e = head; e < head + span; ++e) {
+    if (ref_[e].load(std::memory_order_acquire) != 0 ||
+        cold_->mapcount[e].load(std::memory_order_acquire) != 0 ||
+        cold_->pincount[e].load(std::memory_order_acquire) != 0) {
+      return Errc::busy;
+    }
+  }
+  auto rel = static_cast<std::uint8_t>(order - base_order_);
+  for (std::uint64_t e = head; e < head + span; ++e) {
+    cold_->order[e].store(order == base_order_ ? 0 : rel, std::memory_order_release);
+    std::uint8_t f = cold_->flags[e].load(std::memory_order_relaxed);
+    bool is_head = order == base_order_ || e == head;
+    f = is_head ? static_cast<std::uint8_t>(f | kPageHead)
+                : static_cast<std::uint8_t>(f & ~kPageHead);
+    cold_->flags[e].store(f, std::memory_order_release);
+  }
+  return Errc::ok;
+}
+
+std::uint64_t PageArray::find_busy(std::uint64_t from, std::uint64_t to) const noexcept {
+  // Check 16 entries per step with one branch: the common case is a long run of idle entries.
+  constexpr std::uint64_t kStep = 16;
+  std::uint64_t e = from;
+  for (; e + kStep <= to; e += kStep) {
+    std::uint32_t any = 0;
+    for (std::uint64_t i = 0; i < kStep; ++i) any |= ref_[e + i].load(std::memory_order_relaxed);
+    if (any != 0) break;
+  }
+  for (; e < to; ++e) {
+    if (ref_[e].load(std::memory_order_relaxed) != 0) return e;
+  }
+  return to;
+}
+
+std::uint64_t PageArray::count_busy() const noexcept {
+  std::uint64_t busy = 0;
+  for (std::uint64_t e = find_busy(0, entries_); e < entries_; e = find_busy(e + 1, entries_)) {
+    ++busy;
+  }
+  return busy;
+}
+
+void PageArray::retire(RetireMode mode) noexcept {
+  if (retired_) return;
+  retired_ = true;
+  if (mode == RetireMode::quarantine) {
+    for (std::uint64_t e = 0; e < entries_; ++e) {
+      ref_[e].store(kRetiredRef, std::memory_order_relaxed);
+    }
+    std::atomic_thread_fence(std::memory_order_release);
+    return;
+  }
+  if constexpr (sanitizer::kAddress) {
+    // Keep the mapping so the address range cannot be reused, and let ASan report any access.
+    for (Region& r : regions_) sanitizer::poison(r.base, r.len);
+    return;
+  }
+  for (Region& r : regions_) {
+    munmap(r.base, r.len);
+    r.base = nullptr;
+  }
+  unmapped_ = true;
+}
+
+}  // namespace pgmap

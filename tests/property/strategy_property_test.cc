@@ -1,0 +1,270 @@
+// The guarantee of DESIGN.md §4, checked the same way for every strategy.
+//
+// Each round memremaps a small pagemap (4 KiB folios plus one 2 MiB folio), lets worker threads
+// take and drop folio references, pins and pagemap lookups at random (touching the device bytes of
+// whatever they hold), and tears the pagemap down at a random moment with a random policy (wait,
+// wait with a short timeout, refuse), retrying until the memunmap succeeds. An invariant checker
+// records three kinds of violation:
+//
+//   held-at-return     memunmap returned while a worker still held a folio reference or an
+//                      allocation (teardown must wait for every holder);
+//   busy-after-kill    a get on an idle folio succeeded although the worker had already seen the
+//                      kill (tryget_live failing) before trying (no folio becomes busy after kill);
+//   dead-metadata      a worker holding a reference saw its folio's refcount out of range
+//                      (refcount > 0 must prove the pagemap exists: I1), or an operation reached
+//                      torn-down metadata.
+//
+// Safe strategies must show none of them; `none` must show some, which is how we know the checker
+// can fail. The safe strategies run with the metadata really unmapped (ASan-poisoned in ASan
+// builds) so a late access would also crash or be reported; `none` runs with quarantine so its
+// violations are counted instead of crashing the suite.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "pgmap/core/error.h"
+#include "pgmap/core/sanitizer.h"
+#include "pgmap/memory/backing.h"
+#include "pgmap/memory/dev_pagemap.h"
+
+namespace pgmap {
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr std::uint64_t kBytes = 4 * kPmdSize;  // 2048 4 KiB pages; the last 2 MiB is one folio
+constexpr int kWorkers = 3;
+
+double stress_seconds() {
+  const char* env = std::getenv("PGMAP_STRESS_SECONDS");
+  double s = env != nullptr ? std::atof(env) : 1.5;
+  if (sanitizer::kAddress || sanitizer::kThread) s /= 2;
+  return s;
+}
+
+struct Violations {
+  std::atomic<std::uint64_t> held_at_return{0};
+  std::atomic<std::uint64_t> busy_after_kill{0};
+  std::atomic<std::uint64_t> dead_metadata{0};
+  std::atomic<std::uint64_t> unexpected{0};
+  std::uint64_t total() const {
+    return held_at_return + busy_after_kill + dead_metadata + unexpected;
+  }
+};
+
+struct Round {
+  Strategy strategy;
+  std::shared_ptr<DevPagemap> pgmap;
+  PfnRange pfns;
+  Pfn big_folio;  // head of the 2 MiB folio
+  std::atomic<std::int64_t> held{0};  // references and allocations held (dropped before the put)
+  std::vector<std::atomic<std::int32_t>> intent;  // per folio: holders + would-be holders
+  std::atomic<bool> stop{false};
+  Violations* v;
+
+  std::uint64_t folio_index(Pfn pfn) const {
+    return pfn >= big_folio ? big_folio - pfns.start : pfn - pfns.start;
+  }
+};
+
+struct Held {
+  Pfn pfn;
+  bool pin;
+};
+
+void worker(Round& r, unsigned seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<Held> mine;
+  DevPagemap::Allocation alloc;
+  DevPagemap& pg = *r.pgmap;
+  const bool none = r.strategy == Strategy::none;
+
+  auto drop = [&](const Held& h) {
+    r.held.fetch_sub(1, std::memory_order_seq_cst);
+    Errc e = h.pin ? pg.unpin_folio(h.pfn) : pg.put_folio(h.pfn);
+    if (e == Errc::use_after_teardown) {
+      r.v->dead_metadata.fetch_add(1);
+    } else if (e != Errc::ok) {
+      r.v->unexpected.fetch_add(1);
+      ADD_FAILURE() << "put/unpin failed: " << errc_name(e);
+    }
+    r.intent[r.folio_index(h.pfn)].fetch_sub(1, std::memory_order_seq_cst);
+  };
+  auto drop_all = [&] {
+    for (const Held& h : mine) drop(h);
+    mine.clear();
+    if (alloc) {
+      r.held.fetch_sub(1, std::memory_order_seq_cst);
+      alloc.reset();
+    }
+  };
+
+  while (!r.stop.load(std::memory_order_relaxed)) {
+    // Each iteration holds a pagemap reference, as any user that looks at an idle folio must
+    // (I1): it keeps the metadata alive under the safe strategies while we probe and get.
+    // Failing to take it means the kill is visible: stop acquiring and let the teardown finish.
+    if (!pg.tryget_live()) break;
+    bool stop_after = false;
+    unsigned op = static_cast<unsigned>(rng() % 100);
+    if (op < 45 && mine.size() < 6) {
+      if (r.strategy == Strategy::alloc_event && !alloc) {
+        auto a = pg.request(r.pfns.start, r.pfns.count);
+        if (a) {
+          r.held.fetch_add(1, std::memory_order_seq_cst);
+          alloc = std::move(a).value();
+        } else {
+          stop_after = true;  // the kill happened since our guard: fine
+        }
+      }
+      if (!stop_after) {
+        Pfn pfn = r.pfns.start + rng() % r.pfns.count;
+        bool pin = rng() % 4 == 0;
+        auto& intent = r.intent[r.folio_index(pfn)];
+        std::int32_t others = intent.fetch_add(1, std::memory_order_seq_cst);
+        // Has the kill become visible? Then this get must not make an idle folio busy.
+        bool killed_before = !pg.tryget_live();
+        if (!killed_before) pg.put_ref();
+        Errc e = pin ? pg.pin_folio(pfn) : pg.get_folio(pfn);
+        if (e == Errc::ok) {
+          r.held.fetch_add(1, std::memory_order_seq_cst);
+          mine.push_back({pfn, pin});
+          // Nobody else held or was taking this folio and the kill was visible: a safe strategy
+          // had to refuse. (alloc_event vouches through the allocation, which may legitimately
+          // outlive the kill.)
+          if (killed_before && others == 0 && r.strategy != Strategy::alloc_event) {
+            r.v->busy_after_kill.fetch_add(1);
+          }
+          std::uint32_t count = pg.folio_ref_count(pfn);
+          if (count == 0 || count > PageArray::kMaxRef) r.v->dead_metadata.fetch_add(1);
+          if (!none) {
+            // Touch the device memory we hold: under ASan a revoked page is reported here.
+            auto* byte = reinterpret_cast<volatile std::uint8_t*>(pg.address_of(pfn));
+            *byte = static_cast<std::uint8_t>(*byte + 1);
+          }
+        } else {
+          intent.fetch_sub(1, std::memory_order_seq_cst);
+          if (e == Errc::use_after_teardown) {
+            r.v->dead_metadata.fetch_add(1);
+          } else if (e != Errc::dead) {
+            r.v->unexpected.fetch_add(1);
+            ADD_FAILURE() << "get/pin failed: " << errc_name(e);
+          }
+          stop_after = true;
+        }
+      }
+    } else if (op < 90 && !mine.empty()) {
+      std::size_t i = rng() % mine.size();
+      Held h = mine[i];
+      mine[i] = mine.back();
+      mine.pop_back();
+      drop(h);
+    } else {
+      Pfn pfn = r.pfns.start + rng() % r.pfns.count;
+      PagemapRef ref = get_dev_pagemap(pfn);
+      if (ref && ref.get() != r.pgmap.get()) r.v->unexpected.fetch_add(1);
+      if (ref && ref->describe().empty()) r.v->unexpected.fetch_add(1);
+    }
+    pg.put_ref();
+    if (stop_after) break;
+    if (rng() % 64 == 0) std::this_thread::yield();
+  }
+  drop_all();
+}
+
+// Runs rounds for `seconds` and returns the violations seen.
+void run_strategy(Strategy s, double seconds, Violations& v, int& rounds) {
+  std::mt19937_64 rng(0x5eed + static_cast<unsigned>(s));
+  auto end = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  rounds = 0;
+  while (std::chrono::steady_clock::now() < end || rounds < 5) {
+    BackingOptions bo;
+    bo.size = kBytes;
+    auto backing = make_anonymous_backing(bo);
+    ASSERT_TRUE(backing.ok()) << backing.error().to_string();
+    std::shared_ptr<Backing> b = std::move(backing).value();
+
+    MemremapParams params;
+    params.type = rounds % 2 == 0 ? PagemapType::fs_dax : PagemapType::generic;
+    params.strategy = s;
+    params.ranges.push_back({b, 0, 0});
+    params.quarantine = s == Strategy::none;
+    auto pgmap = memremap(params);
+    ASSERT_TRUE(pgmap.ok()) << pgmap.error().to_string();
+
+    Round r{s, std::move(pgmap).value(), {}, 0, {}, {}, {}, &v};
+    r.pfns = PfnRange{b->base_pfn(), kBytes >> kPageShift};
+    r.big_folio = r.pfns.end() - order_pages(kPmdOrder);
+    PageArray* a = r.pgmap->array_for(r.big_folio);
+    ASSERT_EQ(a->set_folio_order(a->index_of(r.big_folio), kPmdOrder), Errc::ok);
+    r.intent = std::vector<std::atomic<std::int32_t>>(r.pfns.count);
+
+    std::vector<std::thread> workers;
+    for (int w = 0; w < kWorkers; ++w) {
+      workers.emplace_back(worker, std::ref(r), static_cast<unsigned>(rng()));
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(rng() % 3000));
+
+    // Random policy first; it may time out or be refused, which must leave the pagemap live.
+    MemunmapOptions first;
+    switch (rng() % 3) {
+      case 0: break;
+      case 1: first.timeout = std::chrono::microseconds(200 + rng() % 2000); break;
+      case 2: first.policy = UnmapPolicy::refuse; break;
+    }
+    auto res = r.pgmap->memunmap(first);
+    while (!res.ok()) {
+      Errc c = res.code();
+      EXPECT_TRUE(c == Errc::timed_out || c == Errc::busy) << res.error().to_string();
+      EXPECT_NE(res.error().holders(), nullptr);
+      EXPECT_EQ(r.pgmap->state(), DevPagemap::State::live);
+      res = r.pgmap->memunmap();
+    }
+    if (r.held.load(std::memory_order_seq_cst) != 0) v.held_at_return.fetch_add(1);
+    EXPECT_EQ(r.pgmap->state(), DevPagemap::State::dead);
+    r.stop.store(true);
+    for (std::thread& t : workers) t.join();
+    ++rounds;
+  }
+}
+
+class StrategyProperty : public ::testing::TestWithParam<Strategy> {};
+
+TEST_P(StrategyProperty, SafeStrategiesKeepTheGuarantee) {
+  Violations v;
+  int rounds = 0;
+  run_strategy(GetParam(), stress_seconds(), v, rounds);
+  EXPECT_EQ(v.held_at_return.load(), 0u);
+  EXPECT_EQ(v.busy_after_kill.load(), 0u);
+  EXPECT_EQ(v.dead_metadata.load(), 0u);
+  EXPECT_EQ(v.unexpected.load(), 0u);
+  RecordProperty("rounds", rounds);
+  std::printf("%s: %d rounds, no violations\n", std::string(strategy_name(GetParam())).c_str(),
+              rounds);
+}
+
+INSTANTIATE_TEST_SUITE_P(Safe, StrategyProperty, ::testing::ValuesIn(kSafeStrategies),
+                         [](const auto& p) { return std::string(strategy_name(p.param)); });
+
+// The same workload under `none` must be caught: this is what shows the checker can fail.
+TEST(StrategyPropertyNone, NoneViolatesTheGuarantee) {
+  Violations v;
+  int rounds = 0;
+  run_strategy(Strategy::none, std::min(1.0, stress_seconds()), v, rounds);
+  EXPECT_GT(v.held_at_return.load() + v.dead_metadata.load() + v.busy_after_kill.load(), 0u)
+      << "the checker saw no violation under `none` in " << rounds << " rounds";
+  EXPECT_EQ(v.unexpected.load(), 0u);
+  std::printf("none: %d rounds, %llu held-at-return, %llu busy-after-kill, %llu dead-metadata\n",
+              rounds, static_cast<unsigned long long>(v.held_at_return.load()),
+              static_cast<unsigned long long>(v.busy_after_kill.load()),
+              static_cast<unsigned long long>(v.dead_metadata.load()));
+}
+
+}  // namespace
+}  // namespace pgmap
