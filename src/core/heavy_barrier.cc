@@ -1,4 +1,5 @@
 #include "core/heavy_barrier.h"
+#include "pgmap/core/sanitizer.h"
 
 #include <linux/membarrier.h>
 #include <sys/mman.h>
@@ -63,9 +64,9 @@ State& state() {
 }  // namespace
 
 void heavy_barrier() noexcept {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  sanitizer::full_fence();
   state().run();
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  sanitizer::full_fence();
 }
 
 HeavyBarrierKind heavy_barrier_kind() noexcept { return state().kind; }

@@ -1,4 +1,5 @@
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/sanitizer.h"
 
 #include <bit>
 
@@ -25,7 +26,7 @@ void WaitTable::wake(const void* key) noexcept {
   // Pairs with the waiter's seq_cst registration: the caller's state change is ordered before
   // this load, so a waiter that registered before it is seen here, and one that registers after
   // it sees the new state in its condition check.
-  std::atomic_thread_fence(std::memory_order_seq_cst);
+  sanitizer::full_fence();
   if (b.waiters.load(std::memory_order_relaxed) == 0) return;
   // Taking the lock orders us after a waiter that is between its check and its sleep.
   std::lock_guard<std::mutex> lock(b.mu);

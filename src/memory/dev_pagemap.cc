@@ -494,7 +494,7 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
     stats.drain_seconds = seconds_since(t1);
     if (strategy_ == Strategy::sweep) {
       auto t2 = Clock::now();
-      std::atomic_thread_fence(std::memory_order_seq_cst);  // alive_ store before the scan loads
+      sanitizer::full_fence();  // alive_ store before the scan loads
       if (sweep(opts, deadline, stats) != Errc::ok) {
         return give_up(Errc::timed_out, "timed out waiting for busy folios");
       }

@@ -140,9 +140,8 @@ void PageArray::retire(RetireMode mode) noexcept {
   retired_ = true;
   if (mode == RetireMode::quarantine) {
     for (std::uint64_t e = 0; e < entries_; ++e) {
-      ref_[e].store(kRetiredRef, std::memory_order_relaxed);
+      ref_[e].store(kRetiredRef, std::memory_order_release);
     }
-    std::atomic_thread_fence(std::memory_order_release);
     return;
   }
   if constexpr (sanitizer::kAddress) {

@@ -3,6 +3,7 @@
 // and tell whether we run under a sanitizer. Everything is a no-op in ordinary builds.
 #pragma once
 
+#include <atomic>
 #include <cstddef>
 
 #if defined(PGMAP_ASAN) || defined(__SANITIZE_ADDRESS__)
@@ -56,6 +57,18 @@ inline bool is_poisoned(const void* p, std::size_t n) noexcept {
   (void)p;
   (void)n;
   return false;
+#endif
+}
+
+// A sequentially consistent full fence. ThreadSanitizer does not model std::atomic_thread_fence
+// (GCC rejects it under -fsanitize=thread), so TSan builds use a seq_cst read-modify-write of a
+// shared dummy instead: a full barrier on x86 and an ordering point TSan understands.
+inline void full_fence() noexcept {
+#ifdef PGMAP_HAVE_TSAN
+  static std::atomic<unsigned> dummy{0};
+  dummy.fetch_add(0, std::memory_order_seq_cst);
+#else
+  std::atomic_thread_fence(std::memory_order_seq_cst);
 #endif
 }
 

@@ -27,6 +27,7 @@
 #include <optional>
 
 #include "pgmap/core/error.h"
+#include "pgmap/core/sanitizer.h"
 
 namespace pgmap {
 
@@ -89,7 +90,7 @@ Errc WaitTable::wait(const void* key, Cond&& cond, const WaitOptions& opts) {
   auto next_progress = Clock::now() + opts.progress_every;
   std::unique_lock<std::mutex> lock(b.mu);
   b.waiters.fetch_add(1, std::memory_order_seq_cst);
-  std::atomic_thread_fence(std::memory_order_seq_cst);  // registration before the first check
+  sanitizer::full_fence();  // registration before the first check
   Errc result = Errc::ok;
   while (!cond()) {
     auto now = Clock::now();

@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <utility>
 
 #include "pgmap/core/error.h"
 #include "pgmap/memory/pfn.h"
