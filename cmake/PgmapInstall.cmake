@@ -19,5 +19,8 @@ install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pgmapConfig.cmake
               ${CMAKE_CURRENT_BINARY_DIR}/pgmapConfigVersion.cmake
         DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/pgmap)
 
+# The .pc file locates the prefix relative to itself, so an installed tree can be moved.
+file(RELATIVE_PATH PGMAP_PC_PREFIX_FROM_PCDIR "${CMAKE_INSTALL_FULL_LIBDIR}/pkgconfig"
+     "${CMAKE_INSTALL_PREFIX}")
 configure_file(cmake/pgmap.pc.in ${CMAKE_CURRENT_BINARY_DIR}/pgmap.pc @ONLY)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/pgmap.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

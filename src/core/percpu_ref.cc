@@ -15,7 +15,7 @@
 namespace pgmap {
 namespace detail {
 
-thread_local ThreadCounters* t_counters = nullptr;
+constinit thread_local ThreadCounters* t_counters = nullptr;
 
 namespace {
 
@@ -114,7 +114,6 @@ constexpr std::int64_t kBias = std::int64_t{1} << 62;
 }  // namespace
 
 struct PercpuRef::Data {
-  std::atomic<std::int64_t> count;
   Callback release;
   std::mutex mu;              // serializes mode changes of this ref
   std::uint32_t slot;         // Registry::kNoSlot: atomic-only
@@ -141,13 +140,13 @@ PercpuRef::PercpuRef(Callback release, unsigned flags) : mode_(0), data_(new Dat
   std::uintptr_t slot_bits =
       data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
   if (dead) {
-    data_->count.store(0, std::memory_order_relaxed);
+    count_.store(0, std::memory_order_relaxed);
     mode_.store(slot_bits | kAtomic | kDead, std::memory_order_release);
   } else if (percpu) {
-    data_->count.store(kBias + 1, std::memory_order_relaxed);
+    count_.store(kBias + 1, std::memory_order_relaxed);
     mode_.store(slot_bits, std::memory_order_release);
   } else {
-    data_->count.store(1, std::memory_order_relaxed);
+    count_.store(1, std::memory_order_relaxed);
     mode_.store(slot_bits | kAtomic, std::memory_order_release);
   }
 }
@@ -159,9 +158,9 @@ PercpuRef::~PercpuRef() {
     mode_.store(m | kAtomic, std::memory_order_seq_cst);
     detail::heavy_barrier();
     auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-    data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel);
+    count_.fetch_add(sum - kBias, std::memory_order_acq_rel);
   }
-  std::int64_t c = data_->count.load(std::memory_order_acquire);
+  std::int64_t c = count_.load(std::memory_order_acquire);
   if (c > 1 || ((m & kDead) != 0 && c != 0)) {
     report_misuse(Errc::busy, "PercpuRef destroyed while references are held");
   }
@@ -172,42 +171,50 @@ PercpuRef::~PercpuRef() {
 // They use the shared atomic with zero checks whatever mode they saw: in percpu mode the count
 // carries kBias, so the checks cannot fire; after a fold they are exact.
 
+// Atomic-mode get/put are one fetch_add/fetch_sub (inline in the header) rather than a
+// compare-and-swap loop: atomic mode is the contended mode, where CAS retries cost most. Misuse
+// is detected from the value returned and undone at once, so it leaves the count as it was; the
+// transient value is only visible to other users of a ref that is already being misused.
+Errc PercpuRef::get_undo(std::int64_t add) noexcept {
+  count_.fetch_sub(add, std::memory_order_acq_rel);
+  report_misuse(Errc::released, "PercpuRef::get on a released reference");
+  return Errc::released;
+}
+
+Errc PercpuRef::put_reached(std::int64_t now, std::int64_t sub) noexcept {
+  if (now < 0) {
+    count_.fetch_add(sub, std::memory_order_acq_rel);
+    report_misuse(Errc::underflow, "PercpuRef::put below zero");
+    return Errc::underflow;
+  }
+  if (data_->release) data_->release();  // only one put can move the count to zero
+  return Errc::ok;
+}
+
+// A thread without counters (first use, or after its exit hook): register and retry, or use the
+// shared count.
 Errc PercpuRef::get_slow(std::uint64_t n) noexcept {
   if (ensure_thread_counters() && percpu_add(n)) return Errc::ok;
   auto add = static_cast<std::int64_t>(n);
-  std::int64_t old = data_->count.load(std::memory_order_relaxed);
-  do {
-    if (old <= 0) {
-      report_misuse(Errc::released, "PercpuRef::get on a released reference");
-      return Errc::released;
-    }
-  } while (!data_->count.compare_exchange_weak(old, old + add, std::memory_order_acq_rel,
-                                               std::memory_order_relaxed));
-  return Errc::ok;
+  if (count_.fetch_add(add, std::memory_order_acq_rel) > 0) return Errc::ok;
+  return get_undo(add);
 }
 
 Errc PercpuRef::put_slow(std::uint64_t n) noexcept {
   if (ensure_thread_counters() && percpu_add(0 - n)) return Errc::ok;
   auto sub = static_cast<std::int64_t>(n);
-  std::int64_t old = data_->count.load(std::memory_order_relaxed);
-  do {
-    if (old < sub) {
-      report_misuse(Errc::underflow, "PercpuRef::put below zero");
-      return Errc::underflow;
-    }
-  } while (!data_->count.compare_exchange_weak(old, old - sub, std::memory_order_acq_rel,
-                                               std::memory_order_relaxed));
-  if (old == sub && data_->release) data_->release();  // only one put can move it to zero
-  return Errc::ok;
+  std::int64_t now = count_.fetch_sub(sub, std::memory_order_acq_rel) - sub;
+  if (now > 0) return Errc::ok;
+  return put_reached(now, sub);
 }
 
 bool PercpuRef::tryget_slow(bool live) noexcept {
   if (ensure_thread_counters() && percpu_add(1)) return true;
   if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) return false;
-  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  std::int64_t old = count_.load(std::memory_order_relaxed);
   do {
     if (old <= 0) return false;
-  } while (!data_->count.compare_exchange_weak(old, old + 1, std::memory_order_seq_cst,
+  } while (!count_.compare_exchange_weak(old, old + 1, std::memory_order_seq_cst,
                                                std::memory_order_relaxed));
   // In atomic mode a kill does not wait for us, so check DEAD again after taking the reference:
   // either we see it and back out, or our increment preceded the kill and counts as before it.
@@ -233,7 +240,7 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
     if ((m & kAtomic) == 0) {
       detail::heavy_barrier();
       auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-      std::int64_t now = data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel) + sum - kBias;
+      std::int64_t now = count_.fetch_add(sum - kBias, std::memory_order_acq_rel) + sum - kBias;
       if (now < 1) {  // the initial reference must still be there
         report_misuse(Errc::underflow, "PercpuRef: more puts than gets found at kill");
         result = Errc::underflow;
@@ -257,7 +264,7 @@ Errc PercpuRef::switch_to_atomic() noexcept {
   mode_.store(m | kAtomic, std::memory_order_seq_cst);
   detail::heavy_barrier();
   auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-  data_->count.fetch_add(sum - kBias, std::memory_order_acq_rel);
+  count_.fetch_add(sum - kBias, std::memory_order_acq_rel);
   return Errc::ok;
 }
 
@@ -268,20 +275,20 @@ Errc PercpuRef::switch_to_percpu() noexcept {
   if ((m & kAtomic) == 0) return Errc::ok;
   if ((m & kDead) != 0) return Errc::dead;
   if (data_->slot == Registry::kNoSlot) return Errc::no_memory;
-  data_->count.fetch_add(kBias, std::memory_order_acq_rel);
+  count_.fetch_add(kBias, std::memory_order_acq_rel);
   // The slot's counts are zero in every block (reset by the last collect or free_slot).
   mode_.store(std::uintptr_t{data_->slot} << kSlotShift, std::memory_order_seq_cst);
   return Errc::ok;
 }
 
 // Clears DEAD and returns to percpu mode unless atomic mode was asked for or there is no slot.
-// Called with data_->mu held and the initial reference already counted in data_->count.
+// Called with data_->mu held and the initial reference already counted in count_.
 void PercpuRef::go_live_locked() noexcept {
   bool percpu = !data_->force_atomic && data_->slot != Registry::kNoSlot;
   std::uintptr_t slot_bits =
       data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
   if (percpu) {
-    data_->count.fetch_add(kBias, std::memory_order_acq_rel);
+    count_.fetch_add(kBias, std::memory_order_acq_rel);
     mode_.store(slot_bits, std::memory_order_seq_cst);  // the slot's counts are all zero
   } else {
     mode_.store(slot_bits | kAtomic, std::memory_order_seq_cst);
@@ -295,10 +302,10 @@ Errc PercpuRef::resurrect() noexcept {
     report_misuse(Errc::not_dead, "PercpuRef::resurrect of a live reference");
     return Errc::not_dead;
   }
-  std::int64_t old = data_->count.load(std::memory_order_relaxed);
+  std::int64_t old = count_.load(std::memory_order_relaxed);
   do {
     if (old <= 0) return Errc::released;
-  } while (!data_->count.compare_exchange_weak(old, old + 1, std::memory_order_acq_rel,
+  } while (!count_.compare_exchange_weak(old, old + 1, std::memory_order_acq_rel,
                                                std::memory_order_relaxed));
   go_live_locked();
   return Errc::ok;
@@ -308,7 +315,7 @@ Errc PercpuRef::reinit() noexcept {
   std::lock_guard<std::mutex> lock(data_->mu);
   std::uintptr_t m = mode_.load(std::memory_order_relaxed);
   std::int64_t expected = 0;
-  if ((m & kAtomic) == 0 || !data_->count.compare_exchange_strong(expected, 1)) {
+  if ((m & kAtomic) == 0 || !count_.compare_exchange_strong(expected, 1)) {
     report_misuse(Errc::busy, "PercpuRef::reinit of a reference that is not zero");
     return Errc::busy;
   }
@@ -318,12 +325,12 @@ Errc PercpuRef::reinit() noexcept {
 
 bool PercpuRef::is_zero() const noexcept {
   return (mode_.load(std::memory_order_acquire) & kAtomic) != 0 &&
-         data_->count.load(std::memory_order_acquire) == 0;
+         count_.load(std::memory_order_acquire) == 0;
 }
 
 std::int64_t PercpuRef::approx_count() const noexcept {
   std::uintptr_t m = mode_.load(std::memory_order_acquire);
-  std::int64_t c = data_->count.load(std::memory_order_acquire);
+  std::int64_t c = count_.load(std::memory_order_acquire);
   if ((m & kAtomic) != 0) return c;
   Registry& r = Registry::get();
   std::lock_guard<std::mutex> lock(r.mu);

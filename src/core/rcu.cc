@@ -2,40 +2,70 @@
 
 #include <urcu/urcu-memb.h>
 
+#include "pgmap/core/sanitizer.h"
+
+#ifdef PGMAP_HAVE_TSAN
+#include <sanitizer/tsan_interface.h>
+#endif
+
 namespace pgmap::rcu {
 namespace {
 
-// Registers the thread with liburcu on first use and unregisters it when the thread exits.
-struct ThreadRegistration {
-  bool registered = false;
-  int depth = 0;
-  void ensure() noexcept {
-    if (!registered) {
-      urcu_memb_register_thread();
-      registered = true;
+// liburcu is not instrumented, so ThreadSanitizer cannot see that a read section happens before
+// the end of a grace period that waited for it, and reports the writer's free after synchronize()
+// as a race with the readers. Tell it: every read_unlock releases into one sync object, and
+// synchronize() acquires it once the grace period is over.
+#ifdef PGMAP_HAVE_TSAN
+char g_tsan_grace_period;
+inline void tsan_release_read_section() noexcept { __tsan_release(&g_tsan_grace_period); }
+inline void tsan_acquire_grace_period() noexcept { __tsan_acquire(&g_tsan_grace_period); }
+#else
+inline void tsan_release_read_section() noexcept {}
+inline void tsan_acquire_grace_period() noexcept {}
+#endif
+
+// Registers the thread with liburcu on first use and unregisters it when the thread exits. The
+// state is kept in trivially destructible thread_locals, so that read sections in thread_local
+// destructors that run after the exit hook still work: such a thread registers again for the
+// duration of its outermost read section (otherwise synchronize() would not wait for it).
+thread_local bool t_registered = false;
+thread_local bool t_exited = false;  // the exit hook ran
+thread_local int t_depth = 0;
+
+struct ExitHook {
+  bool armed = false;
+  ~ExitHook() {
+    t_exited = true;
+    if (t_registered && t_depth == 0) {
+      urcu_memb_unregister_thread();
+      t_registered = false;
     }
   }
-  ~ThreadRegistration() {
-    if (registered) urcu_memb_unregister_thread();
-  }
 };
-
-thread_local ThreadRegistration t_reg;
+thread_local ExitHook t_exit_hook;
 
 }  // namespace
 
 void read_lock() noexcept {
-  t_reg.ensure();
-  ++t_reg.depth;
+  if (!t_registered) {
+    urcu_memb_register_thread();
+    t_registered = true;
+    if (!t_exited) t_exit_hook.armed = true;  // constructs the hook: its destructor runs at exit
+  }
+  ++t_depth;
   urcu_memb_read_lock();
 }
 
 void read_unlock() noexcept {
+  tsan_release_read_section();
   urcu_memb_read_unlock();
-  --t_reg.depth;
+  if (--t_depth == 0 && t_exited) {  // a read section after the exit hook: unregister again
+    urcu_memb_unregister_thread();
+    t_registered = false;
+  }
 }
 
-bool in_read_section() noexcept { return t_reg.depth > 0; }
+bool in_read_section() noexcept { return t_depth > 0; }
 
 Errc synchronize() noexcept {
   if (in_read_section()) {
@@ -43,6 +73,7 @@ Errc synchronize() noexcept {
     return Errc::invalid_argument;
   }
   urcu_memb_synchronize_rcu();
+  tsan_acquire_grace_period();
   return Errc::ok;
 }
 

@@ -1,0 +1,215 @@
+// Microbenchmarks of the core reference counting primitives against the usual alternatives.
+//
+//   percpu_ref_benchmark --benchmark_min_time=0.1
+//
+// BM_PercpuRefLive / BM_PercpuRefAtomic: one get+put pair on a shared PercpuRef in percpu (live)
+// and atomic mode. BM_SharedAtomic: fetch_add+fetch_sub on one shared std::atomic.
+// BM_SharedPtrCopy: copy and destroy a shared std::shared_ptr. BM_UrcuRef: liburcu's
+// urcu_ref_get/urcu_ref_put. Each runs on 1 and 2 threads sharing the same object. BM_KillConfirm:
+// create + kill + destroy a PercpuRef (the process-wide barrier dominates), with and without
+// another thread hammering a different percpu ref. BM_SynchronizeRcu: one grace period, with and
+// without a busy reader.
+#include <benchmark/benchmark.h>
+#include <urcu/ref.h>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "core/heavy_barrier.h"
+#include "pgmap/core/percpu_ref.h"
+#include "pgmap/core/rcu.h"
+
+namespace pgmap {
+namespace {
+
+// Shared objects are function-local statics: initialized once, thread-safely, by whichever
+// benchmark thread gets there first, and never destroyed (threads may still use them at exit).
+
+PercpuRef& live_ref() {
+  static PercpuRef* ref = new PercpuRef(nullptr);
+  return *ref;
+}
+
+PercpuRef& atomic_ref() {
+  static PercpuRef* ref = [] {
+    auto* r = new PercpuRef(nullptr);
+    if (r->switch_to_atomic() != Errc::ok) std::abort();
+    return r;
+  }();
+  return *ref;
+}
+
+void BM_PercpuRefLive(benchmark::State& state) {
+  PercpuRef& ref = live_ref();
+  if (!ref.is_percpu()) state.SkipWithError("ref is not percpu");
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(ref.get());
+    benchmark::DoNotOptimize(ref.put());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_PercpuRefLive)->ThreadRange(1, 2)->UseRealTime();
+
+void BM_PercpuRefAtomic(benchmark::State& state) {
+  PercpuRef& ref = atomic_ref();
+  if (ref.is_percpu()) state.SkipWithError("ref is not atomic");
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(ref.get());
+    benchmark::DoNotOptimize(ref.put());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_PercpuRefAtomic)->ThreadRange(1, 2)->UseRealTime();
+
+void BM_SharedAtomic(benchmark::State& state) {
+  static std::atomic<std::int64_t> counter{1};
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(counter.fetch_add(1, std::memory_order_acq_rel));
+    benchmark::DoNotOptimize(counter.fetch_sub(1, std::memory_order_acq_rel));
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_SharedAtomic)->ThreadRange(1, 2)->UseRealTime();
+
+void BM_SharedPtrCopy(benchmark::State& state) {
+  static const std::shared_ptr<int>* shared = new std::shared_ptr<int>(std::make_shared<int>(42));
+  for (auto _ : state) {
+    std::shared_ptr<int> copy = *shared;
+    benchmark::DoNotOptimize(copy);
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_SharedPtrCopy)->ThreadRange(1, 2)->UseRealTime();
+
+void urcu_release_never(urcu_ref*) {
+  std::abort();
+}  // the count never reaches zero here
+
+void BM_UrcuRef(benchmark::State& state) {
+  static urcu_ref* ref = [] {
+    auto* r = new urcu_ref;
+    urcu_ref_init(r);
+    return r;
+  }();
+  for (auto _ : state) {
+    urcu_ref_get(ref);
+    urcu_ref_put(ref, &urcu_release_never);
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_UrcuRef)->ThreadRange(1, 2)->UseRealTime();
+
+// A background thread hammering get/put on its own percpu ref: the barrier of every kill must
+// interrupt it, and the fold must wait for its in-flight operations.
+class BackgroundHammer {
+ public:
+  explicit BackgroundHammer(bool enabled) {
+    if (!enabled) return;
+    thread_ = std::thread([this] {
+      PercpuRef ref(nullptr);
+      started_.store(true);
+      while (!stop_.load(std::memory_order_relaxed)) {
+        benchmark::DoNotOptimize(ref.get());
+        benchmark::DoNotOptimize(ref.put());
+        ops_.fetch_add(1, std::memory_order_relaxed);
+      }
+      (void)ref.kill();
+    });
+    while (!started_.load())
+      std::this_thread::yield();
+  }
+  ~BackgroundHammer() {
+    stop_.store(true);
+    if (thread_.joinable()) thread_.join();
+  }
+  std::uint64_t ops() const { return ops_.load(std::memory_order_relaxed); }
+
+ private:
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> started_{false};
+  std::atomic<std::uint64_t> ops_{0};
+  std::thread thread_;
+};
+
+void BM_KillConfirm(benchmark::State& state) {
+  BackgroundHammer hammer(state.range(0) != 0);
+  std::uint64_t confirms = 0;
+  for (auto _ : state) {
+    PercpuRef ref(nullptr);
+    benchmark::DoNotOptimize(ref.get());  // a reference taken on the fast path: the fold has work
+    benchmark::DoNotOptimize(ref.put());
+    benchmark::DoNotOptimize(ref.kill_and_confirm([&] { ++confirms; }));
+    benchmark::ClobberMemory();
+  }
+  if (confirms != static_cast<std::uint64_t>(state.iterations())) state.SkipWithError("confirm");
+  state.counters["reader_ops"] = static_cast<double>(hammer.ops());
+  state.SetLabel(detail::heavy_barrier_name());
+}
+BENCHMARK(BM_KillConfirm)->ArgName("reader")->Arg(0)->Arg(1)->UseRealTime();
+
+void BM_SynchronizeRcu(benchmark::State& state) {
+  std::atomic<bool> stop{false};
+  std::atomic<bool> started{false};
+  std::thread reader;
+  if (state.range(0) != 0) {
+    reader = std::thread([&] {
+      started.store(true);
+      while (!stop.load(std::memory_order_relaxed)) {
+        rcu::ReadGuard g;
+        benchmark::ClobberMemory();
+      }
+    });
+    while (!started.load())
+      std::this_thread::yield();
+  }
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(rcu::synchronize());
+  }
+  stop.store(true);
+  if (reader.joinable()) reader.join();
+}
+BENCHMARK(BM_SynchronizeRcu)->ArgName("reader")->Arg(0)->Arg(1)->UseRealTime();
+
+}  // namespace
+}  // namespace pgmap
+
+// Results of `percpu_ref_benchmark --benchmark_min_time=0.1` (RelWithDebInfo -O2, GCC 12). The
+// DEBUG warning is about the distribution's libbenchmark build; the machine was shared with other
+// builds (see the load average). Time is wall time per get+put pair, per kill, or per grace period.
+//
+// clang-format off
+// 2026-11-26T03:16:57+00:00
+// Running ./percpu_ref_benchmark
+// Run on (2 X 2445.41 MHz CPU s)
+// CPU Caches:
+//   L1 Data 32 KiB (x2)
+//   L1 Instruction 32 KiB (x2)
+//   L2 Unified 512 KiB (x2)
+//   L3 Unified 32768 KiB (x1)
+// Load Average: 3.35, 2.28, 2.01
+// ***WARNING*** Library was built as DEBUG. Timings may be affected.
+// -------------------------------------------------------------------------------------------------
+// Benchmark                                       Time             CPU   Iterations UserCounters...
+// -------------------------------------------------------------------------------------------------
+// BM_PercpuRefLive/real_time/threads:1         4.61 ns         2.77 ns     51469135 items_per_second=216.771M/s
+// BM_PercpuRefLive/real_time/threads:2         3.35 ns         2.95 ns     47026894 items_per_second=298.243M/s
+// BM_PercpuRefAtomic/real_time/threads:1       20.2 ns         20.1 ns      6692044 items_per_second=49.4336M/s
+// BM_PercpuRefAtomic/real_time/threads:2       21.2 ns         21.3 ns      7180812 items_per_second=47.2151M/s
+// BM_SharedAtomic/real_time/threads:1          5.95 ns         5.89 ns     23842347 items_per_second=168.181M/s
+// BM_SharedAtomic/real_time/threads:2          16.1 ns         18.6 ns     20000000 items_per_second=62.1687M/s
+// BM_SharedPtrCopy/real_time/threads:1         12.0 ns         12.0 ns     11302238 items_per_second=83.4732M/s
+// BM_SharedPtrCopy/real_time/threads:2         21.6 ns         43.0 ns      6460466 items_per_second=46.3935M/s
+// BM_UrcuRef/real_time/threads:1               5.98 ns         5.98 ns     23759813 items_per_second=167.208M/s
+// BM_UrcuRef/real_time/threads:2               30.1 ns         59.7 ns      4147174 items_per_second=33.2532M/s
+// BM_KillConfirm/reader:0/real_time             236 ns          236 ns       597928 reader_ops=0 membarrier
+// BM_KillConfirm/reader:1/real_time            5096 ns         5071 ns        27624 reader_ops=11.8614M membarrier
+// BM_SynchronizeRcu/reader:0/real_time         26.0 ns         25.9 ns      5482979
+// BM_SynchronizeRcu/reader:1/real_time         9930 ns         9889 ns        14152
+// clang-format on
