@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <optional>
 #include <thread>
 
 #include "memory/pagemap_registry.h"
@@ -153,6 +154,13 @@ DevPagemap::Loc DevPagemap::locate(Pfn pfn) const noexcept {
   return {a, a->head_of(a->index_of(pfn))};
 }
 
+bool DevPagemap::contains(Pfn pfn) const noexcept {
+  for (const Range& r : ranges_) {
+    if (r.pfns.contains(pfn)) return true;
+  }
+  return false;
+}
+
 std::uint64_t DevPagemap::total_pages() const noexcept {
   std::uint64_t n = 0;
   for (const Range& r : ranges_) n += r.pfns.count;
@@ -195,8 +203,7 @@ Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
   std::uint32_t old = 0;
   switch (strategy_) {
     case Strategy::none:
-    case Strategy::alloc_event:
-      // The caller's allocation (alloc_event) or nothing at all (none) vouches for the pagemap.
+      // Nothing vouches for the pagemap.
       old = r.fetch_add(refs, std::memory_order_acq_rel);
       break;
 
@@ -222,9 +229,11 @@ Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
       break;
 
     case Strategy::sweep:
+    case Strategy::alloc_event:
       old = r.fetch_add(refs, std::memory_order_seq_cst);
       // Pairs with memunmap's store of alive_ = false before its scan: either we see the kill
-      // and back out, or the scan sees our reference and waits for it.
+      // and back out, or the scan sees our reference and waits for it. Under alloc_event the
+      // caller's allocation keeps the pagemap, but no folio may become busy after the kill either.
       if (!alive_.load(std::memory_order_seq_cst)) [[unlikely]] {
         if (old > PageArray::kMaxRef) return late_access(l.array, l.head, 0, refs);
         if (r.fetch_sub(refs, std::memory_order_seq_cst) == refs) wake_up_var(&r);
@@ -242,12 +251,18 @@ Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
 Errc DevPagemap::put_refcount(PageArray* a, std::uint64_t head, std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a->ref(head);
   std::uint32_t old = r.load(std::memory_order_relaxed);
+  // Under sweep nothing but the folio's refcount keeps the pagemap, and memunmap's scan sees it
+  // idle as soon as the last put lands, while folio_freed (page_free, the wake-up) still uses the
+  // pagemap. So the last put and its free path run in a read section, entered before the
+  // refcount can reach zero: memunmap's grace period, after the scan, waits for it.
+  std::optional<rcu::ReadGuard> freeing;
   do {
     if (old < refs) [[unlikely]] {
       report_misuse(Errc::underflow, "DevPagemap::put_folio below zero");
       return Errc::underflow;
     }
     if (old > PageArray::kMaxRef) [[unlikely]] return late_access(a, head, 0, 0);
+    if (old == refs && strategy_ == Strategy::sweep && !freeing) freeing.emplace();
   } while (!r.compare_exchange_weak(old, old - refs, std::memory_order_seq_cst,
                                     std::memory_order_relaxed));
   if (old == refs) folio_freed(a, head);
@@ -257,8 +272,11 @@ Errc DevPagemap::put_refcount(PageArray* a, std::uint64_t head, std::uint32_t re
 Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]] return Errc::out_of_range;
+  // Read before the put: once the last reference is gone (transition: inside folio_freed) the
+  // pagemap may be freed by its owner.
+  const bool per_lookup = strategy_ == Strategy::per_lookup;
   Errc e = put_refcount(l.array, l.head, refs);
-  if (e == Errc::ok && strategy_ == Strategy::per_lookup) ref_.put_many(refs);
+  if (e == Errc::ok && per_lookup) ref_.put_many(refs);
   return e;
 }
 
@@ -307,11 +325,13 @@ Errc DevPagemap::unpin_folio(Pfn pfn) noexcept {
 }
 
 std::uint32_t DevPagemap::folio_ref_count(Pfn pfn) const noexcept {
+  if (state() == State::dead && !quarantine_) return 0;  // the metadata is gone
   Loc l = locate(pfn);
   return l.array == nullptr ? 0 : l.array->ref(l.head).load(std::memory_order_acquire);
 }
 
 bool DevPagemap::folio_maybe_dma_pinned(Pfn pfn) const noexcept {
+  if (state() == State::dead && !quarantine_) return false;
   Loc l = locate(pfn);
   if (l.array == nullptr) return false;
   if (l.array->uses_pin_bias(l.head)) {
@@ -360,9 +380,10 @@ void DevPagemap::revive(std::uint64_t gen0) noexcept {
   state_.store(State::live, std::memory_order_release);
 }
 
-bool DevPagemap::anything_held() const noexcept {
-  // After the kill, ref_ is atomic and exact: the initial reference plus every other holder.
-  if (const_cast<PercpuRef&>(ref_).approx_count() > 1) return true;
+bool DevPagemap::anything_held(bool initial_ref_held) const noexcept {
+  // After the kill, ref_ is atomic and exact: every holder, plus the initial reference while the
+  // kill has not dropped it yet.
+  if (const_cast<PercpuRef&>(ref_).approx_count() > (initial_ref_held ? 1 : 0)) return true;
   for (const Range& r : ranges_) {
     if (r.array->find_busy(0, r.array->entries()) != r.array->entries()) return true;
   }
@@ -444,34 +465,62 @@ Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownS
   return timed_out.load() ? Errc::timed_out : Errc::ok;
 }
 
-Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
+// The kill stage (memunmap step 1), with teardown_mu_ held and the pagemap live. If `refused`
+// is given, looks for holders inside the kill's confirm callback — while the initial reference
+// still keeps the count above zero, so a refused memunmap can always resurrect — and sets it.
+Errc DevPagemap::kill_locked(bool* refused) noexcept {
+  kill_gen_ = release_gen_.load(std::memory_order_acquire);
+  dying_.store(true, std::memory_order_seq_cst);
+  alive_.store(false, std::memory_order_seq_cst);
+  Errc killed = ref_.kill_and_confirm([&] {
+    if (refused != nullptr) *refused = anything_held(/*initial_ref_held=*/true);
+  });
+  if (killed != Errc::ok || (refused != nullptr && *refused)) return killed;
+  // Published only now, so that whoever sees `dying` also sees lookups and new references fail.
+  state_.store(State::dying, std::memory_order_release);
+  return Errc::ok;
+}
+
+Errc DevPagemap::kill() noexcept {
   std::lock_guard<std::mutex> lock(teardown_mu_);
   if (state() != State::live) {
+    report_misuse(Errc::already_dead, "DevPagemap::kill of a pagemap that is not live");
+    return Errc::already_dead;
+  }
+  Errc e = kill_locked(nullptr);
+  if (e != Errc::ok) revive(kill_gen_);  // the fold found an underflow: stay live, say so
+  return e;
+}
+
+Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
+  std::lock_guard<std::mutex> lock(teardown_mu_);
+  const State entry_state = state();
+  if (entry_state == State::dead) {
     return Error(Errc::already_dead, name_ + " was already unmapped");
   }
+  // A pagemap killed beforehand (kill(), e.g. by kill_dax under alloc_event) stays killed when
+  // this call gives up; one that was live is made live again.
+  const bool killed_before = entry_state == State::dying;
   TeardownStats stats;
   const auto t0 = Clock::now();
   const Deadline deadline = deadline_after(opts.timeout);
-  const std::uint64_t gen0 = release_gen_.load(std::memory_order_acquire);
   auto give_up = [&](Errc code, const char* why) -> Result<TeardownStats> {
-    revive(gen0);
+    if (!killed_before) revive(kill_gen_);
     return holders_error(code, why);
   };
 
-  // 1. kill. The refuse policy looks for holders inside confirm, while the initial reference
-  // still keeps the count above zero, so a refused memunmap can always resurrect.
-  state_.store(State::dying, std::memory_order_release);
-  dying_.store(true, std::memory_order_seq_cst);
-  alive_.store(false, std::memory_order_seq_cst);
-  bool refused = false;
-  Errc killed = ref_.kill_and_confirm(
-      [&] { refused = opts.policy == UnmapPolicy::refuse && anything_held(); });
-  if (killed != Errc::ok || refused) {
+  // 1. kill.
+  if (!killed_before) {
+    bool refused = false;
+    Errc killed = kill_locked(opts.policy == UnmapPolicy::refuse ? &refused : nullptr);
     if (refused) return give_up(Errc::busy, "refused: still in use");
     // The fold found a put without a get: keep the pagemap rather than tear down memory whose
     // accounting is wrong.
-    return give_up(Errc::underflow, "found more pagemap puts than gets");
+    if (killed != Errc::ok) return give_up(Errc::underflow, "found more pagemap puts than gets");
+  } else if (opts.policy == UnmapPolicy::refuse && anything_held(/*initial_ref_held=*/false)) {
+    return give_up(Errc::busy, "refused: still in use");
   }
+  const std::uint64_t gen0 = kill_gen_;
   stats.kill_seconds = seconds_since(t0);
 
   // 2. wait.
@@ -501,7 +550,8 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
       stats.sweep_seconds = seconds_since(t2);
     }
   }
-  // 3 and 4: unpublish, grace period, retire.
+  // 3 and 4: unpublish, grace period, retire. The grace period also waits for the free path of
+  // a last put that the sweep saw land (put_refcount).
   auto t3 = Clock::now();
   PagemapRegistry::global().remove(this);
   for (Range& r : ranges_) {

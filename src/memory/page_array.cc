@@ -2,8 +2,10 @@
 
 #include <sys/mman.h>
 
+#include <atomic>
 #include <cstring>
 #include <new>
+#include <type_traits>
 
 #include "pgmap/core/sanitizer.h"
 
@@ -18,6 +20,16 @@ void* map_zeroed(std::size_t len) {
   if (p == MAP_FAILED) return nullptr;
   if (len >= kPmdSize) madvise(p, len, MADV_HUGEPAGE);
   return p;
+}
+
+// Views fresh zero-filled anonymous memory as an array of atomics holding zero, without writing
+// to it (see create()).
+template <typename T>
+std::atomic<T>* zeroed_atomics(void* p) noexcept {
+  static_assert(sizeof(std::atomic<T>) == sizeof(T) && alignof(std::atomic<T>) == alignof(T));
+  static_assert(std::atomic<T>::is_always_lock_free);
+  static_assert(std::is_trivially_destructible_v<std::atomic<T>>);
+  return std::launder(static_cast<std::atomic<T>*>(p));
 }
 
 }  // namespace
@@ -52,17 +64,19 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
     }
     a->regions_[i] = {p, sizes[i]};
   }
-  // Zeroed memory is a valid representation of each atomic; give them their lifetime.
-  a->ref_ = new (a->regions_[0].base) std::atomic<std::uint32_t>[n];
-  a->cold_->mapcount = new (a->regions_[1].base) std::atomic<std::int32_t>[n];
-  a->cold_->pincount = new (a->regions_[2].base) std::atomic<std::uint32_t>[n];
-  a->cold_->order = new (a->regions_[3].base) std::atomic<std::uint8_t>[n];
-  a->cold_->flags = new (a->regions_[4].base) std::atomic<std::uint8_t>[n];
-  a->cold_->mapping = new (a->regions_[5].base) std::atomic<const void*>[n];
-  a->cold_->index_or_share = new (a->regions_[6].base) std::atomic<std::uint64_t>[n];
+  // Zeroed memory is a valid representation of each atomic (zero / null). They are not
+  // constructed: array new of std::atomic value-initialises in C++20, i.e. writes every element,
+  // which would commit all seven arrays (7.5 GiB for 1 TiB of 4 KiB pages) instead of leaving the
+  // cold ones untouched until an upper layer uses them.
+  a->ref_ = zeroed_atomics<std::uint32_t>(a->regions_[0].base);
+  a->cold_->mapcount = zeroed_atomics<std::int32_t>(a->regions_[1].base);
+  a->cold_->pincount = zeroed_atomics<std::uint32_t>(a->regions_[2].base);
+  a->cold_->order = zeroed_atomics<std::uint8_t>(a->regions_[3].base);
+  a->cold_->flags = zeroed_atomics<std::uint8_t>(a->regions_[4].base);
+  a->cold_->mapping = zeroed_atomics<const void*>(a->regions_[5].base);
+  a->cold_->index_or_share = zeroed_atomics<std::uint64_t>(a->regions_[6].base);
   // memmap_init_zone_device: write every refcount so the hot array is resident, and mark every
-  // base folio a head. (Array new of std::atomic value-initialises in C++20, but through pages the
-  // kernel has not faulted in yet; the explicit write is what commits them.)
+  // base folio a head. The explicit writes are what commit these two arrays.
   std::memset(static_cast<void*>(a->ref_), 0, sizes[0]);
   std::memset(static_cast<void*>(a->cold_->flags), kPageHead, sizes[4]);
   return a;
@@ -85,8 +99,11 @@ std::uint64_t PageArray::reserved_bytes() const noexcept {
 
 Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
   if (order < base_order_ || order > kPudOrder) return Errc::invalid_argument;
-  std::uint64_t span = std::uint64_t{1} << (order - base_order_);
-  if (head >= entries_ || head + span > entries_) return Errc::out_of_range;
+  if (head >= entries_) return Errc::out_of_range;
+  // A split covers the whole folio headed at `head` (a tail entry is an unaligned head).
+  std::uint64_t span = order == base_order_ ? folio_entries(head)
+                                            : std::uint64_t{1} << (order - base_order_);
+  if (head + span > entries_) return Errc::out_of_range;
   if (!is_aligned(head, span)) return Errc::unaligned;
   // The old folios overlapping the new span must lie inside it and be idle.
   std::uint64_t old_head = head_of(head);

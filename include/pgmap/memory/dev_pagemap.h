@@ -163,9 +163,12 @@ class DevPagemap {
   std::size_t nr_ranges() const noexcept { return ranges_.size(); }
   PfnRange range(std::size_t i) const noexcept { return ranges_[i].pfns; }
   std::uint64_t total_pages() const noexcept;
-  bool contains(Pfn pfn) const noexcept { return locate(pfn).array != nullptr; }
+  // Whether pfn is in one of the ranges (answered from the ranges, valid in any state).
+  bool contains(Pfn pfn) const noexcept;
 
-  // Metadata of the range containing pfn (nullptr if none, or after memunmap).
+  // Metadata of the range containing pfn, or nullptr if pfn is in none. Like every access to a
+  // folio's metadata, only while the caller holds a reference that keeps the pagemap alive (a
+  // folio or pagemap reference: I1); after memunmap the metadata is gone.
   PageArray* array_for(Pfn pfn) const noexcept { return locate(pfn).array; }
   // Bytes of the device at pfn (valid while the caller holds a reference keeping it alive).
   std::byte* address_of(Pfn pfn) const noexcept;
@@ -179,6 +182,7 @@ class DevPagemap {
   Errc put_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
   Errc pin_folio(Pfn pfn) noexcept;    // FOLL_PIN: bias for small folios, exact for large
   Errc unpin_folio(Pfn pfn) noexcept;
+  // Diagnostics: 0 / false after memunmap unless the metadata is quarantined.
   std::uint32_t folio_ref_count(Pfn pfn) const noexcept;
   bool folio_maybe_dma_pinned(Pfn pfn) const noexcept;
 
@@ -210,6 +214,12 @@ class DevPagemap {
   Result<Allocation> request(Pfn first, std::uint64_t nr) noexcept;
 
   // ---- teardown ----
+  // The first stage of memunmap on its own (the kernel's percpu_ref_kill of pgmap->ref): from its
+  // return, get_dev_pagemap / tryget_live / request() fail and no idle folio can become busy;
+  // state() is dying. A later memunmap() completes the teardown; if that call times out or
+  // refuses, the pagemap stays killed (as it was before the call). Errc::already_dead if the
+  // pagemap is not live. Used by kill_dax when the DAX device and the pagemap share liveness.
+  Errc kill() noexcept;
   Result<TeardownStats> memunmap(const MemunmapOptions& opts = {});
   // Who holds what right now (a scan of every folio; cold path).
   HolderReport holders() const;
@@ -243,7 +253,8 @@ class DevPagemap {
   bool released_since(std::uint64_t gen0) const noexcept;
   void revive(std::uint64_t gen0) noexcept;
   Errc sweep(const MemunmapOptions& opts, Deadline deadline, TeardownStats& stats);
-  bool anything_held() const noexcept;
+  bool anything_held(bool initial_ref_held) const noexcept;
+  Errc kill_locked(bool* refused) noexcept;
   Error holders_error(Errc code, const char* why) const;
 
   const PagemapType type_;
@@ -262,6 +273,7 @@ class DevPagemap {
   // Cold.
   std::atomic<State> state_{State::live};
   std::atomic<std::uint64_t> release_gen_{0};  // +1 each time ref_ reaches zero
+  std::uint64_t kill_gen_ = 0;  // release_gen_ at the last kill (teardown_mu_)
   std::atomic<std::uint64_t> late_accesses_{0};
   std::mutex teardown_mu_;  // one memunmap at a time
 };

@@ -1,0 +1,159 @@
+// The contract between simulated address spaces (mm) and the objects that can be mapped into
+// them: a device-dax character device, later an fsdax file. The kernel's vm_operations_struct
+// plus the file's address_space (i_mmap) in one interface.
+//
+// A MappingOwner is what a VMA maps (its "file"). The address space calls it:
+//   on_mmap()    when a VMA is created over it (the kernel's f_op->mmap / check_vma): may refuse;
+//   fault()      when an access finds no page-table entry (vm_ops->fault / huge_fault): returns a
+//                pfn to insert at a level, FALLBACK to retry at a smaller level, or a signal;
+//   may_split()  before munmap / mprotect / mremap cut a VMA at `addr` (vm_ops->may_split);
+//   on_close()   when a VMA over it goes away (vm_ops->close).
+// The owner keeps the set of VMAs that map it (i_mmap) so it can zap every user mapping of a
+// range of its pages (unmap_mapping_range), e.g. when the device is unbound.
+//
+// Inserting a page-table entry takes one folio reference and one mapcount on the folio (as the
+// kernel's vmf_insert_page_mkwrite / vmf_insert_folio_pmd do since v6.15); zapping it drops them.
+// The folio's pagemap must be alive when fault() returns a pfn (the owner checks under its read
+// section); from then on the mapping's folio reference keeps it alive (I1).
+//
+// Lock order (docs/lock-order.md): AddressSpace::mmap_lock (shared for faults, exclusive for VMA
+// changes) -> MappingOwner's i_mmap lock -> page-table entries (atomics, no lock).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+
+#include "pgmap/core/error.h"
+#include "pgmap/memory/pfn.h"
+
+namespace pgmap {
+
+class DevPagemap;
+
+namespace mm {
+
+class AddressSpace;
+struct Vma;
+
+// Page-table levels and the size each maps.
+enum class Level : std::uint8_t { pte = 0, pmd = 1, pud = 2 };
+constexpr unsigned level_order(Level l) {
+  return l == Level::pte ? 0 : (l == Level::pmd ? kPmdOrder : kPudOrder);
+}
+constexpr std::uint64_t level_bytes(Level l) { return order_bytes(level_order(l)); }
+
+// VMA flags (vm_flags). Read/write/shared are what mmap/mprotect ask for.
+enum VmFlags : std::uint32_t {
+  kVmRead = 1u << 0,
+  kVmWrite = 1u << 1,
+  kVmShared = 1u << 2,  // MAP_SHARED (VM_SHARED | VM_MAYSHARE)
+  kVmDax = 1u << 3,     // maps DAX pages (vma_is_dax)
+  kVmFsDax = 1u << 4,   // ... of a DAX filesystem (vma_is_fsdax: FOLL_LONGTERM is refused)
+};
+
+// What a real process would receive. si_addr and si_addr_lsb (log2 of the size of the mapping
+// that failed: 12, 21 or 30) as in the kernel's SIGBUS reports.
+enum class Signal : std::uint8_t { none, sigbus, sigsegv };
+struct SignalInfo {
+  Signal signal = Signal::none;
+  std::uint64_t addr = 0;
+  unsigned addr_lsb = 0;
+  std::string why;  // human-readable cause, for tests and diagnostics
+  explicit operator bool() const noexcept { return signal != Signal::none; }
+};
+
+struct FaultRequest {
+  std::uint64_t addr = 0;  // faulting address, aligned down to the level's size
+  std::uint64_t pgoff = 0;  // page offset into the owner (vma.pgoff + (addr - vma.start) / 4 KiB)
+  Level level = Level::pte;  // the level the address space tries (largest first when allowed)
+  bool write = false;
+};
+
+struct FaultResult {
+  enum class Kind : std::uint8_t { insert, fallback, sigbus };
+  Kind kind = Kind::sigbus;
+  // First pfn to map at request.addr: aligned to the level's size, inside one folio of at least
+  // that size (a PTE may map one page of a larger folio; a PMD needs a 2 MiB or larger folio).
+  // An entry the folio cannot back is retried at the next smaller level.
+  Pfn pfn = 0;
+  DevPagemap* pgmap = nullptr;  // its pagemap (alive: checked by the owner)
+  std::string why;             // for sigbus
+
+  static FaultResult insert(Pfn pfn, DevPagemap* pgmap) { return {Kind::insert, pfn, pgmap, {}}; }
+  static FaultResult fallback() { return {Kind::fallback, 0, nullptr, {}}; }
+  static FaultResult sigbus(std::string why) { return {Kind::sigbus, 0, nullptr, std::move(why)}; }
+};
+
+class MappingOwner {
+ public:
+  virtual ~MappingOwner() = default;
+
+  virtual std::string name() const = 0;
+  // Size of the owner in bytes (mappings past it fail).
+  virtual std::uint64_t size() const = 0;
+  // Largest page-table level this owner wants for faults (devdax: its alignment).
+  virtual Level max_level() const { return Level::pte; }
+  // VmFlags the owner adds to every VMA created over it (kVmDax, kVmFsDax): what the kernel
+  // derives from the file (vma_is_dax / vma_is_fsdax). mmap ORs them into the new VMA's flags.
+  virtual std::uint32_t vma_flags() const { return 0; }
+
+  // A VMA is being created over [vma.pgoff, + len) of the owner. Errc refuses the mmap.
+  virtual Errc on_mmap(const Vma& vma) = 0;
+  virtual FaultResult fault(const Vma& vma, const FaultRequest& req) = 0;
+  // munmap/mprotect/mremap want to cut `vma` at `addr`. Errc::invalid_argument refuses.
+  virtual Errc may_split(const Vma& vma, std::uint64_t addr) {
+    (void)vma;
+    (void)addr;
+    return Errc::ok;
+  }
+  virtual void on_close(const Vma& vma) { (void)vma; }
+
+  // ---- i_mmap: which VMAs map this owner (maintained by the address spaces) ----
+  void link(Vma* vma);
+  void unlink(Vma* vma);
+  std::size_t nr_vmas() const;
+  // Zaps every user page-table entry that maps owner pages [pgoff, pgoff + npages) (npages 0:
+  // to the end), in every address space, dropping their folio references and mapcounts. The VMAs
+  // stay; later accesses fault again (and get what fault() says then, e.g. SIGBUS when dead).
+  // Returns the number of entries zapped.
+  //
+  // Call it after changing what fault() returns for the range (kill, truncate): a fault that
+  // called fault() before and installs its entry after the zap passed sees mapping_seq() change
+  // and removes the entry again (the mmu-notifier sequence check), so no stale entry survives.
+  // Holds the i_mmap lock while zapping: ops.page_free of the pagemap must not call link/unlink/
+  // nr_vmas/unmap_mapping_range of the same owner.
+  std::uint64_t unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages);
+  // Incremented by every unmap_mapping_range before it zaps.
+  std::uint64_t mapping_seq() const noexcept {
+    return invalidate_seq_.load(std::memory_order_seq_cst);
+  }
+
+ private:
+  mutable std::mutex i_mmap_mu_;
+  std::set<Vma*> i_mmap_;
+  std::atomic<std::uint64_t> invalidate_seq_{0};
+};
+
+// A virtual memory area: [start, end) of an address space mapping owner pages from pgoff.
+struct Vma {
+  AddressSpace* as = nullptr;
+  std::uint64_t start = 0;
+  std::uint64_t end = 0;
+  std::uint32_t flags = 0;  // VmFlags
+  std::uint64_t pgoff = 0;  // owner page offset of `start`
+  std::shared_ptr<MappingOwner> owner;
+  // Owner-private per-VMA state (e.g. the alloc_event allocation a devdax VMA holds).
+  std::shared_ptr<void> owner_data;
+
+  std::uint64_t len() const { return end - start; }
+  std::uint64_t pgoff_of(std::uint64_t addr) const { return pgoff + ((addr - start) >> kPageShift); }
+  bool shared() const { return (flags & kVmShared) != 0; }
+  bool writable() const { return (flags & kVmWrite) != 0; }
+};
+
+}  // namespace mm
+}  // namespace pgmap

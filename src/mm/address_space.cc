@@ -1,0 +1,566 @@
+#include "pgmap/mm/address_space.h"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "mm/page_table.h"
+#include "pgmap/core/rcu.h"
+#include "pgmap/core/sanitizer.h"
+#include "pgmap/memory/page_array.h"
+
+namespace pgmap::mm {
+namespace {
+
+constexpr std::uint64_t kGiB = std::uint64_t{1} << 30;
+
+// si_addr_lsb of a fault at `level`.
+constexpr unsigned addr_lsb(Level l) {
+  return kPageShift + level_order(l);
+}
+
+SignalInfo sigsegv(std::uint64_t addr, std::string why) {
+  return SignalInfo{Signal::sigsegv, addr, kPageShift, std::move(why)};
+}
+
+SignalInfo sigbus(std::uint64_t addr, Level level, std::string why) {
+  return SignalInfo{Signal::sigbus, addr, addr_lsb(level), std::move(why)};
+}
+
+std::uint32_t prot_flags(std::uint32_t prot) {
+  std::uint32_t f = 0;
+  if ((prot & (kProtRead | kProtWrite)) != 0) f |= kVmRead;  // write implies read (x86)
+  if ((prot & kProtWrite) != 0) f |= kVmWrite;
+  return f;
+}
+
+// [start, start + len) without overflow and inside the user address range.
+bool range_ok(std::uint64_t start, std::uint64_t len) {
+  return start <= AddressSpace::kTaskSize && len <= AddressSpace::kTaskSize - start;
+}
+
+}  // namespace
+
+struct AddressSpace::Impl {
+  explicit Impl(AddressSpace* s) : self(s) {}
+
+  AddressSpace* const self;
+  PageTable pt;
+  std::map<std::uint64_t, std::unique_ptr<Vma>> vmas;  // by start; guarded by mmap_lock
+
+  // ---- VMAs (mmap_lock held) ----
+
+  Vma* find(std::uint64_t addr) const {
+    auto it = vmas.upper_bound(addr);
+    if (it == vmas.begin()) return nullptr;
+    --it;
+    return addr < it->second->end ? it->second.get() : nullptr;
+  }
+
+  std::vector<Vma*> overlapping(std::uint64_t start, std::uint64_t end) const {
+    std::vector<Vma*> out;
+    auto it = vmas.upper_bound(start);
+    if (it != vmas.begin()) --it;
+    for (; it != vmas.end() && it->second->start < end; ++it) {
+      if (it->second->end > start) out.push_back(it->second.get());
+    }
+    return out;
+  }
+
+  bool range_free(std::uint64_t start, std::uint64_t end) const {
+    return overlapping(start, end).empty();
+  }
+
+  // A free range of len bytes: the hint if it fits, else the first 1 GiB aligned gap from
+  // kMmapBase.
+  std::optional<std::uint64_t> find_free(std::uint64_t len, std::uint64_t hint) const {
+    if (hint != 0 && is_aligned(hint, kPageSize) && range_ok(hint, len) &&
+        range_free(hint, hint + len)) {
+      return hint;
+    }
+    std::uint64_t cand = kMmapBase;
+    for (const auto& [start, vma] : vmas) {
+      if (vma->end <= cand) continue;
+      if (start >= cand && start - cand >= len) break;
+      cand = align_up(vma->end, kGiB);
+    }
+    if (!range_ok(cand, len)) return std::nullopt;
+    return cand;
+  }
+
+  // Asks the owner of the VMA strictly containing addr whether it may be cut there.
+  Errc check_cut(std::uint64_t addr) const {
+    Vma* v = find(addr);
+    if (v == nullptr || v->start == addr) return Errc::ok;
+    return v->owner->may_split(*v, addr) == Errc::ok ? Errc::ok : Errc::invalid_argument;
+  }
+
+  // A huge leaf that a VMA cut at addr would split is zapped (it faults back in smaller), as the
+  // kernel splits (for DAX: zaps) a huge PMD when a VMA boundary falls inside it.
+  void split_huge(std::uint64_t addr) {
+    auto leaf = pt.lookup(addr);
+    if (leaf && leaf->addr != addr) (void)pt.zap(addr, addr + 1);
+  }
+
+  static std::unique_ptr<Vma> piece(const Vma& v, std::uint64_t start, std::uint64_t end) {
+    auto p = std::make_unique<Vma>(v);
+    p->start = start;
+    p->end = end;
+    p->pgoff = v.pgoff_of(start);
+    return p;
+  }
+
+  void insert(std::unique_ptr<Vma> v) {
+    v->owner->link(v.get());
+    const std::uint64_t start = v->start;
+    vmas.emplace(start, std::move(v));
+  }
+
+  // Replaces `old` by `pieces`: the pieces are linked before the old VMA is unlinked, so
+  // unmap_mapping_range always finds the entries of the range through one of them.
+  std::unique_ptr<Vma> replace(Vma* old, std::vector<std::unique_ptr<Vma>> pieces) {
+    auto it = vmas.find(old->start);
+    std::unique_ptr<Vma> gone = std::move(it->second);
+    vmas.erase(it);
+    for (auto& p : pieces)
+      insert(std::move(p));
+    gone->owner->unlink(gone.get());
+    return gone;
+  }
+
+  // munmap with the cuts already approved.
+  void unmap(std::uint64_t start, std::uint64_t end) {
+    std::vector<Vma*> affected = overlapping(start, end);
+    if (affected.empty()) return;
+    split_huge(start);
+    split_huge(end);
+    (void)pt.zap(start, end);
+    for (Vma* v : affected) {
+      std::vector<std::unique_ptr<Vma>> keep;
+      if (v->start < start) keep.push_back(piece(*v, v->start, start));
+      if (v->end > end) keep.push_back(piece(*v, end, v->end));
+      const bool whole = keep.empty();
+      std::unique_ptr<Vma> removed =
+          whole ? nullptr : piece(*v, std::max(v->start, start), std::min(v->end, end));
+      std::unique_ptr<Vma> gone = replace(v, std::move(keep));
+      gone->owner->on_close(whole ? *gone : *removed);
+    }
+  }
+
+  // ---- faults (mmap_lock held shared or exclusive) ----
+
+  SignalInfo fault(std::uint64_t addr, bool write) {
+    Vma* v = find(addr);
+    if (v == nullptr) return sigsegv(addr, fmt::format("no VMA at {:#x}", addr));
+    if (write && !v->writable()) {
+      return sigsegv(addr, fmt::format("write to read-only VMA [{:#x}, {:#x})", v->start, v->end));
+    }
+    if ((v->flags & (kVmRead | kVmWrite)) == 0) {
+      return sigsegv(addr, fmt::format("access to PROT_NONE VMA [{:#x}, {:#x})", v->start, v->end));
+    }
+    MappingOwner& owner = *v->owner;
+    for (;;) {
+      if (auto leaf = pt.lookup(addr)) {
+        if (!write || leaf->writable) return {};  // spurious: someone else faulted it in
+        if (pt.make_writable(addr)) return {};    // RO -> RW upgrade (after mprotect)
+        continue;                                 // zapped meanwhile: fault it in
+      }
+      const std::uint64_t seq = owner.mapping_seq();
+      bool retry = false;
+      const Level top = std::min(owner.max_level(), Level::pud);
+      for (int li = static_cast<int>(top); li >= 0 && !retry; --li) {
+        const auto level = static_cast<Level>(li);
+        const std::uint64_t bytes = level_bytes(level);
+        const std::uint64_t at = align_down(addr, bytes);
+        if (level != Level::pte &&
+            (at < v->start || at + bytes > v->end || !pt.can_install(at, level))) {
+          continue;  // the VMA does not cover the aligned range, or smaller entries are there
+        }
+        FaultRequest req{at, v->pgoff_of(at), level, write};
+        FaultResult res = owner.fault(*v, req);
+        if (res.kind == FaultResult::Kind::fallback) continue;
+        if (res.kind == FaultResult::Kind::sigbus) return sigbus(addr, level, std::move(res.why));
+        DevPagemap* pg = res.pgmap;
+        PageArray* a = pg == nullptr ? nullptr : pg->array_for(res.pfn);
+        if (a == nullptr) {
+          return sigbus(
+              addr, level,
+              fmt::format("{} returned pfn {:#x} outside its pagemap", owner.name(), res.pfn));
+        }
+        // The entry must lie inside one folio at least as large as the level.
+        if (!is_aligned(res.pfn, order_pages(level_order(level))) ||
+            a->order(a->index_of(res.pfn)) < level_order(level)) {
+          continue;
+        }
+        if (Errc e = pg->get_folio(res.pfn); e != Errc::ok) {
+          return sigbus(addr, level,
+                        fmt::format("cannot reference pfn {:#x} of {}: {}", res.pfn, pg->name(),
+                                    errc_name(e)));
+        }
+        switch (pt.install(at, level, res.pfn, pg, write)) {
+          case PageTable::Install::installed:
+            sanitizer::full_fence();  // the entry store before the sequence load
+            if (owner.mapping_seq() != seq) {
+              // unmap_mapping_range ran since fault(): this entry may be stale.
+              (void)pt.zap(at, at + bytes);
+            } else {
+              return {};
+            }
+            retry = true;
+            break;
+          case PageTable::Install::mapped:
+            (void)pg->put_folio(res.pfn);  // a concurrent fault won
+            retry = true;
+            break;
+          case PageTable::Install::blocked:
+            (void)pg->put_folio(res.pfn);  // smaller entries appeared: try a smaller level
+            break;
+        }
+      }
+      if (!retry) {
+        return sigbus(addr, Level::pte,
+                      fmt::format("{} cannot map {:#x} at any level", owner.name(), addr));
+      }
+    }
+  }
+
+  // ---- access ----
+
+  // Copies len bytes at addr into `to` (read) or from `from` (write: `to` is null).
+  SignalInfo access(std::uint64_t addr, std::byte* to, const std::byte* from, std::uint64_t len) {
+    const bool write = to == nullptr;
+    std::uint64_t done = 0;
+    while (done < len) {
+      const std::uint64_t at = addr + done;
+      bool copied = false;
+      {
+        // The mapping's folio reference is the only one held: the read section keeps the
+        // bytes valid if a concurrent zap drops it (memunmap waits for a grace period before it
+        // revokes them), as a TLB shootdown would.
+        rcu::ReadGuard guard;
+        auto leaf = pt.lookup(at);
+        if (leaf && (!write || leaf->writable)) {
+          const std::uint64_t chunk =
+              std::min(len - done, leaf->addr + level_bytes(leaf->level) - at);
+          std::byte* bytes = leaf->pgmap->address_of(leaf->pfn) + (at - leaf->addr);
+          if (write) {
+            std::memcpy(bytes, from + done, chunk);
+          } else {
+            std::memcpy(to + done, bytes, chunk);
+          }
+          done += chunk;
+          copied = true;
+        }
+      }
+      if (copied) continue;
+      if (SignalInfo sig = self->handle_fault(at, write)) return sig;
+    }
+    return {};
+  }
+};
+
+// ---- AddressSpace ---------------------------------------------------------------------------
+
+AddressSpace::AddressSpace() : impl_(std::make_unique<Impl>(this)) {}
+
+AddressSpace::~AddressSpace() {
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+  (void)impl_->pt.zap(0, kTaskSize);
+  for (auto& [start, vma] : impl_->vmas) {
+    vma->owner->unlink(vma.get());
+    vma->owner->on_close(*vma);
+  }
+  impl_->vmas.clear();
+}
+
+Result<std::uint64_t> AddressSpace::mmap(std::uint64_t addr, std::uint64_t len, std::uint32_t prot,
+                                         std::uint32_t flags, std::shared_ptr<MappingOwner> owner,
+                                         std::uint64_t offset) {
+  if (!owner) return Error(Errc::invalid_argument, "mmap: no owner");
+  if (len == 0 || !is_aligned(len, kPageSize) || !is_aligned(offset, kPageSize)) {
+    return Error(Errc::invalid_argument,
+                 fmt::format("mmap: len {:#x} / offset {:#x} not page aligned", len, offset));
+  }
+  const bool shared = (flags & kMapShared) != 0;
+  if (shared == ((flags & kMapPrivate) != 0)) {
+    return Error(Errc::invalid_argument, "mmap: exactly one of MAP_SHARED and MAP_PRIVATE");
+  }
+  if ((flags & ~(kMapShared | kMapPrivate | kMapFixed)) != 0 ||
+      (prot & ~(kProtRead | kProtWrite)) != 0) {
+    return Error(Errc::invalid_argument, "mmap: unknown prot or flags");
+  }
+  const bool fixed = (flags & kMapFixed) != 0;
+  if (fixed && !is_aligned(addr, kPageSize)) {
+    return Error(Errc::invalid_argument, fmt::format("mmap: MAP_FIXED at unaligned {:#x}", addr));
+  }
+  const std::uint64_t size = owner->size();
+  if (offset > size || len > size - offset) {
+    return Error(Errc::out_of_range,
+                 fmt::format("mmap: [{:#x}, +{:#x}) past the end of {} ({:#x} bytes)", offset, len,
+                             owner->name(), size));
+  }
+  if (fixed && !range_ok(addr, len)) {
+    return Error(Errc::out_of_range,
+                 fmt::format("mmap: [{:#x}, +{:#x}) past the task size", addr, len));
+  }
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+  std::uint64_t start = addr;
+  if (fixed) {
+    if (impl_->check_cut(addr) != Errc::ok || impl_->check_cut(addr + len) != Errc::ok) {
+      return Error(Errc::invalid_argument, "mmap: MAP_FIXED would split a VMA its owner refuses");
+    }
+  } else {
+    auto free = impl_->find_free(len, addr);
+    if (!free) return Error(Errc::no_memory, fmt::format("mmap: no free range of {:#x}", len));
+    start = *free;
+  }
+  auto vma = std::make_unique<Vma>();
+  vma->as = this;
+  vma->start = start;
+  vma->end = start + len;
+  vma->flags = prot_flags(prot) | (shared ? std::uint32_t{kVmShared} : 0u) | owner->vma_flags();
+  vma->pgoff = offset >> kPageShift;
+  vma->owner = owner;
+  if (Errc e = owner->on_mmap(*vma); e != Errc::ok) {
+    return Error(e, fmt::format("mmap: {} refused [{:#x}, +{:#x})", owner->name(), offset, len));
+  }
+  if (!shared && vma->writable()) {
+    owner->on_close(*vma);
+    return Error(Errc::not_supported,
+                 "mmap: writable MAP_PRIVATE (copy-on-write) mappings are not simulated");
+  }
+  if (fixed) impl_->unmap(start, start + len);
+  impl_->insert(std::move(vma));
+  return start;
+}
+
+Errc AddressSpace::munmap(std::uint64_t addr, std::uint64_t len) {
+  if (len == 0 || !is_aligned(addr, kPageSize)) return Errc::invalid_argument;
+  len = align_up(len, kPageSize);
+  if (!range_ok(addr, len)) return Errc::invalid_argument;
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+  if (impl_->check_cut(addr) != Errc::ok || impl_->check_cut(addr + len) != Errc::ok) {
+    return Errc::invalid_argument;
+  }
+  impl_->unmap(addr, addr + len);
+  return Errc::ok;
+}
+
+Errc AddressSpace::mprotect(std::uint64_t addr, std::uint64_t len, std::uint32_t prot) {
+  if (len == 0 || !is_aligned(addr, kPageSize) || (prot & ~(kProtRead | kProtWrite)) != 0) {
+    return Errc::invalid_argument;
+  }
+  len = align_up(len, kPageSize);
+  if (!range_ok(addr, len)) return Errc::invalid_argument;
+  const std::uint64_t end = addr + len;
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+  std::vector<Vma*> affected = impl_->overlapping(addr, end);
+  // The range must be mapped throughout (Linux: ENOMEM).
+  std::uint64_t covered = addr;
+  for (Vma* v : affected) {
+    if (v->start > covered) break;
+    covered = v->end;
+  }
+  if (covered < end) return Errc::out_of_range;
+  const std::uint32_t want = prot_flags(prot);
+  auto new_flags = [&](const Vma& v) { return (v.flags & ~(kVmRead | kVmWrite)) | want; };
+  std::vector<Vma*> changing;
+  for (Vma* v : affected) {
+    if (new_flags(*v) == v->flags) continue;
+    if (!v->shared() && (want & kVmWrite) != 0) return Errc::not_supported;  // no COW
+    changing.push_back(v);
+  }
+  if (changing.empty()) return Errc::ok;
+  if ((changing.front()->start < addr && impl_->check_cut(addr) != Errc::ok) ||
+      (changing.back()->end > end && impl_->check_cut(end) != Errc::ok)) {
+    return Errc::invalid_argument;
+  }
+  if (changing.front()->start < addr) impl_->split_huge(addr);
+  if (changing.back()->end > end) impl_->split_huge(end);
+  for (Vma* v : changing) {
+    std::vector<std::unique_ptr<Vma>> pieces;
+    const std::uint64_t lo = std::max(v->start, addr);
+    const std::uint64_t hi = std::min(v->end, end);
+    if (v->start < lo) pieces.push_back(Impl::piece(*v, v->start, lo));
+    auto mid = Impl::piece(*v, lo, hi);
+    mid->flags = new_flags(*v);
+    pieces.push_back(std::move(mid));
+    if (hi < v->end) pieces.push_back(Impl::piece(*v, hi, v->end));
+    (void)impl_->replace(v, std::move(pieces));
+  }
+  if ((want & kVmRead) == 0) {
+    (void)impl_->pt.zap(addr, end);  // PROT_NONE: no entry may remain accessible
+  } else if ((want & kVmWrite) == 0) {
+    impl_->pt.write_protect(addr, end);
+  }
+  return Errc::ok;
+}
+
+Result<std::uint64_t> AddressSpace::mremap(std::uint64_t old_addr, std::uint64_t old_len,
+                                           std::uint64_t new_len, std::uint32_t flags,
+                                           std::uint64_t new_addr) {
+  if (!is_aligned(old_addr, kPageSize) || old_len == 0 || new_len == 0 ||
+      (flags & ~(kMremapMayMove | kMremapFixed)) != 0) {
+    return Error(Errc::invalid_argument, "mremap: bad address, length or flags");
+  }
+  const bool fixed = (flags & kMremapFixed) != 0;
+  const bool may_move = (flags & kMremapMayMove) != 0;
+  if (fixed && (!may_move || !is_aligned(new_addr, kPageSize))) {
+    return Error(Errc::invalid_argument, "mremap: MREMAP_FIXED needs MREMAP_MAYMOVE and alignment");
+  }
+  old_len = align_up(old_len, kPageSize);
+  new_len = align_up(new_len, kPageSize);
+  if (!range_ok(old_addr, old_len) || !range_ok(old_addr, new_len)) {
+    return Error(Errc::out_of_range, "mremap: range past the task size");
+  }
+  const std::uint64_t old_end = old_addr + old_len;
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+  Vma* v = impl_->find(old_addr);
+  if (v == nullptr || old_end > v->end) {
+    return Error(Errc::out_of_range,
+                 fmt::format("mremap: [{:#x}, {:#x}) is not inside one VMA", old_addr, old_end));
+  }
+  const std::uint64_t pgoff = v->pgoff_of(old_addr);
+  const std::uint64_t owner_pages = v->owner->size() >> kPageShift;
+  if (pgoff > owner_pages || (new_len >> kPageShift) > owner_pages - pgoff) {
+    return Error(Errc::out_of_range,
+                 fmt::format("mremap: {:#x} bytes at page {} past the end of {}", new_len, pgoff,
+                             v->owner->name()));
+  }
+  auto refused = [] {
+    return Error(Errc::invalid_argument, "mremap: the owner refuses to split the VMA there");
+  };
+
+  if (!fixed) {
+    if (new_len <= old_len) {  // shrink in place
+      if (new_len < old_len) {
+        if (impl_->check_cut(old_addr + new_len) != Errc::ok ||
+            impl_->check_cut(old_end) != Errc::ok) {
+          return refused();
+        }
+        impl_->unmap(old_addr + new_len, old_end);
+      }
+      return old_addr;
+    }
+    // Grow in place when the range ends the VMA and the space after it is free.
+    const std::uint64_t grow_end = old_addr + new_len;
+    if (old_end == v->end && impl_->range_free(old_end, grow_end)) {
+      std::vector<std::unique_ptr<Vma>> pieces;
+      pieces.push_back(Impl::piece(*v, v->start, grow_end));
+      (void)impl_->replace(v, std::move(pieces));
+      return old_addr;
+    }
+    if (!may_move) {
+      return Error(Errc::no_memory, "mremap: cannot grow in place and MREMAP_MAYMOVE not given");
+    }
+  }
+
+  // Move [old_addr, old_addr + min(old_len, new_len)) to the destination.
+  std::uint64_t dest = new_addr;
+  if (fixed) {
+    if (!range_ok(new_addr, new_len)) {
+      return Error(Errc::out_of_range, "mremap: destination past the task size");
+    }
+    if (new_addr < old_end && old_addr < new_addr + new_len) {
+      return Error(Errc::invalid_argument, "mremap: source and destination overlap");
+    }
+  } else {
+    auto free = impl_->find_free(new_len, 0);
+    if (!free) return Error(Errc::no_memory, "mremap: no free destination");
+    dest = *free;
+  }
+  const std::uint64_t moved_end = old_addr + std::min(old_len, new_len);
+  // Every cut first; nothing changes if the owner refuses one.
+  if (impl_->check_cut(old_addr) != Errc::ok || impl_->check_cut(old_end) != Errc::ok ||
+      impl_->check_cut(moved_end) != Errc::ok ||
+      (fixed &&
+       (impl_->check_cut(dest) != Errc::ok || impl_->check_cut(dest + new_len) != Errc::ok))) {
+    return refused();
+  }
+  if (fixed) impl_->unmap(dest, dest + new_len);
+  if (moved_end < old_end) impl_->unmap(moved_end, old_end);  // the part that does not move
+  // The destination never overlaps the source, so the VMA containing old_addr still covers it.
+  v = impl_->find(old_addr);
+  impl_->split_huge(old_addr);
+  impl_->split_huge(moved_end);
+  (void)impl_->pt.zap(old_addr, moved_end);
+  auto moved = Impl::piece(*v, dest, dest + new_len);
+  moved->pgoff = pgoff;
+  std::vector<std::unique_ptr<Vma>> keep;
+  if (v->start < old_addr) keep.push_back(Impl::piece(*v, v->start, old_addr));
+  if (v->end > moved_end) keep.push_back(Impl::piece(*v, moved_end, v->end));
+  impl_->insert(std::move(moved));
+  (void)impl_->replace(v, std::move(keep));  // the moved piece is not closed: it lives on
+  return dest;
+}
+
+std::unique_ptr<AddressSpace> AddressSpace::fork() {
+  auto child = std::make_unique<AddressSpace>();
+  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  for (const auto& [start, vma] : impl_->vmas) {
+    // Like vm_ops->open on dup_mmap: the owner learns of the copy through its i_mmap, on_mmap is
+    // not called again. No entry is copied: shared mappings fault in again in the child.
+    auto copy = std::make_unique<Vma>(*vma);
+    copy->as = child.get();
+    child->impl_->insert(std::move(copy));
+  }
+  return child;
+}
+
+SignalInfo AddressSpace::read(std::uint64_t addr, void* buf, std::uint64_t len) {
+  if (len != 0 && buf == nullptr) return sigsegv(0, "read into a null buffer");
+  return impl_->access(addr, static_cast<std::byte*>(buf), nullptr, len);
+}
+
+SignalInfo AddressSpace::write(std::uint64_t addr, const void* buf, std::uint64_t len) {
+  if (len != 0 && buf == nullptr) return sigsegv(0, "write from a null buffer");
+  return impl_->access(addr, nullptr, static_cast<const std::byte*>(buf), len);
+}
+
+SignalInfo AddressSpace::handle_fault(std::uint64_t addr, bool write) {
+  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  return impl_->fault(addr, write);
+}
+
+SignalInfo AddressSpace::handle_fault_locked(std::uint64_t addr, bool write) {
+  return impl_->fault(addr, write);
+}
+
+std::optional<PtEntry> AddressSpace::lookup(std::uint64_t addr) const noexcept {
+  auto leaf = impl_->pt.lookup(addr);
+  if (!leaf) return std::nullopt;
+  return PtEntry{leaf->addr, leaf->pfn, leaf->level, leaf->writable, leaf->pgmap};
+}
+
+std::optional<Vma> AddressSpace::find_vma(std::uint64_t addr) const {
+  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  const Vma* v = impl_->find(addr);
+  if (v == nullptr) return std::nullopt;
+  return *v;
+}
+
+const Vma* AddressSpace::find_vma_locked(std::uint64_t addr) const {
+  return impl_->find(addr);
+}
+
+std::size_t AddressSpace::nr_vmas() const {
+  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  return impl_->vmas.size();
+}
+
+std::uint64_t AddressSpace::nr_entries() const noexcept {
+  return impl_->pt.nr_entries();
+}
+
+std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end) {
+  start = std::max(start, vma.start);
+  end = std::min(end, vma.end);
+  if (start >= end) return 0;
+  return impl_->pt.zap(start, end);
+}
+
+}  // namespace pgmap::mm

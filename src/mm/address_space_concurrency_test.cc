@@ -1,0 +1,327 @@
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <deque>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "memory/testing/pagemap_fixture.h"
+#include "mm/testing/fake_owner.h"
+#include "pgmap/core/error.h"
+#include "pgmap/memory/dev_pagemap.h"
+#include "pgmap/memory/page_array.h"
+#include "pgmap/memory/pfn.h"
+#include "pgmap/mm/address_space.h"
+#include "pgmap/mm/gup.h"
+#include "pgmap/mm/mapping.h"
+
+namespace pgmap::mm {
+namespace {
+
+using testutil::FakeDevice;
+using testutil::FakeOwner;
+using testutil::make_fake_device;
+
+constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
+constexpr std::uint32_t kRW = kProtRead | kProtWrite;
+constexpr int kRounds = pgmap::testutil::kSanitized ? 40 : 300;
+
+std::uint64_t page(std::uint64_t n) {
+  return n << kPageShift;
+}
+
+// Releases both threads of a round at once.
+class StartLine {
+ public:
+  void arrive_and_wait() {
+    arrived_.fetch_add(1);
+    while (arrived_.load() < 2)
+      std::this_thread::yield();
+  }
+
+ private:
+  std::atomic<int> arrived_{0};
+};
+
+class AddressSpaceConcurrencyTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    for (FakeDevice& d : devices_) {
+      if (d.pgmap) {
+        EXPECT_EQ(d.memunmap_refuse(), Errc::ok) << d.pgmap->holders().to_string();
+      }
+    }
+  }
+
+  FakeDevice& device(std::uint64_t bytes, unsigned base_order = 0, FakeOwner::Options opts = {}) {
+    devices_.push_back(make_fake_device(bytes, base_order, std::move(opts)));
+    return devices_.back();
+  }
+
+  static std::uint64_t must_mmap(AddressSpace& as, const FakeDevice& d, std::uint64_t len,
+                                 std::uint64_t addr = 0, std::uint32_t flags = 0) {
+    auto r = as.mmap(addr, len, kRW, kMapShared | flags, d.owner, 0);
+    EXPECT_TRUE(r) << r.error().to_string();
+    return r ? *r : 0;
+  }
+
+  // Every folio's references are exactly its mappings' (no GUP reference is left over).
+  static void expect_refs_match_entries(const AddressSpace& as, const FakeDevice& d,
+                                        std::uint64_t a, std::uint64_t pages,
+                                        std::uint64_t folio_pages) {
+    for (std::uint64_t f = 0; f < pages; f += folio_pages) {
+      std::uint32_t mapped = 0;
+      for (std::uint64_t i = f; i < f + folio_pages; ++i) {
+        auto e = as.lookup(a + page(i));
+        if (e && e->addr == a + page(i)) ++mapped;
+      }
+      EXPECT_EQ(d.refcount(f), mapped) << "folio at page " << f;
+      EXPECT_EQ(d.mapcount(f), static_cast<std::int32_t>(mapped)) << "folio at page " << f;
+      EXPECT_EQ(d.pincount(f), 0u);
+    }
+  }
+
+  // Runs `work` on one thread while another zaps every mapping of d's owner until it is done.
+  template <typename Work>
+  static void race_with_zapper(const FakeDevice& d, Work& work) {
+    StartLine start;
+    std::atomic<bool> stop{false};
+    std::thread worker([&] {
+      start.arrive_and_wait();
+      work();  // its ASSERTs return from `work`; the zapper stops either way
+      stop.store(true);
+    });
+    std::thread zapper([&] {
+      start.arrive_and_wait();
+      while (!stop.load()) {
+        (void)d.owner->unmap_mapping_range(0, 0);
+        std::this_thread::yield();
+      }
+    });
+    worker.join();
+    zapper.join();
+  }
+
+  pgmap::testutil::MisuseCounter misuse_;
+  std::deque<FakeDevice> devices_;
+};
+
+// Concurrent faults on the same addresses (two CPUs touching the same page, §3.4 step 4 race
+// check): exactly one entry per address is installed, the loser drops its folio reference.
+TEST_F(AddressSpaceConcurrencyTest, ConcurrentFaultsInstallOneEntry) {
+  constexpr std::uint64_t kPages = 64;
+  FakeDevice& d = device(4 * kMiB);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  for (int round = 0; round < kRounds; ++round) {
+    StartLine start;
+    auto faulter = [&](bool write) {
+      start.arrive_and_wait();
+      for (std::uint64_t i = 0; i < kPages; ++i) {
+        EXPECT_FALSE(as.handle_fault(a + page(i), write));
+      }
+    };
+    std::thread t1(faulter, false);
+    std::thread t2(faulter, round % 2 == 1);
+    t1.join();
+    t2.join();
+    ASSERT_EQ(as.nr_entries(), kPages);
+    for (std::uint64_t i = 0; i < kPages; ++i) {
+      ASSERT_EQ(d.refcount(i), 1u) << "page " << i << " round " << round;
+      ASSERT_EQ(d.mapcount(i), 1);
+    }
+    ASSERT_EQ(d.owner->unmap_mapping_range(0, 0), kPages);
+  }
+  EXPECT_EQ(d.refcount(0), 0u);
+}
+
+// The same race at PMD level (I6: one entry covers an index).
+TEST_F(AddressSpaceConcurrencyTest, ConcurrentPmdFaultsInstallOneEntry) {
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  FakeDevice& d = device(8 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 8 * kMiB);
+  for (int round = 0; round < kRounds; ++round) {
+    StartLine start;
+    auto faulter = [&](std::uint64_t offset) {
+      start.arrive_and_wait();
+      for (std::uint64_t f = 0; f < 4; ++f) {
+        EXPECT_FALSE(as.handle_fault(a + f * 2 * kMiB + offset, true));
+      }
+    };
+    std::thread t1(faulter, page(3));
+    std::thread t2(faulter, page(400));
+    t1.join();
+    t2.join();
+    ASSERT_EQ(as.nr_entries(), 4u);
+    for (std::uint64_t f = 0; f < 4; ++f) {
+      ASSERT_EQ(as.lookup(a + f * 2 * kMiB)->level, Level::pmd);
+      ASSERT_EQ(d.refcount(f * 512), 1u);
+      ASSERT_EQ(d.mapcount(f * 512), 1);
+    }
+    ASSERT_EQ(d.owner->unmap_mapping_range(0, 0), 4u);
+  }
+}
+
+// gup-fast racing a zap (kill_dev_dax's unmap_mapping_range; gup-fast's re-check of the entry,
+// bug 5.11): every pin either succeeds on the right pages or is undone; after the unpins no
+// reference is left but the mappings'.
+TEST_F(AddressSpaceConcurrencyTest, GupFastRacingUnmapMappingRange) {
+  constexpr std::uint64_t kPages = 128;
+  FakeDevice& d = device(4 * kMiB);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  auto pins = [&] {
+    for (int i = 0; i < 4; ++i) {
+      GupStats st;
+      auto r = pin_user_pages(as, a, kPages, i % 2 == 0 ? std::uint32_t{kFollWrite} : 0u, &st);
+      ASSERT_TRUE(r) << r.error().to_string();
+      for (std::uint64_t p = 0; p < kPages; ++p) {
+        ASSERT_EQ((*r)[p].pfn, d.pfn(p));
+        ASSERT_TRUE(d.pgmap->folio_maybe_dma_pinned(d.pfn(p)));
+      }
+      ASSERT_EQ(unpin_user_pages(*r), Errc::ok);
+    }
+  };
+  for (int round = 0; round < kRounds; ++round) {
+    race_with_zapper(d, pins);
+    expect_refs_match_entries(as, d, a, kPages, 1);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// The same with FOLL_GET and FOLL_PIN on PTE-mapped 2 MiB folios (batched runs across entries,
+// undone whole when one entry changed).
+TEST_F(AddressSpaceConcurrencyTest, GupFastOfLargeFoliosRacingUnmapMappingRange) {
+  constexpr std::uint64_t kPages = 1024;
+  FakeDevice& d = device(4 * kMiB, kPmdOrder);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  auto gets = [&] {
+    for (int i = 0; i < 4; ++i) {
+      auto r = get_user_pages(as, a + page(500), 100, i % 2 == 0 ? 0u : std::uint32_t{kFollPin});
+      ASSERT_TRUE(r) << r.error().to_string();
+      ASSERT_EQ(r->size(), 100u);
+      ASSERT_EQ((*r)[99].pfn, d.pfn(599));
+      ASSERT_EQ(i % 2 == 0 ? put_pages(*r) : unpin_user_pages(*r), Errc::ok);
+    }
+  };
+  for (int round = 0; round < kRounds; ++round) {
+    race_with_zapper(d, gets);
+    expect_refs_match_entries(as, d, a, kPages, 512);
+    if (HasFatalFailure()) return;
+  }
+}
+
+// GUP racing munmap + a fresh MAP_FIXED mmap of the same range: a pin may fail (no VMA at that
+// moment) but never leaks; once everything is unpinned and the address space is gone, every
+// folio is idle and the refusing memunmap (TearDown) succeeds.
+TEST_F(AddressSpaceConcurrencyTest, GupRacingMunmap) {
+  constexpr std::uint64_t kPages = 64;
+  FakeDevice& d = device(4 * kMiB);
+  {
+    AddressSpace as;
+    const std::uint64_t a = must_mmap(as, d, page(kPages));
+    for (int round = 0; round < kRounds; ++round) {
+      StartLine start;
+      std::atomic<bool> stop{false};
+      std::thread pinner([&] {
+        start.arrive_and_wait();
+        for (int i = 0; i < 8; ++i) {
+          auto r = pin_user_pages(as, a, kPages, 0);
+          if (!r) {
+            EXPECT_EQ(r.code(), Errc::out_of_range) << r.error().to_string();
+            continue;
+          }
+          EXPECT_EQ(unpin_user_pages(*r), Errc::ok);
+        }
+        stop.store(true);
+      });
+      std::thread remapper([&] {
+        start.arrive_and_wait();
+        while (!stop.load()) {
+          EXPECT_EQ(as.munmap(a, page(kPages)), Errc::ok);
+          must_mmap(as, d, page(kPages), a, kMapFixed);
+        }
+      });
+      pinner.join();
+      remapper.join();
+      expect_refs_match_entries(as, d, a, kPages, 1);
+      if (HasFatalFailure()) return;
+    }
+  }
+  for (std::uint64_t i = 0; i < kPages; ++i)
+    EXPECT_EQ(d.refcount(i), 0u);
+}
+
+// Device kill racing faults (kill_dev_dax: kill_dax, then unmap_mapping_range, §3.11): a fault
+// that got its pfn before the kill and installs after the zap must not leave a stale entry —
+// once the kill and zap are done and the faulter stopped, nothing is mapped (S4 "must SIGBUS").
+TEST_F(AddressSpaceConcurrencyTest, KillAndZapRacingFaultsLeavesNoEntry) {
+  constexpr std::uint64_t kPages = 32;
+  FakeDevice& d = device(4 * kMiB);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  for (int round = 0; round < kRounds; ++round) {
+    d.owner->revive();
+    StartLine start;
+    std::atomic<bool> killed{false};
+    std::thread faulter([&] {
+      start.arrive_and_wait();
+      // Keep faulting until one full pass that started after the kill completed.
+      bool saw_kill = false;
+      for (std::uint64_t pass = 0; !saw_kill; ++pass) {
+        saw_kill = killed.load();
+        for (std::uint64_t i = 0; i < kPages; ++i) {
+          SignalInfo s = as.handle_fault(a + page((i + pass) % kPages), false);
+          if (s) {
+            EXPECT_EQ(s.signal, Signal::sigbus);
+          }
+        }
+      }
+    });
+    std::thread killer([&] {
+      start.arrive_and_wait();
+      std::this_thread::yield();
+      d.owner->kill();
+      (void)d.owner->unmap_mapping_range(0, 0);
+      killed.store(true);
+    });
+    faulter.join();
+    killer.join();
+    ASSERT_EQ(as.nr_entries(), 0u) << "round " << round;
+    for (std::uint64_t i = 0; i < kPages; ++i)
+      ASSERT_EQ(d.refcount(i), 0u);
+  }
+}
+
+// Reads racing zaps: the copy runs in an RCU read section through the entry it just looked up;
+// data read back is always what was written.
+TEST_F(AddressSpaceConcurrencyTest, ReadsRacingZapsSeeConsistentData) {
+  constexpr std::uint64_t kPages = 32;
+  FakeDevice& d = device(4 * kMiB);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  std::vector<std::uint8_t> data(page(kPages));
+  for (std::uint64_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<std::uint8_t>(i * 13 + 1);
+  ASSERT_FALSE(as.write(a, data.data(), data.size()));
+  auto reads = [&] {
+    std::vector<std::uint8_t> back(data.size());
+    for (int i = 0; i < 4; ++i) {
+      ASSERT_FALSE(as.read(a, back.data(), back.size()));
+      ASSERT_EQ(std::memcmp(back.data(), data.data(), data.size()), 0);
+    }
+  };
+  for (int round = 0; round < kRounds / 4; ++round) {
+    race_with_zapper(d, reads);
+    expect_refs_match_entries(as, d, a, kPages, 1);
+    if (HasFatalFailure()) return;
+  }
+}
+}  // namespace
+}  // namespace pgmap::mm

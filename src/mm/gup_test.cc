@@ -1,0 +1,473 @@
+#include "pgmap/mm/gup.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "memory/testing/pagemap_fixture.h"
+#include "mm/testing/fake_owner.h"
+#include "pgmap/core/error.h"
+#include "pgmap/core/wait_table.h"
+#include "pgmap/memory/dev_pagemap.h"
+#include "pgmap/memory/page_array.h"
+#include "pgmap/memory/pfn.h"
+#include "pgmap/mm/address_space.h"
+#include "pgmap/mm/mapping.h"
+
+namespace pgmap::mm {
+namespace {
+
+using namespace std::chrono_literals;
+using testutil::FakeDevice;
+using testutil::FakeOwner;
+using testutil::make_fake_device;
+
+constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
+constexpr std::uint32_t kRW = kProtRead | kProtWrite;
+constexpr std::uint32_t kBias = PageArray::kPinBias;
+
+std::uint64_t page(std::uint64_t n) {
+  return n << kPageShift;
+}
+
+class GupTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    for (FakeDevice& d : devices_) {
+      if (d.pgmap) {
+        EXPECT_EQ(d.memunmap_refuse(), Errc::ok) << d.pgmap->holders().to_string();
+      }
+    }
+  }
+
+  FakeDevice& device(std::uint64_t bytes = 8 * kMiB, unsigned base_order = 0,
+                     FakeOwner::Options opts = {}, PagemapType type = PagemapType::fs_dax) {
+    devices_.push_back(make_fake_device(bytes, base_order, std::move(opts), type));
+    return devices_.back();
+  }
+
+  static std::uint64_t must_mmap(AddressSpace& as, const FakeDevice& d, std::uint64_t len,
+                                 std::uint32_t prot = kRW, std::uint64_t offset = 0) {
+    auto r = as.mmap(0, len, prot, kMapShared, d.owner, offset);
+    EXPECT_TRUE(r) << r.error().to_string();
+    return r ? *r : 0;
+  }
+
+  // Faults [addr, addr + len) in for reading.
+  static void prefault(AddressSpace& as, std::uint64_t addr, std::uint64_t pages) {
+    for (std::uint64_t i = 0; i < pages; ++i) {
+      ASSERT_FALSE(as.handle_fault(addr + page(i), false)) << i;
+    }
+  }
+
+  static std::vector<GupPage> must_gup(AddressSpace& as, std::uint64_t start, std::uint64_t n,
+                                       std::uint32_t flags, GupStats* st = nullptr) {
+    auto r = get_user_pages(as, start, n, flags, st);
+    EXPECT_TRUE(r) << r.error().to_string();
+    return r ? std::move(r).value() : std::vector<GupPage>{};
+  }
+
+  pgmap::testutil::MisuseCounter misuse_;
+  std::deque<FakeDevice> devices_;  // stable references
+};
+
+// Counters of a set of pages, to check that a failed call changed nothing.
+struct Snapshot {
+  std::vector<std::uint32_t> ref;
+  std::vector<std::int32_t> map;
+  std::vector<std::uint32_t> pin;
+  std::int64_t pagemap_refs = 0;
+  bool operator==(const Snapshot&) const = default;
+};
+
+Snapshot snapshot(const FakeDevice& d, std::uint64_t pages) {
+  Snapshot s;
+  for (std::uint64_t i = 0; i < pages; ++i) {
+    s.ref.push_back(d.refcount(i));
+    s.map.push_back(d.mapcount(i));
+    s.pin.push_back(d.pincount(i));
+  }
+  s.pagemap_refs = d.pgmap->holders().pagemap_refs;
+  return s;
+}
+
+// T9 / §2.1: FOLL_GET adds one reference per page on small folios; put_pages drops them.
+TEST_F(GupTest, GetAddsOneReferencePerPage) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 8);
+  GupStats st;
+  auto pages = must_gup(as, a + page(2), 4, 0, &st);
+  ASSERT_EQ(pages.size(), 4u);
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(pages[i].pfn, d.pfn(2 + i));
+    EXPECT_EQ(pages[i].pgmap, d.pgmap.get());
+    EXPECT_EQ(d.refcount(2 + i), 2u);
+    EXPECT_FALSE(d.pgmap->folio_maybe_dma_pinned(d.pfn(2 + i)));
+  }
+  EXPECT_EQ(d.refcount(1), 1u);
+  EXPECT_EQ(st.folio_atomics, 4u);
+  EXPECT_EQ(put_pages(pages), Errc::ok);
+  for (std::uint64_t i = 0; i < 8; ++i)
+    EXPECT_EQ(d.refcount(i), 1u);
+}
+
+// T9 / FOLL_PIN (John Hubbard, "track FOLL_PIN pages"): +GUP_PIN_COUNTING_BIAS on a small folio;
+// folio_maybe_dma_pinned; unpin drops the bias.
+TEST_F(GupTest, PinUsesBiasOnSmallFolios) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  prefault(as, a, 4);  // read-only entries: FOLL_WRITE write-faults them writable first
+  auto rw = pin_user_pages(as, a, 4, kFollWrite);
+  ASSERT_TRUE(rw) << rw.error().to_string();
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(d.refcount(i), 1 + kBias);
+    EXPECT_TRUE(d.pgmap->folio_maybe_dma_pinned(d.pfn(i)));
+    EXPECT_EQ(d.pincount(i), 0u);  // small folios use the bias, not the exact count
+    EXPECT_TRUE(as.lookup(a + page(i))->writable);
+  }
+  EXPECT_EQ(unpin_user_pages(*rw), Errc::ok);
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(d.refcount(i), 1u);
+    EXPECT_FALSE(d.pgmap->folio_maybe_dma_pinned(d.pfn(i)));
+  }
+}
+
+// T9 / exact _pincount on large folios, batched (Joao Martins' compound-devmap GUP): 512 pages
+// of one PMD-mapped 2 MiB folio get ONE refcount operation: +512 refs, pincount 512.
+TEST_F(GupTest, PinOfPmdFolioIsOneAtomicWithExactPincount) {
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  FakeDevice& d = device(8 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 4 * kMiB);
+  prefault(as, a, 1);
+  ASSERT_EQ(as.lookup(a)->level, Level::pmd);
+  GupStats st;
+  auto pages = must_gup(as, a, 512, kFollPin, &st);
+  ASSERT_EQ(pages.size(), 512u);
+  EXPECT_EQ(pages[511].pfn, d.pfn(511));
+  EXPECT_EQ(st.folio_atomics, 1u);
+  EXPECT_EQ(st.fast, 512u);
+  EXPECT_EQ(d.refcount(0), 1u + 512u);
+  EXPECT_EQ(d.pincount(0), 512u);
+  EXPECT_TRUE(d.pgmap->folio_maybe_dma_pinned(d.pfn(0)));
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+  EXPECT_EQ(d.refcount(0), 1u);
+  EXPECT_EQ(d.pincount(0), 0u);
+  EXPECT_FALSE(d.pgmap->folio_maybe_dma_pinned(d.pfn(0)));
+}
+
+// FOLL_GET on a PTE-mapped large folio: one operation for the run of pages of the folio, across
+// PTEs; a range over two folios costs two.
+TEST_F(GupTest, GetBatchesPerFolioAcrossPtes) {
+  FakeDevice& d = device(8 * kMiB, kPmdOrder);  // max_level pte: PTEs of 2 MiB folios
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 4 * kMiB);
+  prefault(as, a + page(500), 24);
+  GupStats st;
+  auto pages = must_gup(as, a + page(500), 24, 0, &st);
+  EXPECT_EQ(st.folio_atomics, 2u);
+  EXPECT_EQ(d.refcount(0), 12u + 12u);  // 12 mappings + 12 references
+  EXPECT_EQ(d.refcount(512), 12u + 12u);
+  EXPECT_EQ(put_pages(pages), Errc::ok);
+  EXPECT_EQ(d.refcount(0), 12u);
+  EXPECT_EQ(d.refcount(512), 12u);
+}
+
+// S2 case 0 (O_DIRECT read into an unfaulted DAX address): GUP takes the slow path and faults the
+// pages in.
+TEST_F(GupTest, PinOfUnfaultedPagesTakesSlowPathAndFaults) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  GupStats st;
+  auto pages = must_gup(as, a, 8, kFollPin | kFollWrite, &st);
+  ASSERT_EQ(pages.size(), 8u);
+  EXPECT_EQ(st.slow, 8u);
+  EXPECT_EQ(st.fast, 0u);
+  EXPECT_EQ(as.nr_entries(), 8u);
+  EXPECT_EQ(d.refcount(3), 1 + kBias);
+  EXPECT_EQ(d.owner->faults(Level::pte), 8u);
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+}
+
+// S2 case 1 (O_DIRECT on a pre-faulted address): all pages resolved by the lockless walk.
+TEST_F(GupTest, PinOfPrefaultedPagesTakesFastPath) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 8);
+  GupStats st;
+  auto pages = must_gup(as, a, 8, kFollPin, &st);
+  EXPECT_EQ(st.fast, 8u);
+  EXPECT_EQ(st.slow, 0u);
+  EXPECT_EQ(d.owner->faults(Level::pte), 8u);  // only the prefault's
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+  auto fast_only = get_user_pages(as, a + page(7), 1, kFollPin | kFollFastOnly);
+  ASSERT_TRUE(fast_only);
+  EXPECT_EQ(unpin_user_pages(*fast_only), Errc::ok);
+}
+
+// kFollFastOnly (get_user_pages_fast_only) on unfaulted pages fails without faulting.
+TEST_F(GupTest, FastOnlyFailsWhereSlowPathIsNeeded) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 2);
+  const Snapshot before = snapshot(d, 8);
+  auto r = get_user_pages(as, a, 4, kFollPin | kFollFastOnly);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::busy);
+  EXPECT_EQ(snapshot(d, 8), before);
+  EXPECT_EQ(as.nr_entries(), 2u);
+}
+
+// FOLL_WRITE on a read-only VMA fails as the write fault would (SIGSEGV, -EFAULT in the kernel).
+TEST_F(GupTest, WriteOnReadOnlyVmaFails) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4), kProtRead);
+  prefault(as, a, 4);
+  const Snapshot before = snapshot(d, 4);
+  auto r = pin_user_pages(as, a, 4, kFollWrite);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::out_of_range);
+  EXPECT_NE(r.error().message().find("SIGSEGV"), std::string::npos) << r.error().message();
+  EXPECT_EQ(snapshot(d, 4), before);
+  auto ro = pin_user_pages(as, a, 4, 0);  // reading is fine
+  ASSERT_TRUE(ro);
+  EXPECT_EQ(unpin_user_pages(*ro), Errc::ok);
+}
+
+// T9 / I9 / bug 5.2: FOLL_LONGTERM is refused on fsdax VMAs, faulted or not, and nothing is
+// taken; a long-term pin needs FOLL_PIN.
+TEST_F(GupTest, LongtermRefusedOnFsdax) {
+  FakeOwner::Options o;
+  o.vma_flags = kVmDax | kVmFsDax;
+  FakeDevice& d = device(8 * kMiB, 0, o, PagemapType::fs_dax);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 4);  // pages 0-3 mapped: the fast path must not grant it either
+  const Snapshot before = snapshot(d, 8);
+  for (std::uint64_t at : {a, a + page(5)}) {
+    auto r = pin_user_pages(as, at, 2, kFollLongterm);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.code(), Errc::not_supported);
+  }
+  EXPECT_EQ(snapshot(d, 8), before);
+  auto bad = get_user_pages(as, a, 1, kFollLongterm);
+  ASSERT_FALSE(bad);
+  EXPECT_EQ(bad.code(), Errc::invalid_argument);
+  auto transient = pin_user_pages(as, a, 2, 0);  // transient pins are fine (I9)
+  ASSERT_TRUE(transient);
+  EXPECT_EQ(unpin_user_pages(*transient), Errc::ok);
+}
+
+// T9: FOLL_LONGTERM is allowed on device-dax (RDMA on /dev/dax).
+TEST_F(GupTest, LongtermAllowedOnDevdax) {
+  FakeDevice& d = device(8 * kMiB, 0, {}, PagemapType::generic);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 4);
+  auto r = pin_user_pages(as, a, 8, kFollLongterm | kFollWrite);
+  ASSERT_TRUE(r) << r.error().to_string();
+  EXPECT_EQ(d.refcount(6), 1 + kBias);
+  EXPECT_EQ(unpin_user_pages(*r), Errc::ok);
+}
+
+// GUP of an address with no VMA fails (-EFAULT) and changes nothing.
+TEST_F(GupTest, PinOfUnmappedAddressFailsAndChangesNothing) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  prefault(as, a, 4);
+  const Snapshot before = snapshot(d, 4);
+  auto r = pin_user_pages(as, a + page(64), 1, 0);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::out_of_range);
+  r = pin_user_pages(as, a + 1, 1, 0);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::invalid_argument);
+  EXPECT_EQ(snapshot(d, 4), before);
+}
+
+// Unpinning a page that is not pinned is misuse: Errc::underflow, reported, nothing changed.
+TEST_F(GupTest, UnpinOfUnpinnedPageUnderflows) {
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  FakeDevice& small = device();
+  FakeDevice& large = device(4 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, small, page(2));
+  const std::uint64_t b = must_mmap(as, large, 2 * kMiB);
+  auto got = must_gup(as, a, 2, 0);
+  auto got_large = must_gup(as, b, 4, 0);
+  const std::uint64_t reports = misuse_.reported();
+  EXPECT_EQ(unpin_user_pages(got), Errc::underflow);
+  EXPECT_EQ(unpin_user_pages(got_large), Errc::underflow);
+  EXPECT_GT(misuse_.reported(), reports);
+  EXPECT_EQ(small.refcount(0), 2u);
+  EXPECT_EQ(large.refcount(0), 1u + 4u);
+  EXPECT_EQ(put_pages(got), Errc::ok);
+  EXPECT_EQ(put_pages(got_large), Errc::ok);
+  // A pinned page among unpinned ones is still unpinned.
+  auto pinned = must_gup(as, a, 1, kFollPin);
+  std::vector<GupPage> mixed = pinned;
+  mixed.push_back(GupPage{small.pfn(1), small.pgmap.get()});
+  EXPECT_EQ(unpin_user_pages(mixed), Errc::underflow);
+  EXPECT_EQ(small.refcount(0), 1u);
+  EXPECT_EQ(small.refcount(1), 1u);
+}
+
+// Bug 5.12 (put_dev_pagemap missed when try_grab_page failed in __gup_device_huge): the 3rd page
+// of 5 cannot be had (a hole in the owner): every reference the call took, and its cached
+// pagemap reference, are given back.
+TEST_F(GupTest, Bug512FailureMidwayLeaksNothingHole) {
+  FakeDevice& d = device();
+  d.owner->add_hole(2);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 2);
+  prefault(as, a + page(3), 2);
+  for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}, kFollPin | kFollWrite}) {
+    const Snapshot before = snapshot(d, 8);
+    auto r = get_user_pages(as, a, 5, flags);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.code(), Errc::dead);  // SIGBUS from the owner
+    EXPECT_NE(r.error().message().find("SIGBUS"), std::string::npos) << r.error().message();
+    EXPECT_EQ(snapshot(d, 8), before) << "flags " << flags;
+  }
+}
+
+// Bug 5.12 with a killed owner (device disabled between the pages) and 2 MiB folios: the run of
+// the first folio is undone and no pagemap reference leaks (the refusing memunmap in TearDown
+// succeeds once the address space is gone).
+TEST_F(GupTest, Bug512FailureMidwayLeaksNothingKilledOwner) {
+  FakeDevice& d = device(8 * kMiB, kPmdOrder);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 4 * kMiB);
+  // Pages 510 and 511 of folio 0 are mapped; 512 (first of folio 1) is not.
+  prefault(as, a + page(510), 2);
+  d.owner->kill();
+  for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}}) {
+    const Snapshot before = snapshot(d, 1024);
+    GupStats st;
+    auto r = get_user_pages(as, a + page(510), 5, flags, &st);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.code(), Errc::dead);
+    EXPECT_EQ(st.folio_atomics, 1u);  // the first run was taken, then undone
+    EXPECT_EQ(snapshot(d, 1024), before);
+    EXPECT_EQ(d.pincount(0), 0u);
+  }
+}
+
+// The cached pagemap lookup (get_dev_pagemap with `cached`, 1.04 s -> 0.38 s for 12 GiB):
+// pinning 1024 consecutive pages of one pagemap looks it up once, not per page.
+TEST_F(GupTest, PagemapLookupIsCachedAcrossTheWalk) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(1024));
+  prefault(as, a, 1024);
+  GupStats st;
+  auto pages = must_gup(as, a, 1024, kFollPin, &st);
+  ASSERT_EQ(pages.size(), 1024u);
+  EXPECT_LE(st.pagemap_lookups, 2u);
+  EXPECT_EQ(st.fast, 1024u);
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+}
+
+// I16: a waiter for an fsdax folio to go idle (dax_break_layout's wait_var_event on the refcount)
+// is woken by whichever path drops the last reference.
+class GupWakeTest : public GupTest {
+ protected:
+  // Waits on another thread until pfn's folio is idle; returns once the waiter is registered.
+  void start_waiter(const FakeDevice& d, std::uint64_t pgoff) {
+    PageArray* arr = d.pgmap->array_for(d.pfn(pgoff));
+    std::atomic<std::uint32_t>* ref = &arr->ref(arr->head_of(arr->index_of(d.pfn(pgoff))));
+    key_ = ref;
+    waiter_ = std::thread([this, ref] {
+      WaitOptions w;
+      w.deadline = Clock::now() + 20s;
+      result_.store(wait_var_event(
+          ref, [ref] { return ref->load(std::memory_order_acquire) == 0; }, w));
+      done_.store(true);
+    });
+    ASSERT_TRUE(pgmap::testutil::eventually([&] { return WaitTable::global().waiters(key_) > 0; }));
+    std::this_thread::sleep_for(20ms);
+    ASSERT_FALSE(done_.load());  // really blocked
+  }
+  Errc join() {
+    waiter_.join();
+    return result_.load();
+  }
+  void TearDown() override {
+    if (waiter_.joinable()) waiter_.join();
+    GupTest::TearDown();
+  }
+
+  const void* key_ = nullptr;
+  std::thread waiter_;
+  std::atomic<Errc> result_{Errc::invalid_argument};
+  std::atomic<bool> done_{false};
+};
+
+TEST_F(GupWakeTest, FinalUnpinWakesWaiter) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  auto pages = must_gup(as, a + page(1), 1, kFollPin);
+  ASSERT_EQ(as.munmap(a, page(4)), Errc::ok);  // only the pin is left
+  ASSERT_EQ(d.refcount(1), kBias);
+  start_waiter(d, 1);
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+  EXPECT_EQ(join(), Errc::ok);
+}
+
+TEST_F(GupWakeTest, FinalUnpinOfLargeFolioWakesWaiter) {
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  FakeDevice& d = device(4 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
+  auto pages = must_gup(as, a, 512, kFollPin);
+  ASSERT_EQ(as.munmap(a, 2 * kMiB), Errc::ok);
+  ASSERT_EQ(d.refcount(0), 512u);
+  start_waiter(d, 0);
+  EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+  EXPECT_EQ(join(), Errc::ok);
+}
+
+TEST_F(GupWakeTest, FinalPutWakesWaiter) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  auto pages = must_gup(as, a + page(2), 2, 0);
+  ASSERT_EQ(as.munmap(a, page(4)), Errc::ok);
+  ASSERT_EQ(d.refcount(3), 1u);
+  start_waiter(d, 3);
+  EXPECT_EQ(put_pages(pages), Errc::ok);
+  EXPECT_EQ(join(), Errc::ok);
+}
+
+TEST_F(GupWakeTest, MunmapOfLastMappingWakesWaiter) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  prefault(as, a, 4);
+  ASSERT_EQ(d.refcount(2), 1u);
+  start_waiter(d, 2);
+  EXPECT_EQ(as.munmap(a, page(4)), Errc::ok);
+  EXPECT_EQ(join(), Errc::ok);
+}
+
+}  // namespace
+}  // namespace pgmap::mm

@@ -1,0 +1,52 @@
+#include "pgmap/mm/mapping.h"
+
+#include <algorithm>
+#include <limits>
+
+#include "pgmap/core/sanitizer.h"
+#include "pgmap/mm/address_space.h"
+
+namespace pgmap::mm {
+
+void MappingOwner::link(Vma* vma) {
+  std::lock_guard<std::mutex> lock(i_mmap_mu_);
+  i_mmap_.insert(vma);
+}
+
+void MappingOwner::unlink(Vma* vma) {
+  std::lock_guard<std::mutex> lock(i_mmap_mu_);
+  i_mmap_.erase(vma);
+}
+
+std::size_t MappingOwner::nr_vmas() const {
+  std::lock_guard<std::mutex> lock(i_mmap_mu_);
+  return i_mmap_.size();
+}
+
+std::uint64_t MappingOwner::unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages) {
+  // Announce the invalidation before looking at any entry: a fault that installs after the walk
+  // passed its slot reads the new sequence afterwards and takes its entry out again.
+  invalidate_seq_.fetch_add(1, std::memory_order_seq_cst);
+  sanitizer::full_fence();
+  const std::uint64_t last =
+      npages == 0 || npages > std::numeric_limits<std::uint64_t>::max() - pgoff
+          ? std::numeric_limits<std::uint64_t>::max()
+          : pgoff + npages;
+  std::uint64_t zapped = 0;
+  // The lock keeps every linked VMA (and so its address space) alive while its entries are zapped;
+  // address spaces unlink a VMA before freeing it. mmap_lock is not taken (lock order).
+  std::lock_guard<std::mutex> lock(i_mmap_mu_);
+  for (Vma* vma : i_mmap_) {
+    const std::uint64_t first = vma->pgoff;
+    const std::uint64_t end = first + (vma->len() >> kPageShift);
+    const std::uint64_t lo = std::max(first, pgoff);
+    const std::uint64_t hi = std::min(end, last);
+    if (lo >= hi) continue;
+    const std::uint64_t start = vma->start + ((lo - first) << kPageShift);
+    const std::uint64_t stop = vma->start + ((hi - first) << kPageShift);
+    zapped += vma->as->zap_range(*vma, start, stop);
+  }
+  return zapped;
+}
+
+}  // namespace pgmap::mm

@@ -1,0 +1,240 @@
+#include "mm/page_table.h"
+
+#include <algorithm>
+#include <thread>
+
+#include "pgmap/core/rcu.h"
+#include "pgmap/memory/page_array.h"
+
+namespace pgmap::mm {
+namespace {
+
+constexpr unsigned shift_of(unsigned depth) {
+  return kPageShift + PageTable::kIndexBits * depth;
+}
+constexpr std::uint64_t span_of(unsigned depth) {
+  return std::uint64_t{1} << shift_of(depth);
+}
+constexpr std::uint64_t index_of(std::uint64_t addr, unsigned depth) {
+  return (addr >> shift_of(depth)) & (PageTable::kEntries - 1);
+}
+constexpr unsigned depth_of(Level l) {
+  return static_cast<unsigned>(l);
+}
+
+// The folio's mapcount lives in its head entry.
+std::atomic<std::int32_t>& mapcount_of(DevPagemap& pg, Pfn pfn) noexcept {
+  PageArray* a = pg.array_for(pfn);
+  return a->mapcount(a->head_of(a->index_of(pfn)));
+}
+
+void wait_unlocked() noexcept {
+  std::this_thread::yield();
+}
+
+}  // namespace
+
+// 4 KiB aligned, so a table's address fits the frame bits of an entry.
+struct alignas(4096) PageTable::Table {
+  std::atomic<std::uint64_t> entry[kEntries];
+  std::atomic<DevPagemap*> pgmap[kEntries];
+};
+
+namespace {
+
+std::uint64_t table_entry(const void* t) noexcept {
+  return reinterpret_cast<std::uintptr_t>(t) | pte::kPresent;
+}
+
+}  // namespace
+
+PageTable::PageTable() : root_(new Table{}) {}
+
+PageTable::~PageTable() {
+  (void)zap(0, kSpan);
+  free_table(root_, kDepths - 1);
+}
+
+void PageTable::free_table(Table* t, unsigned depth) noexcept {
+  if (depth > 0) {
+    for (std::uint64_t i = 0; i < kEntries; ++i) {
+      std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+      if (pte::present(e) && !pte::leaf(e)) {
+        free_table(reinterpret_cast<Table*>(e & pte::kFrameMask), depth - 1);
+      }
+    }
+  }
+  delete t;
+}
+
+std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexcept {
+  if (addr >= kSpan) return std::nullopt;
+  // Inside a read section, a slot that reads the same leaf value before and after its pagemap
+  // pointer maps that pagemap: a different pagemap of the same pfn can only be created after the
+  // old one was unpublished, which waits for this section.
+  rcu::ReadGuard guard;
+  for (;;) {
+    const Table* t = root_;
+    for (unsigned depth = kDepths - 1;; --depth) {
+      const std::uint64_t i = index_of(addr, depth);
+      const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+      if (!pte::present(e)) return std::nullopt;
+      if (pte::leaf(e)) {
+        DevPagemap* pg = t->pgmap[i].load(std::memory_order_acquire);
+        if (t->entry[i].load(std::memory_order_acquire) != e) break;  // changed: walk again
+        return Leaf{align_down(addr, span_of(depth)), pte::pfn(e), pte::level(e), pte::writable(e),
+                    pg};
+      }
+      if (depth == 0) return std::nullopt;  // not reached: PTE slots hold only leaves
+      t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
+    }
+  }
+}
+
+bool PageTable::can_install(std::uint64_t addr, Level level) const noexcept {
+  const Table* t = root_;
+  for (unsigned depth = kDepths - 1;; --depth) {
+    const std::uint64_t e = t->entry[index_of(addr, depth)].load(std::memory_order_acquire);
+    if (depth == depth_of(level)) return e == 0;
+    if (e == 0) return true;                             // nothing below yet
+    if (!pte::present(e) || pte::leaf(e)) return false;  // locked or mapped by a larger leaf
+    t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
+  }
+}
+
+PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, DevPagemap* pgmap,
+                                      bool writable) {
+  const unsigned leaf_depth = depth_of(level);
+  Table* t = root_;
+  for (unsigned depth = kDepths - 1; depth > leaf_depth; --depth) {
+    std::atomic<std::uint64_t>& slot = t->entry[index_of(addr, depth)];
+    std::uint64_t e = slot.load(std::memory_order_acquire);
+    for (;;) {
+      if (e == 0) {
+        Table* fresh = new Table{};
+        if (slot.compare_exchange_strong(e, table_entry(fresh), std::memory_order_acq_rel,
+                                         std::memory_order_acquire)) {
+          e = table_entry(fresh);
+          break;
+        }
+        delete fresh;  // lost the race; never published
+        continue;
+      }
+      if (pte::locked(e)) {
+        wait_unlocked();
+        e = slot.load(std::memory_order_acquire);
+        continue;
+      }
+      if (pte::leaf(e)) return Install::mapped;  // a larger leaf covers addr
+      break;
+    }
+    t = reinterpret_cast<Table*>(e & pte::kFrameMask);
+  }
+  const std::uint64_t i = index_of(addr, leaf_depth);
+  std::atomic<std::uint64_t>& slot = t->entry[i];
+  std::uint64_t e = slot.load(std::memory_order_acquire);
+  for (;;) {
+    if (e == 0) {
+      if (!slot.compare_exchange_weak(e, pte::kLocked, std::memory_order_acq_rel,
+                                      std::memory_order_acquire)) {
+        continue;
+      }
+      t->pgmap[i].store(pgmap, std::memory_order_relaxed);
+      // rmap before the entry is visible, so a zap never sees the mapcount go below zero.
+      mapcount_of(*pgmap, pfn).fetch_add(1, std::memory_order_acq_rel);
+      nr_entries_.fetch_add(1, std::memory_order_relaxed);
+      slot.store(pte::make_leaf(pfn, level, writable), std::memory_order_seq_cst);
+      return Install::installed;
+    }
+    if (pte::locked(e)) {
+      wait_unlocked();
+      e = slot.load(std::memory_order_acquire);
+      continue;
+    }
+    return pte::leaf(e) ? Install::mapped : Install::blocked;
+  }
+}
+
+bool PageTable::make_writable(std::uint64_t addr) noexcept {
+  if (addr >= kSpan) return false;
+  Table* t = root_;
+  for (unsigned depth = kDepths - 1;; --depth) {
+    std::atomic<std::uint64_t>& slot = t->entry[index_of(addr, depth)];
+    std::uint64_t e = slot.load(std::memory_order_acquire);
+    if (!pte::present(e)) return false;
+    if (pte::leaf(e)) {
+      while (pte::leaf(e) && !pte::writable(e)) {
+        if (slot.compare_exchange_weak(e, e | pte::kWrite, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+          return true;
+        }
+      }
+      return pte::leaf(e);
+    }
+    if (depth == 0) return false;
+    t = reinterpret_cast<Table*>(e & pte::kFrameMask);
+  }
+}
+
+template <typename Fn>
+void PageTable::for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
+                              std::uint64_t end, Fn& fn) noexcept {
+  const std::uint64_t span = span_of(depth);
+  const std::uint64_t lo = std::max(start, base);
+  const std::uint64_t hi = std::min(end, base + span * kEntries);
+  if (lo >= hi) return;
+  const std::uint64_t first = (lo - base) >> shift_of(depth);
+  const std::uint64_t last = (hi - 1 - base) >> shift_of(depth);
+  for (std::uint64_t i = first; i <= last; ++i) {
+    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+    if (!pte::present(e)) continue;  // empty, or locked by an install/zap of its own
+    if (pte::leaf(e)) {
+      fn(t, i);
+    } else if (depth > 0) {
+      for_each_leaf(reinterpret_cast<Table*>(e & pte::kFrameMask), depth - 1, base + i * span,
+                    start, end, fn);
+    }
+  }
+}
+
+bool PageTable::zap_slot(Table* t, std::uint64_t i) noexcept {
+  std::atomic<std::uint64_t>& slot = t->entry[i];
+  std::uint64_t e = slot.load(std::memory_order_acquire);
+  do {
+    if (!pte::leaf(e)) return false;  // zapped (or being zapped) by someone else
+  } while (!slot.compare_exchange_weak(e, pte::kLocked, std::memory_order_acq_rel,
+                                       std::memory_order_acquire));
+  DevPagemap* pg = t->pgmap[i].load(std::memory_order_relaxed);
+  slot.store(0, std::memory_order_seq_cst);
+  nr_entries_.fetch_sub(1, std::memory_order_relaxed);
+  // The entry's reference keeps the folio, and so the pagemap, alive until the put.
+  const Pfn pfn = pte::pfn(e);
+  mapcount_of(*pg, pfn).fetch_sub(1, std::memory_order_acq_rel);
+  (void)pg->put_folio(pfn);
+  return true;
+}
+
+std::uint64_t PageTable::zap(std::uint64_t start, std::uint64_t end) noexcept {
+  std::uint64_t zapped = 0;
+  auto fn = [&](Table* t, std::uint64_t i) {
+    if (zap_slot(t, i)) ++zapped;
+  };
+  for_each_leaf(root_, kDepths - 1, 0, start, std::min(end, kSpan), fn);
+  return zapped;
+}
+
+void PageTable::write_protect(std::uint64_t start, std::uint64_t end) noexcept {
+  auto fn = [](Table* t, std::uint64_t i) {
+    std::atomic<std::uint64_t>& slot = t->entry[i];
+    std::uint64_t e = slot.load(std::memory_order_acquire);
+    while (pte::leaf(e) && pte::writable(e)) {
+      if (slot.compare_exchange_weak(e, e & ~pte::kWrite, std::memory_order_acq_rel,
+                                     std::memory_order_acquire)) {
+        return;
+      }
+    }
+  };
+  for_each_leaf(root_, kDepths - 1, 0, start, std::min(end, kSpan), fn);
+}
+
+}  // namespace pgmap::mm

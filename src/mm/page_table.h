@@ -1,0 +1,129 @@
+// Private to src/mm: the lockless four-level page table of an AddressSpace.
+//
+// Layout. Four levels of 512-entry tables (PGD -> PUD -> PMD -> PTE, 9 address bits each above
+// the 12-bit page offset), like x86-64 with 4-level paging: 48-bit virtual addresses. A table is
+// allocated lazily when the first entry below it is installed, published with a CAS on the entry
+// above, and freed only when the PageTable is destroyed, so a lockless walker never reads freed
+// memory (gup-fast relies on the same property, with IRQs off instead of "never").
+//
+// Entries. One std::atomic<uint64_t> per slot, encoded with the masks below: a table entry is the
+// child table's address | kPresent; a leaf maps one folio-backed range of level_bytes(level):
+// pfn << kFrameShift | level | kLeaf | kPresent [| kWrite]. A slot holds a leaf at depth 2 (PUD,
+// 1 GiB), 1 (PMD, 2 MiB) or 0 (PTE, 4 KiB). Next to each entry the table keeps the leaf's
+// DevPagemap*: the pagemap cannot be looked up from the pfn at zap time (it may be dying and
+// lookups fail then), and the mapping's folio reference keeps it alive (I1).
+//
+// kLocked. A slot is briefly kLocked (not present) while one thread installs or zaps a leaf in it:
+// the locker alone changes the slot's pagemap pointer, so a leaf and its pagemap always match. A
+// thread that finds a slot locked waits (a few stores) and re-reads it.
+//
+// References. install() moves the caller's folio reference into the entry and adds one mapcount to
+// the folio's head; zapping a leaf removes the mapcount and drops the reference (put_folio). Only
+// the thread that took a present leaf out of its slot drops them, so concurrent zaps (munmap,
+// unmap_mapping_range) of one entry drop exactly one reference.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <optional>
+
+#include "pgmap/memory/dev_pagemap.h"
+#include "pgmap/memory/pfn.h"
+#include "pgmap/mm/mapping.h"
+
+namespace pgmap::mm {
+
+namespace pte {
+
+inline constexpr std::uint64_t kPresent = std::uint64_t{1} << 0;  // maps something
+inline constexpr std::uint64_t kWrite = std::uint64_t{1} << 1;    // leaf: writable
+inline constexpr std::uint64_t kLeaf = std::uint64_t{1} << 2;     // leaf (huge above PTE level)
+inline constexpr unsigned kLevelShift = 3;                        // leaf: its Level
+inline constexpr std::uint64_t kLevelMask = std::uint64_t{3} << kLevelShift;
+inline constexpr std::uint64_t kLocked = std::uint64_t{1} << 5;  // being installed or zapped
+inline constexpr unsigned kFrameShift = 12;                      // pfn or table address
+inline constexpr std::uint64_t kFrameMask = ~((std::uint64_t{1} << kFrameShift) - 1);
+
+constexpr bool present(std::uint64_t e) {
+  return (e & kPresent) != 0;
+}
+constexpr bool leaf(std::uint64_t e) {
+  return (e & (kPresent | kLeaf)) == (kPresent | kLeaf);
+}
+constexpr bool locked(std::uint64_t e) {
+  return (e & kLocked) != 0;
+}
+constexpr bool writable(std::uint64_t e) {
+  return (e & kWrite) != 0;
+}
+constexpr Pfn pfn(std::uint64_t e) {
+  return (e & kFrameMask) >> kFrameShift;
+}
+constexpr Level level(std::uint64_t e) {
+  return static_cast<Level>((e & kLevelMask) >> kLevelShift);
+}
+constexpr std::uint64_t make_leaf(Pfn pfn, Level level, bool writable) {
+  return (pfn << kFrameShift) | (std::uint64_t{static_cast<std::uint8_t>(level)} << kLevelShift) |
+         kLeaf | kPresent | (writable ? kWrite : 0);
+}
+
+}  // namespace pte
+
+class PageTable {
+ public:
+  static constexpr unsigned kIndexBits = 9;
+  static constexpr std::uint64_t kEntries = std::uint64_t{1} << kIndexBits;
+  static constexpr unsigned kDepths = 4;  // 3 = PGD ... 0 = PTE table
+  static constexpr std::uint64_t kSpan = std::uint64_t{1} << (kPageShift + kIndexBits * kDepths);
+
+  // A present leaf as seen by a lookup.
+  struct Leaf {
+    std::uint64_t addr = 0;  // start of the range the leaf maps (aligned to its level)
+    Pfn pfn = 0;             // pfn mapped at addr
+    Level level = Level::pte;
+    bool writable = false;
+    DevPagemap* pgmap = nullptr;
+  };
+
+  enum class Install {
+    installed,  // the entry is in; the caller's folio reference now belongs to it
+    mapped,     // something already maps addr (maybe a larger leaf); caller keeps its reference
+    blocked,    // a lower-level table occupies the slot: no leaf of this level can go there
+  };
+
+  PageTable();
+  // Zaps whatever is still mapped, then frees every table.
+  ~PageTable();
+  PageTable(const PageTable&) = delete;
+  PageTable& operator=(const PageTable&) = delete;
+
+  // Lockless. The leaf and its pagemap are read consistently (inside an RCU read section).
+  std::optional<Leaf> lookup(std::uint64_t addr) const noexcept;
+  // True if a leaf of `level` could be installed at addr now (no leaf covers it, no lower table).
+  bool can_install(std::uint64_t addr, Level level) const noexcept;
+  // Installs a leaf for [addr, addr + level_bytes(level)) mapping pfn of pgmap. The caller holds
+  // one folio reference on pfn's folio, which moves into the entry on Install::installed.
+  Install install(std::uint64_t addr, Level level, Pfn pfn, DevPagemap* pgmap, bool writable);
+  // Sets the write bit of the leaf covering addr. False if nothing is mapped there.
+  bool make_writable(std::uint64_t addr) noexcept;
+  // Clears the write bit of every leaf overlapping [start, end).
+  void write_protect(std::uint64_t start, std::uint64_t end) noexcept;
+  // Zaps every leaf overlapping [start, end) (a huge leaf partly inside is zapped whole).
+  // Returns the number of leaves zapped by this call.
+  std::uint64_t zap(std::uint64_t start, std::uint64_t end) noexcept;
+
+  std::uint64_t nr_entries() const noexcept { return nr_entries_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Table;
+  template <typename Fn>
+  void for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
+                     std::uint64_t end, Fn& fn) noexcept;
+  bool zap_slot(Table* t, std::uint64_t i) noexcept;
+  static void free_table(Table* t, unsigned depth) noexcept;
+
+  Table* root_;
+  std::atomic<std::uint64_t> nr_entries_{0};
+};
+
+}  // namespace pgmap::mm
