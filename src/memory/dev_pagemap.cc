@@ -137,7 +137,8 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
 DevPagemap::~DevPagemap() {
   // A pagemap that lost a memremap race was never published and is already dead; its reference
   // was never shared and the PercpuRef destructor folds it.
-  if (state() == State::live) (void)memunmap();
+  // Killed (kill()) but never unmapped counts too: it is still published in the registry.
+  if (state() != State::dead) (void)memunmap();
 }
 
 // ---- lookups ----------------------------------------------------------------------------------

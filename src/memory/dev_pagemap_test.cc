@@ -1074,3 +1074,32 @@ TEST_P(StrategyTest, FsDaxFinalPutWakesWaiters) {
 
 }  // namespace
 }  // namespace pgmap
+
+namespace pgmap {
+namespace {
+
+// Regression: a pagemap that was kill()ed and then destroyed without memunmap stayed published
+// in the pfn index, and the next lookup read freed memory. Destroying it must unpublish it.
+TEST(DevPagemapLifetime, DestroyingAKilledPagemapUnpublishesIt) {
+  BackingOptions bo;
+  bo.size = 4 * kPmdSize;
+  auto backing = make_anonymous_backing(bo);
+  ASSERT_TRUE(backing.ok());
+  MemremapParams params;
+  params.strategy = Strategy::transition;
+  params.ranges.push_back({std::move(backing).value(), 0, 0});
+  auto pg = memremap(params);
+  ASSERT_TRUE(pg.ok());
+  std::shared_ptr<DevPagemap> pgmap = std::move(pg).value();
+  Pfn pfn = pgmap->range(0).start + 3;
+  const std::size_t published = pagemap_count();
+  ASSERT_EQ(pgmap->kill(), Errc::ok);
+  EXPECT_EQ(pgmap->state(), DevPagemap::State::dying);
+  EXPECT_FALSE(get_dev_pagemap(pfn));
+  pgmap.reset();
+  EXPECT_EQ(pagemap_count(), published - 1);
+  EXPECT_FALSE(get_dev_pagemap(pfn));  // under ASan the old bug was a heap-use-after-free here
+}
+
+}  // namespace
+}  // namespace pgmap

@@ -136,9 +136,8 @@ void worker(Round& r, unsigned seed) {
           r.held.fetch_add(1, std::memory_order_seq_cst);
           mine.push_back({pfn, pin});
           // Nobody else held or was taking this folio and the kill was visible: a safe strategy
-          // had to refuse. (alloc_event vouches through the allocation, which may legitimately
-          // outlive the kill.)
-          if (killed_before && others == 0 && r.strategy != Strategy::alloc_event) {
+          // had to refuse (alloc_event too: the allocation keeps the pagemap, not new folios).
+          if (killed_before && others == 0) {
             r.v->busy_after_kill.fetch_add(1);
           }
           std::uint32_t count = pg.folio_ref_count(pfn);

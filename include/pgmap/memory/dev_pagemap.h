@@ -21,7 +21,7 @@
 //                       If step 2 times out or refuses, the kill is undone (the ref is resurrected)
 //                       and the pagemap is live again, exactly as before the call; the Error
 //                       carries a HolderReport of who holds what.
-//   ~DevPagemap         memunmap with no timeout if still live.
+//   ~DevPagemap         memunmap with no timeout unless already dead.
 //
 // ---- Folio references (hot path, never block) --------------------------------------------------
 //

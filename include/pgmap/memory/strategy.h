@@ -11,7 +11,8 @@
 //                once and waits on each busy one.
 //   alloc_event  the upper layer's "allocation" (dax direct_access) takes a pagemap reference
 //                that covers its whole use of the range (DevPagemap::request); folio references
-//                are bare. memunmap waits for the allocations.
+//                add only the sweep's liveness check (no idle folio becomes busy after the kill).
+//                memunmap waits for the allocations.
 #pragma once
 
 #include <array>

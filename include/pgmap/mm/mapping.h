@@ -101,8 +101,9 @@ class MappingOwner {
   // derives from the file (vma_is_dax / vma_is_fsdax). mmap ORs them into the new VMA's flags.
   virtual std::uint32_t vma_flags() const { return 0; }
 
-  // A VMA is being created over [vma.pgoff, + len) of the owner. Errc refuses the mmap.
-  virtual Errc on_mmap(const Vma& vma) = 0;
+  // A VMA is being created over [vma.pgoff, + len) of the owner and is not yet visible to
+  // anyone: the owner may refuse (any Errc) or set vma.owner_data.
+  virtual Errc on_mmap(Vma& vma) = 0;
   virtual FaultResult fault(const Vma& vma, const FaultRequest& req) = 0;
   // munmap/mprotect/mremap want to cut `vma` at `addr`. Errc::invalid_argument refuses.
   virtual Errc may_split(const Vma& vma, std::uint64_t addr) {

@@ -45,7 +45,7 @@ class FakeOwner : public MappingOwner {
   Level max_level() const override { return opts_.max_level; }
   std::uint32_t vma_flags() const override { return opts_.vma_flags; }
 
-  Errc on_mmap(const Vma& vma) override {
+  Errc on_mmap(Vma& vma) override {
     mmap_calls_.fetch_add(1, std::memory_order_relaxed);
     (void)vma;
     return refuse_mmap_.load(std::memory_order_relaxed);

@@ -1,0 +1,254 @@
+// Suite `ref`: the reference-count primitives the strategies are built from, and the
+// alternatives DESIGN.md §5 compares them with. Every case is one get+put pair per op on ONE
+// object; with 2 threads both threads hammer that same object, which is the point: PercpuRef
+// counts in per-thread slots, the others share one cache line.
+//
+//   percpu_live    PercpuRef get+put in percpu (live) mode
+//   percpu_atomic  the same after switch_to_atomic() (what every op costs after kill)
+//   shared_atomic  std::atomic<int64_t> fetch_add(1) + fetch_sub(1)
+//   shared_ptr     copy + destroy of one std::shared_ptr
+//   urcu_ref       liburcu urcu_ref_get + urcu_ref_put
+//   kill_confirm   latency of PercpuRef::kill() (fold + confirm + initial put) while another
+//                  thread keeps doing get/put on a different live PercpuRef
+#include <urcu/ref.h>
+
+#include <algorithm>
+#include <atomic>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include <fmt/format.h>
+
+#include "bench.h"
+#include "pgmap/core/percpu_ref.h"
+#include "timing.h"
+
+namespace pgmap::bench {
+namespace {
+
+// Keeps a shared object alone on its cache lines (and off the adjacent-line prefetch pair), so
+// the 2-thread figures are contention on that object only.
+template <typename T>
+struct alignas(128) Isolated {
+  template <typename... Args>
+  explicit Isolated(Args&&... args) : value(std::forward<Args>(args)...) {}
+  T value;  // value-initialised (zero) when constructed without arguments
+};
+
+void urcu_noop_release(urcu_ref*) {}
+
+Row ref_row(const std::string& name, unsigned threads, std::vector<double> ns) {
+  Row row;
+  row.suite = "ref";
+  row.name = name;
+  row.threads = threads;
+  row.metric = Metric::ns_per_op;
+  row.summary = summarize(std::move(ns));
+  return row;
+}
+
+std::string label_of(const std::string& name, unsigned threads) {
+  return fmt::format("ref {} threads={}", name, threads);
+}
+
+// PercpuRef get+put, live (percpu) or after switch_to_atomic().
+Case percpu_case(const Config& cfg, unsigned threads, bool atomic) {
+  const std::string name = atomic ? "percpu_atomic" : "percpu_live";
+  return {
+      label_of(name, threads), [&cfg, threads, atomic, name]() -> Result<Row> {
+        Isolated<PercpuRef> ref([] {});
+        PercpuRef& r = ref.value;
+        if (atomic && r.switch_to_atomic() != Errc::ok) {
+          return Error(Errc::invalid_argument, "PercpuRef::switch_to_atomic failed");
+        }
+        if (!atomic && !r.is_percpu()) {
+          return Error(Errc::no_memory, "PercpuRef has no percpu slot: cannot run live mode");
+        }
+        auto body = [&r](unsigned, std::uint64_t ops) {
+          for (std::uint64_t i = 0; i < ops; ++i) {
+            r.get();
+            r.put();
+            clobber_memory();
+          }
+        };
+        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
+        // Every get was matched by a put: the kill must find exactly the initial reference.
+        if (Errc e = r.kill(); e != Errc::ok || !r.is_zero()) {
+          return Error(e == Errc::ok ? Errc::busy : e,
+                       fmt::format("{}: unbalanced count after the run", name));
+        }
+        return ref_row(name, threads, std::move(ns));
+      }};
+}
+
+Case shared_atomic_case(const Config& cfg, unsigned threads) {
+  return {
+      label_of("shared_atomic", threads), [&cfg, threads]() -> Result<Row> {
+        Isolated<std::atomic<std::int64_t>> counter;
+        std::atomic<std::int64_t>& c = counter.value;
+        auto body = [&c](unsigned, std::uint64_t ops) {
+          for (std::uint64_t i = 0; i < ops; ++i) {
+            c.fetch_add(1);
+            c.fetch_sub(1);
+            clobber_memory();
+          }
+        };
+        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
+        if (c.load() != 0) return Error(Errc::busy, "shared_atomic: count is not zero");
+        return ref_row("shared_atomic", threads, std::move(ns));
+      }};
+}
+
+Case shared_ptr_case(const Config& cfg, unsigned threads) {
+  return {
+      label_of("shared_ptr", threads), [&cfg, threads]() -> Result<Row> {
+        // make_shared: object and counts share one allocation, as most users have it.
+        const std::shared_ptr<Isolated<int>> shared = std::make_shared<Isolated<int>>();
+        auto body = [&shared](unsigned, std::uint64_t ops) {
+          for (std::uint64_t i = 0; i < ops; ++i) {
+            std::shared_ptr<Isolated<int>> copy(shared);
+            asm volatile("" : : "r"(copy.get()) : "memory");
+          }
+        };
+        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
+        if (shared.use_count() != 1) {
+          return Error(Errc::busy, "shared_ptr: use count is not 1");
+        }
+        return ref_row("shared_ptr", threads, std::move(ns));
+      }};
+}
+
+Case urcu_ref_case(const Config& cfg, unsigned threads) {
+  return {
+      label_of("urcu_ref", threads), [&cfg, threads]() -> Result<Row> {
+        Isolated<urcu_ref> ref;
+        urcu_ref* r = &ref.value;
+        urcu_ref_init(r);
+        auto body = [r](unsigned, std::uint64_t ops) {
+          for (std::uint64_t i = 0; i < ops; ++i) {
+            urcu_ref_get(r);
+            urcu_ref_put(r, urcu_noop_release);
+            clobber_memory();
+          }
+        };
+        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
+        if (r->refcount != 1) return Error(Errc::busy, "urcu_ref: count is not 1");
+        return ref_row("urcu_ref", threads, std::move(ns));
+      }};
+}
+
+// kill_confirm. The reader runs on the second usable CPU, the killer on the first. A kill
+// counts only if the reader made progress while it ran: when the reader is off its CPU (another
+// process took it), the process-wide barrier has nobody to interrupt, which is not the case being
+// measured. Such kills are retried, up to kMaxAttempts per wanted kill, and reported as
+// "kills_discarded". A repetition keeps the median of up to cfg.kills_per_rep counted kills of
+// fresh refs (each used once in percpu mode by the killer, so the fold has a slot to collect);
+// the row is the median over the repetitions that counted any. If the reader never ran during a
+// kill (a machine busy with other work), every kill is kept and "reader_ran" is false.
+constexpr std::uint64_t kReaderBatch = 64;  // reader ops between two progress marks (< 1 us)
+constexpr std::uint64_t kMaxAttempts = 20;
+
+struct KillTimes {
+  std::vector<double> counted;  // per-repetition medians of the kills the reader ran through
+  std::vector<double> all;      // per-repetition medians of the first kills, counted or not
+  std::uint64_t discarded = 0;
+  std::uint64_t failures = 0;
+};
+
+// Runs on the killer thread while `progress` is advanced by the reader.
+KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progress) {
+  KillTimes out;
+  std::vector<double> counted;
+  std::vector<double> all;
+  for (unsigned rep = 0; rep < cfg.reps; ++rep) {
+    counted.clear();
+    all.clear();
+    for (std::uint64_t attempt = 0;
+         counted.size() < cfg.kills_per_rep && attempt < kMaxAttempts * cfg.kills_per_rep;
+         ++attempt) {
+      PercpuRef victim([] {});
+      victim.get();
+      victim.put();
+      const std::uint64_t before = progress.load(std::memory_order_relaxed);
+      const auto t0 = SteadyClock::now();
+      const Errc e = victim.kill();
+      const double ns = seconds_since(t0) * 1e9;
+      const bool reader_ran = progress.load(std::memory_order_relaxed) != before;
+      if (e != Errc::ok || !victim.is_zero()) ++out.failures;
+      if (all.size() < cfg.kills_per_rep) all.push_back(ns);
+      if (reader_ran) {
+        counted.push_back(ns);
+      } else {
+        ++out.discarded;
+      }
+    }
+    if (!counted.empty()) out.counted.push_back(summarize(counted).median);
+    out.all.push_back(summarize(all).median);
+  }
+  return out;
+}
+
+Result<Row> run_kill_confirm(const Config& cfg) {
+  Isolated<std::atomic<bool>> stop;
+  Isolated<std::atomic<std::uint64_t>> progress;
+  Isolated<PercpuRef> reader_ref([] {});
+  PercpuRef& rr = reader_ref.value;
+  std::thread reader([&] {
+    pin_to_cpu_index(1);
+    std::uint64_t batches = 0;
+    while (!stop.value.load(std::memory_order_relaxed)) {
+      for (std::uint64_t i = 0; i < kReaderBatch; ++i) {
+        rr.get();
+        rr.put();
+        clobber_memory();
+      }
+      progress.value.store(++batches, std::memory_order_relaxed);
+    }
+  });
+  KillTimes times;
+  std::thread killer([&] {
+    pin_to_cpu_index(0);
+    while (progress.value.load(std::memory_order_relaxed) == 0)
+      std::this_thread::yield();
+    times = time_kills(cfg, progress.value);
+  });
+  killer.join();
+  stop.value.store(true, std::memory_order_relaxed);
+  reader.join();
+  if (rr.kill() != Errc::ok || !rr.is_zero()) {
+    return Error(Errc::busy, "kill_confirm: reader's ref unbalanced after the run");
+  }
+  if (times.failures != 0) {
+    return Error(Errc::busy, fmt::format("kill_confirm: {} kills failed", times.failures));
+  }
+  const bool reader_ran = !times.counted.empty();
+  Row row =
+      ref_row("kill_confirm", 1, reader_ran ? std::move(times.counted) : std::move(times.all));
+  row.extra["kills_per_rep"] = cfg.kills_per_rep;
+  row.extra["kills_discarded"] = reader_ran ? times.discarded : 0;
+  row.extra["reader_threads"] = 1;
+  row.extra["reader_ran"] = reader_ran;
+  row.note = reader_ran ? fmt::format("1 active reader, {} kills/rep, {} discarded",
+                                      cfg.kills_per_rep, times.discarded)
+                        : "reader never ran during a kill: busy machine";
+  return row;
+}
+
+}  // namespace
+
+std::vector<Case> ref_cases(const Config& cfg) {
+  std::vector<Case> cases;
+  for (unsigned threads : cfg.threads) {
+    cases.push_back(percpu_case(cfg, threads, false));
+    cases.push_back(percpu_case(cfg, threads, true));
+    cases.push_back(shared_atomic_case(cfg, threads));
+    cases.push_back(shared_ptr_case(cfg, threads));
+    cases.push_back(urcu_ref_case(cfg, threads));
+  }
+  cases.push_back(
+      {"ref kill_confirm with 1 active reader", [&cfg] { return run_kill_confirm(cfg); }});
+  return cases;
+}
+
+}  // namespace pgmap::bench
