@@ -458,5 +458,31 @@ TEST_F(PageArrayTest, OneTebibyteAt4KiB) {
   a.reset();  // give the 1.25 GiB back before the next test
 }
 
+// The scan reads the hot array in aligned vector blocks after a scalar prologue (x86), so check
+// every busy position against every start offset around the block edges, with a scalar oracle.
+TEST(PageArrayFindBusy, MatchesAScalarScanForEveryPositionAndStart) {
+  constexpr std::uint64_t kEntries = 300;
+  auto created = PageArray::create({0, kEntries}, 0);
+  ASSERT_TRUE(created.ok());
+  PageArray& a = **created;
+  for (std::uint64_t busy = 0; busy < kEntries; ++busy) {
+    a.ref(busy).store(1);
+    for (std::uint64_t from : {0u, 1u, 3u, 4u, 5u, 31u, 32u, 33u, 63u, 64u, 65u, 130u}) {
+      for (std::uint64_t to : {kEntries, kEntries - 1, std::uint64_t{97}}) {
+        if (from > to) continue;
+        std::uint64_t want = (busy >= from && busy < to) ? busy : to;
+        ASSERT_EQ(a.find_busy(from, to), want) << "busy " << busy << " from " << from << " to " << to;
+      }
+    }
+    a.ref(busy).store(0);
+  }
+  // Two busy entries: the first one at or after `from` wins.
+  a.ref(40).store(7);
+  a.ref(200).store(PageArray::kPinBias);
+  EXPECT_EQ(a.find_busy(0, kEntries), 40u);
+  EXPECT_EQ(a.find_busy(41, kEntries), 200u);
+  EXPECT_EQ(a.count_busy(), 2u);
+}
+
 }  // namespace
 }  // namespace pgmap
