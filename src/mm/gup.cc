@@ -122,6 +122,7 @@ class Gup {
 
   Result<std::vector<GupPage>> run(std::uint64_t start, std::uint64_t nr_pages) {
     pages_.reserve(std::min<std::uint64_t>(nr_pages, kReserveMax));
+    runs_.reserve(std::min<std::uint64_t>(nr_pages, kReserveMax));
     std::uint64_t addr = start;
     std::uint64_t left = nr_pages;
     while (left > 0) {
@@ -197,8 +198,11 @@ class Gup {
     if (!slow && longterm() && pg->type() == PagemapType::fs_dax) return std::uint64_t{0};
     const Pfn folio_end = f.array->pfn_of(f.head) + order_pages(f.array->order(f.head));
 
-    // Extend the run over the following pages of the same folio, entry by entry.
-    std::vector<PtEntry> seen{*entry};
+    // Extend the run over the following pages of the same folio, entry by entry. (seen_ is reused
+    // across calls: a small folio's run is one page, and an allocation per page would dominate.)
+    std::vector<PtEntry>& seen = seen_;
+    seen.clear();
+    seen.push_back(*entry);
     std::uint64_t n = 1;
     while (n < max && pfn + n < folio_end) {
       const std::uint64_t next = addr + (n << kPageShift);
@@ -300,6 +304,7 @@ class Gup {
   GupStats& stats_;
   PagemapRef cache_;
   std::vector<Run> runs_;
+  std::vector<PtEntry> seen_;  // grab()'s scratch: the entries a run came from
   std::vector<GupPage> pages_;
 };
 

@@ -25,13 +25,13 @@ struct Config {
   std::string out_dir;
   bool quick = false;
   bool full = false;
-  std::vector<std::string> suites;           // "ref", "hotpath", "removal"
-  std::vector<Strategy> strategies;          // hotpath and removal
-  std::vector<unsigned> threads;             // ref and hotpath
-  unsigned reps = 0;                         // repetitions of a ref or hotpath case
-  unsigned removal_reps = 0;                 // repetitions of a removal case
-  double min_rep_seconds = 0;                // ref and hotpath: minimum length of one repetition
-  unsigned kills_per_rep = 0;                // kill_confirm: kills timed per repetition
+  std::vector<std::string> suites;   // "ref", "hotpath", "removal", "gup", "fault"
+  std::vector<Strategy> strategies;  // hotpath, removal, gup and fault
+  std::vector<unsigned> threads;     // ref, hotpath and gup
+  unsigned reps = 0;                 // repetitions of a ref, hotpath, gup or fault case
+  unsigned removal_reps = 0;         // repetitions of a removal case
+  double min_rep_seconds = 0;        // ref, hotpath, gup, fault: minimum length of one repetition
+  unsigned kills_per_rep = 0;        // kill_confirm: kills timed per repetition
   std::vector<std::uint64_t> removal_bytes;  // device sizes of the removal suite
   bool plot = true;
   std::uint64_t seed = 0;  // placement of the busy folios in the removal suite
@@ -62,5 +62,7 @@ struct Case {
 std::vector<Case> ref_cases(const Config& cfg);
 std::vector<Case> hotpath_cases(const Config& cfg);
 std::vector<Case> removal_cases(const Config& cfg);
+std::vector<Case> gup_cases(const Config& cfg);    // dax_suites.cc
+std::vector<Case> fault_cases(const Config& cfg);  // dax_suites.cc
 
 }  // namespace pgmap::bench

@@ -1,6 +1,7 @@
-// pgmap-bench: the project's main job (`make run`). Runs the ref, hotpath and removal suites
-// (bench.h lists what each measures), prints a progress line on stderr and the results table on
-// stdout, and writes results.json, results.csv, removal.svg and hotpath.svg under --out.
+// pgmap-bench: the project's main job (`make run`). Runs the ref, hotpath, removal, gup and fault
+// suites (bench.h lists what each measures), prints a progress line on stderr and the results
+// table on stdout, and writes results.json, results.csv, removal.svg, hotpath.svg and gup.svg
+// under --out.
 //
 // Exit status: 0 when every case ran; 1 when a case failed (the results of the others are still
 // written); 2 for a usage or output-directory error. CLI11 reports bad flags with its own codes.
@@ -11,6 +12,7 @@
 #include <ctime>
 #include <exception>
 #include <filesystem>
+#include <iterator>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -30,6 +32,7 @@ namespace {
 constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
 constexpr std::uint64_t kGiB = std::uint64_t{1} << 30;
 constexpr std::uint64_t kTiB = std::uint64_t{1} << 40;
+constexpr const char* kSuites[] = {"ref", "hotpath", "removal", "gup", "fault"};
 
 // "4096", "64M", "64MiB", "16g", "1TiB": binary units, optional "i" and "B".
 std::optional<std::uint64_t> parse_size(std::string_view s) {
@@ -81,7 +84,7 @@ struct Flags {
   std::string out = "out";
   bool quick = false;
   bool full = false;
-  std::vector<std::string> suites = {"ref", "hotpath", "removal"};
+  std::vector<std::string> suites = {"ref", "hotpath", "removal", "gup", "fault"};
   std::vector<std::string> strategies;
   std::vector<unsigned> threads = {1, 2};
   unsigned reps = 0;
@@ -97,7 +100,7 @@ Result<Config> resolve(const Flags& f) {
   c.out_dir = f.out;
   c.quick = f.quick;
   c.full = f.full;
-  for (std::string_view s : {"ref", "hotpath", "removal"}) {  // canonical order
+  for (std::string_view s : kSuites) {  // canonical order
     if (std::find(f.suites.begin(), f.suites.end(), s) != f.suites.end()) {
       c.suites.emplace_back(s);
     }
@@ -181,7 +184,8 @@ int run(int argc, char** argv) {
 
   CLI::App app{
       "pgmap-bench: measures the pagemap liveness strategies (reference primitives, folio hot "
-      "paths, memunmap) and writes results.json, results.csv, removal.svg and hotpath.svg.",
+      "paths, memunmap, device-dax GUP and first-touch faults) and writes results.json, "
+      "results.csv, removal.svg, hotpath.svg and gup.svg.",
       "pgmap-bench"};
   app.footer(
       "Without --quick or --full it runs every suite with 5 repetitions per case (medians "
@@ -189,8 +193,8 @@ int run(int argc, char** argv) {
       "vCPUs. Check the figures against DESIGN.md section 5 with "
       "../shared/tools/check-targets.py OUT/results.json.");
   app.add_option("--out", f.out,
-                 "Directory for results.json, results.csv, removal.svg and hotpath.svg; created "
-                 "if missing")
+                 "Directory for results.json, results.csv, removal.svg, hotpath.svg and gup.svg; "
+                 "created if missing")
       ->capture_default_str();
   auto* quick = app.add_flag("--quick", f.quick,
                              "Smoke run: every suite and strategy at tiny sizes (removal 64 MiB "
@@ -201,18 +205,19 @@ int run(int argc, char** argv) {
   quick->excludes(full);
   app.add_option("--suite", f.suites,
                  "Suites to run, comma-separated: ref (refcount primitives), hotpath (folio "
-                 "get/put and pin/unpin), removal (memunmap)")
+                 "get/put and pin/unpin), removal (memunmap), gup (devdax pin_user_pages + "
+                 "unpin_user_pages of 512 pages), fault (devdax first-touch faults)")
       ->delimiter(',')
-      ->check(CLI::IsMember({"ref", "hotpath", "removal"}))
+      ->check(CLI::IsMember(std::vector<std::string>(std::begin(kSuites), std::end(kSuites))))
       ->capture_default_str();
   app.add_option("--strategy", f.strategies,
-                 "Liveness strategies for hotpath and removal, comma-separated")
+                 "Liveness strategies for hotpath, removal, gup and fault, comma-separated")
       ->delimiter(',')
       ->check(CLI::IsMember(strategy_names))
       ->capture_default_str();
   app.add_option("--threads", f.threads,
-                 "Thread counts for ref and hotpath, comma-separated; thread i is pinned to the "
-                 "i-th usable CPU")
+                 "Thread counts for ref, hotpath and gup, comma-separated; thread i is pinned to "
+                 "the i-th usable CPU")
       ->delimiter(',')
       ->check(CLI::Range(1u, 256u))
       ->capture_default_str();
@@ -228,7 +233,8 @@ int run(int argc, char** argv) {
             return parse_size(s) ? std::string() : "not a size like 4096, 64M or 16GiB: " + s;
           },
           "SIZE"));
-  app.add_flag("--no-plot", f.no_plot, "Do not run gnuplot (no removal.svg or hotpath.svg)");
+  app.add_flag("--no-plot", f.no_plot,
+               "Do not run gnuplot (no removal.svg, hotpath.svg or gup.svg)");
   app.add_option("--seed", f.seed,
                  "Seed for where the busy folios of the removal suite sit inside their evenly "
                  "spaced slots")
@@ -255,6 +261,8 @@ int run(int argc, char** argv) {
   for (const std::string& suite : cfg.suites) {
     std::vector<Case> more = suite == "ref"       ? ref_cases(cfg)
                              : suite == "hotpath" ? hotpath_cases(cfg)
+                             : suite == "gup"     ? gup_cases(cfg)
+                             : suite == "fault"   ? fault_cases(cfg)
                                                   : removal_cases(cfg);
     for (Case& c : more)
       cases.push_back(std::move(c));
@@ -299,12 +307,14 @@ int run(int argc, char** argv) {
   if (!cfg.plot) {
     fmt::print(stderr, "plots skipped (--no-plot)\n");
   } else if (const std::string gnuplot = find_gnuplot(); gnuplot.empty()) {
-    fmt::print(stderr, "gnuplot not found on PATH: skipping removal.svg and hotpath.svg\n");
+    fmt::print(stderr,
+               "gnuplot not found on PATH: skipping removal.svg, hotpath.svg and gup.svg\n");
   } else {
     using ChartWriter = Status (*)(const std::string& gnuplot, const std::string& path,
                                    const std::vector<Row>& rows, bool& written);
     const std::pair<const char*, ChartWriter> charts[] = {{"removal.svg", write_removal_plot},
-                                                          {"hotpath.svg", write_hotpath_plot}};
+                                                          {"hotpath.svg", write_hotpath_plot},
+                                                          {"gup.svg", write_gup_plot}};
     for (const auto& [name, write_chart] : charts) {
       const fs::path path = out / name;
       bool drawn = false;

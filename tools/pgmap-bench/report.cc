@@ -219,7 +219,9 @@ void print_table(std::FILE* out, const std::string& machine_line, const std::vec
     previous_suite = rows[i].suite;
     print_line(cells[i]);
   }
-  fmt::print(out, "\nns figures are per operation per thread; median/min/max over the reps.\n");
+  fmt::print(out,
+             "\nns figures are per operation per thread (gup: per 4 KiB page of a pin+unpin call;"
+             " fault: per fault); median/min/max over the reps.\n");
 }
 
 // ---- files ------------------------------------------------------------------------------------
@@ -375,16 +377,20 @@ Status write_removal_plot(const std::string& gnuplot, const std::string& path,
   return st;
 }
 
-// ns/op per strategy, clustered bars: one bar per case x page size x threads.
-Status write_hotpath_plot(const std::string& gnuplot, const std::string& path,
-                          const std::vector<Row>& rows, bool& written) {
+namespace {
+
+// ns/op per strategy of one suite's rows, clustered bars: one bar per series_name(row).
+Status write_bars_plot(const std::string& gnuplot, const std::string& path,
+                       const std::vector<Row>& rows, std::string_view suite,
+                       std::string (*series_name)(const Row&), std::string_view title,
+                       std::string_view ylabel, bool& written) {
   written = false;
   std::vector<std::string> series;
   std::vector<std::string> strategies;
   std::map<std::pair<std::string, std::string>, double> value;  // (strategy, series) -> ns/op
   for (const Row& r : rows) {
-    if (r.suite != "hotpath") continue;
-    std::string name = fmt::format("{} {} {}T", r.name, format_page_size(r.page_size), r.threads);
+    if (r.suite != suite) continue;
+    std::string name = series_name(r);
     if (std::find(series.begin(), series.end(), name) == series.end()) series.push_back(name);
     if (std::find(strategies.begin(), strategies.end(), r.strategy) == strategies.end()) {
       strategies.push_back(r.strategy);
@@ -408,19 +414,45 @@ Status write_hotpath_plot(const std::string& gnuplot, const std::string& path,
     script += "\n";
   }
   script += "EOD\n";
-  script +=
+  script += fmt::format(
       "set datafile missing '-'\n"
-      "set title 'folio hot paths per strategy (generic pagemap; per-thread ns per get+put or "
-      "pin+unpin, median)'\n"
+      "set title {}\n"
       "set style data histograms\nset style histogram clustered gap 1\n"
       "set style fill solid 0.85 border -1\nset boxwidth 0.9\n"
       "set grid ytics\nset yrange [0:*]\nset key outside right top\n"
-      "set ylabel 'ns per op per thread'\nset xlabel 'strategy'\n";
+      "set ylabel {}\nset xlabel 'strategy'\n",
+      gnuplot_quote(title), gnuplot_quote(ylabel));
   script += fmt::format("plot for [i=2:{}] $hot using i:xtic(1) title columnheader(i)\n",
                         series.size() + 1);
   Status st = run_gnuplot(gnuplot, script);
   written = st.ok();
   return st;
+}
+
+}  // namespace
+
+Status write_hotpath_plot(const std::string& gnuplot, const std::string& path,
+                          const std::vector<Row>& rows, bool& written) {
+  return write_bars_plot(
+      gnuplot, path, rows, "hotpath",
+      [](const Row& r) {
+        return fmt::format("{} {} {}T", r.name, format_page_size(r.page_size), r.threads);
+      },
+      "folio hot paths per strategy (generic pagemap; per-thread ns per get+put or pin+unpin, "
+      "median)",
+      "ns per op per thread", written);
+}
+
+Status write_gup_plot(const std::string& gnuplot, const std::string& path,
+                      const std::vector<Row>& rows, bool& written) {
+  return write_bars_plot(
+      gnuplot, path, rows, "gup",
+      [](const Row& r) {
+        return fmt::format("{} folios {}T", format_page_size(r.page_size), r.threads);
+      },
+      "devdax pin_user_pages + unpin_user_pages of 512 pages (per-thread ns per 4 KiB page, "
+      "median; target <= 30 ns)",
+      "ns per 4 KiB page per thread", written);
 }
 
 }  // namespace pgmap::bench

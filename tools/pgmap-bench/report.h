@@ -1,5 +1,5 @@
 // Output of pgmap-bench: the progress line (stderr), the table (stdout), results.json,
-// results.csv, and the gnuplot charts removal.svg and hotpath.svg.
+// results.csv, and the gnuplot charts removal.svg, hotpath.svg and gup.svg.
 //
 // results.json: {"machine": {...}, "config": {...}, "results": [row, ...]} where a row is
 // {"suite", "case", "strategy", "threads", "page_size", "bytes", "busy_pages",
@@ -54,5 +54,8 @@ Status write_removal_plot(const std::string& gnuplot, const std::string& path,
                           const std::vector<Row>& rows, bool& written);
 Status write_hotpath_plot(const std::string& gnuplot, const std::string& path,
                           const std::vector<Row>& rows, bool& written);
+// gup pin+unpin: ns per 4 KiB page per strategy, bars for 4K/2M folios x thread counts.
+Status write_gup_plot(const std::string& gnuplot, const std::string& path,
+                      const std::vector<Row>& rows, bool& written);
 
 }  // namespace pgmap::bench
