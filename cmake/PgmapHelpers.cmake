@@ -25,7 +25,7 @@ function(_pgmap_apply_common target)
   endif()
 endfunction()
 
-# pgmap_cc_library(NAME core SRCS a.cc b.cc DEPS pgmap::core PkgConfig::URCU)
+# pgmap_cc_library(NAME core SRCS a.cc b.cc DEPS pgmap::core fmt::fmt)
 # Declares static library pgmap_<NAME> with alias pgmap::<NAME>, exported for install.
 function(pgmap_cc_library)
   cmake_parse_arguments(ARG "" "NAME" "SRCS;DEPS;PRIVATE_DEPS" ${ARGN})
