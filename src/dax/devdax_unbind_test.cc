@@ -61,30 +61,11 @@ Device make_device(Strategy s, unsigned order, std::uint64_t bytes, bool quarant
 }
 
 // An unbind running on another thread.
-class AsyncUnbind {
+class AsyncUnbind : public testutil::AsyncTeardown {
  public:
-  AsyncUnbind() = default;
-  AsyncUnbind(const AsyncUnbind&) = delete;
-  AsyncUnbind& operator=(const AsyncUnbind&) = delete;
-  ~AsyncUnbind() {
-    if (thread_.joinable()) thread_.join();
-  }
   void start(DevDax& dev, MemunmapOptions opts = {}) {
-    thread_ = std::thread([this, &dev, opts] {
-      result_.emplace(dev.unbind(opts));
-      done_.store(true, std::memory_order_release);
-    });
+    start_with([&dev, opts] { return dev.unbind(opts); });
   }
-  bool done() const { return done_.load(std::memory_order_acquire); }
-  Result<TeardownStats> join() {
-    thread_.join();
-    return std::move(*result_);
-  }
-
- private:
-  std::thread thread_;
-  std::atomic<bool> done_{false};
-  std::optional<Result<TeardownStats>> result_;
 };
 
 using Param = std::tuple<Strategy, unsigned>;

@@ -67,30 +67,11 @@ std::string strategy_name_of(const ::testing::TestParamInfo<Strategy>& info) {
   return std::string(strategy_name(info.param));
 }
 
-class AsyncUnbind {
+class AsyncUnbind : public testutil::AsyncTeardown {
  public:
-  AsyncUnbind() = default;
-  AsyncUnbind(const AsyncUnbind&) = delete;
-  AsyncUnbind& operator=(const AsyncUnbind&) = delete;
-  ~AsyncUnbind() {
-    if (thread_.joinable()) thread_.join();
+  void start(DevDax& dev, MemunmapOptions opts = {}) {
+    start_with([&dev, opts] { return dev.unbind(opts); });
   }
-  void start(DevDax& dev) {
-    thread_ = std::thread([this, &dev] {
-      result_.emplace(dev.unbind());
-      done_.store(true, std::memory_order_release);
-    });
-  }
-  bool done() const { return done_.load(std::memory_order_acquire); }
-  Result<TeardownStats> join() {
-    thread_.join();
-    return std::move(*result_);
-  }
-
- private:
-  std::thread thread_;
-  std::atomic<bool> done_{false};
-  std::optional<Result<TeardownStats>> result_;
 };
 
 // ---- S3: ndctl dax-pmd.c test_dax_remap

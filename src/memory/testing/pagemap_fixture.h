@@ -173,19 +173,22 @@ class FreeLog {
   std::vector<Free> frees_;
 };
 
-// A memunmap running on another thread. Declare it before the references the memunmap waits
-// for, so that on an early test failure those are released before the destructor joins.
-class AsyncMemunmap {
+// A teardown (memunmap, unbind, ...) running on another thread. Declare it before the references
+// the teardown waits for, so that on an early test failure those are released before the
+// destructor joins.
+class AsyncTeardown {
  public:
-  AsyncMemunmap() = default;
-  AsyncMemunmap(const AsyncMemunmap&) = delete;
-  AsyncMemunmap& operator=(const AsyncMemunmap&) = delete;
-  ~AsyncMemunmap() {
+  AsyncTeardown() = default;
+  AsyncTeardown(const AsyncTeardown&) = delete;
+  AsyncTeardown& operator=(const AsyncTeardown&) = delete;
+  ~AsyncTeardown() {
     if (thread_.joinable()) thread_.join();
   }
-  void start(DevPagemap& pg, MemunmapOptions opts = {}) {
-    thread_ = std::thread([this, &pg, opts] {
-      result_.emplace(pg.memunmap(opts));
+  // Runs `teardown()` (returning Result<TeardownStats>) on a new thread.
+  template <typename Teardown>
+  void start_with(Teardown teardown) {
+    thread_ = std::thread([this, teardown = std::move(teardown)]() mutable {
+      result_.emplace(teardown());
       done_.store(true, std::memory_order_release);
     });
   }
@@ -199,6 +202,14 @@ class AsyncMemunmap {
   std::thread thread_;
   std::atomic<bool> done_{false};
   std::optional<Result<TeardownStats>> result_;
+};
+
+// A memunmap running on another thread.
+class AsyncMemunmap : public AsyncTeardown {
+ public:
+  void start(DevPagemap& pg, MemunmapOptions opts = {}) {
+    start_with([&pg, opts] { return pg.memunmap(opts); });
+  }
 };
 
 // Polls `cond` until it holds or `limit` passes; returns the final value.
