@@ -197,8 +197,9 @@ TEST_P(DevDaxUnbindTest, WaitBlocksUntilAnotherThreadUnpins) {
   AsyncUnbind un;
   un.start(*d_.dev);
   ASSERT_TRUE(eventually([&] { return d_.dev->dax_device().killed(); }));
+  ASSERT_TRUE(eventually([&] { return as.nr_entries() == 0; }));  // unbind zapped our mapping
   std::this_thread::sleep_for(std::chrono::milliseconds(60));
-  EXPECT_FALSE(un.done());
+  EXPECT_FALSE(un.done());  // and still waits for the pin
   std::uint8_t b = 0;
   EXPECT_EQ(as.read(a, &b, 1).signal, Signal::sigbus);  // while it waits
 

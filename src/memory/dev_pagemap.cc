@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <optional>
 #include <thread>
 
@@ -138,7 +139,18 @@ DevPagemap::~DevPagemap() {
   // A pagemap that lost a memremap race was never published and is already dead; its reference
   // was never shared and the PercpuRef destructor folds it.
   // Killed (kill()) but never unmapped counts too: it is still published in the registry.
-  if (state() != State::dead) (void)memunmap();
+  if (state() == State::dead) return;
+  // The owner gave up its last handle while something may still hold the pagemap: the teardown
+  // must wait (freeing under a holder is the bug this library exists to prevent), but never
+  // silently — say every few seconds who is being waited for.
+  MemunmapOptions opts;
+  opts.progress_every = std::chrono::seconds(5);
+  opts.progress = [this](const DrainProgress& p) {
+    std::fprintf(stderr, "pgmap: destroying %s, still waiting after %.0f s for: %s\n",
+                 name_.c_str(), std::chrono::duration<double>(p.elapsed).count(),
+                 holders().to_string().c_str());
+  };
+  (void)memunmap(opts);
 }
 
 // ---- lookups ----------------------------------------------------------------------------------

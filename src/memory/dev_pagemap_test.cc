@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -1099,6 +1101,45 @@ TEST(DevPagemapLifetime, DestroyingAKilledPagemapUnpublishesIt) {
   pgmap.reset();
   EXPECT_EQ(pagemap_count(), published - 1);
   EXPECT_FALSE(get_dev_pagemap(pfn));  // under ASan the old bug was a heap-use-after-free here
+}
+
+}  // namespace
+}  // namespace pgmap
+
+namespace pgmap {
+namespace {
+
+// Destroying the last handle of a pagemap that is still held waits (it must not free under the
+// holder) but never silently: every 5 s it names the holder on stderr.
+TEST(DevPagemapLifetime, DestructorWaitingForAHolderReportsIt) {
+  BackingOptions bo;
+  bo.size = 4 * kPmdSize;
+  auto backing = make_anonymous_backing(bo);
+  ASSERT_TRUE(backing.ok());
+  MemremapParams params;
+  params.strategy = Strategy::transition;
+  params.ranges.push_back({std::move(backing).value(), 0, 0});
+  auto pg = memremap(params);
+  ASSERT_TRUE(pg.ok());
+  std::shared_ptr<DevPagemap> pgmap = std::move(pg).value();
+  DevPagemap* raw = pgmap.get();
+  const Pfn pfn = raw->range(0).start + 9;
+  ASSERT_EQ(raw->get_folio(pfn), Errc::ok);
+
+  ::testing::internal::CaptureStderr();
+  std::atomic<bool> destroyed{false};
+  std::thread owner([&] {
+    pgmap.reset();  // the destructor's memunmap waits for our folio reference
+    destroyed.store(true);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(5600));
+  EXPECT_FALSE(destroyed.load());
+  EXPECT_EQ(raw->put_folio(pfn), Errc::ok);  // the holder lets go: the destructor finishes
+  owner.join();
+  std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_TRUE(destroyed.load());
+  EXPECT_NE(err.find("still waiting"), std::string::npos) << err;
+  EXPECT_NE(err.find(fmt::format("pfn {:#x}", pfn)), std::string::npos) << err;
 }
 
 }  // namespace

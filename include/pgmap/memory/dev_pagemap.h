@@ -21,7 +21,8 @@
 //                       If step 2 times out or refuses, the kill is undone (the ref is resurrected)
 //                       and the pagemap is live again, exactly as before the call; the Error
 //                       carries a HolderReport of who holds what.
-//   ~DevPagemap         memunmap with no timeout unless already dead.
+//   ~DevPagemap         memunmap with no timeout unless already dead; while it waits it reports
+//                       the holders on stderr every 5 s (it never hangs silently).
 //
 // ---- Folio references (hot path, never block) --------------------------------------------------
 //
