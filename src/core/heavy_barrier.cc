@@ -69,7 +69,9 @@ void heavy_barrier() noexcept {
   sanitizer::full_fence();
 }
 
-HeavyBarrierKind heavy_barrier_kind() noexcept { return state().kind; }
+HeavyBarrierKind heavy_barrier_kind() noexcept {
+  return state().kind;
+}
 
 const char* heavy_barrier_name() noexcept {
   return heavy_barrier_kind() == HeavyBarrierKind::membarrier ? "membarrier" : "mprotect";

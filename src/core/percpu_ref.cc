@@ -68,7 +68,8 @@ struct Registry {
   // next owner starts from zero in every block.
   void free_slot(std::uint32_t slot) {
     std::lock_guard<std::mutex> lock(mu);
-    for (ThreadCounters* t : all) t->counts[slot].store(0, std::memory_order_relaxed);
+    for (ThreadCounters* t : all)
+      t->counts[slot].store(0, std::memory_order_relaxed);
     free_slots.push_back(slot);
   }
 
@@ -115,10 +116,10 @@ constexpr std::int64_t kBias = std::int64_t{1} << 62;
 
 struct PercpuRef::Data {
   Callback release;
-  std::mutex mu;              // serializes mode changes of this ref
-  std::uint32_t slot;         // Registry::kNoSlot: atomic-only
+  std::mutex mu;       // serializes mode changes of this ref
+  std::uint32_t slot;  // Registry::kNoSlot: atomic-only
   bool allow_reinit;
-  bool force_atomic;          // switch_to_atomic() is sticky
+  bool force_atomic;  // switch_to_atomic() is sticky
 };
 
 bool PercpuRef::ensure_thread_counters() noexcept {
@@ -215,7 +216,7 @@ bool PercpuRef::tryget_slow(bool live) noexcept {
   do {
     if (old <= 0) return false;
   } while (!count_.compare_exchange_weak(old, old + 1, std::memory_order_seq_cst,
-                                               std::memory_order_relaxed));
+                                         std::memory_order_relaxed));
   // In atomic mode a kill does not wait for us, so check DEAD again after taking the reference:
   // either we see it and back out, or our increment preceded the kill and counts as before it.
   if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) {
@@ -306,7 +307,7 @@ Errc PercpuRef::resurrect() noexcept {
   do {
     if (old <= 0) return Errc::released;
   } while (!count_.compare_exchange_weak(old, old + 1, std::memory_order_acq_rel,
-                                               std::memory_order_relaxed));
+                                         std::memory_order_relaxed));
   go_live_locked();
   return Errc::ok;
 }

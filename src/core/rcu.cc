@@ -17,8 +17,12 @@ namespace {
 // synchronize() acquires it once the grace period is over.
 #ifdef PGMAP_HAVE_TSAN
 char g_tsan_grace_period;
-inline void tsan_release_read_section() noexcept { __tsan_release(&g_tsan_grace_period); }
-inline void tsan_acquire_grace_period() noexcept { __tsan_acquire(&g_tsan_grace_period); }
+inline void tsan_release_read_section() noexcept {
+  __tsan_release(&g_tsan_grace_period);
+}
+inline void tsan_acquire_grace_period() noexcept {
+  __tsan_acquire(&g_tsan_grace_period);
+}
 #else
 inline void tsan_release_read_section() noexcept {}
 inline void tsan_acquire_grace_period() noexcept {}
@@ -65,7 +69,9 @@ void read_unlock() noexcept {
   }
 }
 
-bool in_read_section() noexcept { return t_depth > 0; }
+bool in_read_section() noexcept {
+  return t_depth > 0;
+}
 
 Errc synchronize() noexcept {
   if (in_read_section()) {

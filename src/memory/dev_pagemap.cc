@@ -62,8 +62,8 @@ DevPagemap::DevPagemap(const MemremapParams& params, std::vector<Range> ranges)
       ref_([this] { on_release(); }) {
   first_array_ = ranges_.front().array.get();
   if (name_.empty()) {
-    name_ = fmt::format("pagemap {:#x}-{:#x}", ranges_.front().pfns.start,
-                        ranges_.back().pfns.end());
+    name_ =
+        fmt::format("pagemap {:#x}-{:#x}", ranges_.front().pfns.start, ranges_.back().pfns.end());
   }
 }
 
@@ -102,7 +102,8 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
     for (const PfnRange& other : pfns) {
       if (other.overlaps(r)) {
         return Error(Errc::overlap, fmt::format("memremap: range {} overlaps another range of "
-                                                "the same request", i));
+                                                "the same request",
+                                                i));
       }
     }
     pfns.push_back(r);
@@ -112,8 +113,8 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
     for (const PfnRange& r : pfns) {
       if (PagemapRegistry::global().lookup(r.start) != nullptr ||
           PagemapRegistry::global().lookup(r.end() - 1) != nullptr) {
-        return Error(Errc::overlap, fmt::format("memremap: pfns {:#x}-{:#x} already mapped",
-                                                r.start, r.end()));
+        return Error(Errc::overlap,
+                     fmt::format("memremap: pfns {:#x}-{:#x} already mapped", r.start, r.end()));
       }
     }
   }
@@ -121,8 +122,8 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
   for (std::size_t i = 0; i < params.ranges.size(); ++i) {
     auto array = PageArray::create(pfns[i], params.base_order);
     if (!array) return array.error();
-    ranges.push_back({pfns[i], params.ranges[i].backing, params.ranges[i].offset,
-                      std::move(array).value()});
+    ranges.push_back(
+        {pfns[i], params.ranges[i].backing, params.ranges[i].offset, std::move(array).value()});
   }
   std::shared_ptr<DevPagemap> pgmap(new DevPagemap(params, std::move(ranges)));
   if (PagemapRegistry::global().insert(pgmap.get(), pfns) != Errc::ok) {
@@ -176,7 +177,8 @@ bool DevPagemap::contains(Pfn pfn) const noexcept {
 
 std::uint64_t DevPagemap::total_pages() const noexcept {
   std::uint64_t n = 0;
-  for (const Range& r : ranges_) n += r.pfns.count;
+  for (const Range& r : ranges_)
+    n += r.pfns.count;
   return n;
 }
 
@@ -196,7 +198,9 @@ PagemapRef get_dev_pagemap(Pfn pfn, PagemapRef cached) noexcept {
   return PagemapRef(p);
 }
 
-std::size_t pagemap_count() noexcept { return PagemapRegistry::global().size(); }
+std::size_t pagemap_count() noexcept {
+  return PagemapRegistry::global().size();
+}
 
 // ---- folio references -------------------------------------------------------------------------
 
@@ -211,7 +215,8 @@ Errc DevPagemap::late_access(PageArray* a, std::uint64_t head, std::uint32_t und
 
 Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
   Loc l = locate(pfn);
-  if (l.array == nullptr) [[unlikely]] return Errc::out_of_range;
+  if (l.array == nullptr) [[unlikely]]
+    return Errc::out_of_range;
   std::atomic<std::uint32_t>& r = l.array->ref(l.head);
   std::uint32_t old = 0;
   switch (strategy_) {
@@ -274,7 +279,8 @@ Errc DevPagemap::put_refcount(PageArray* a, std::uint64_t head, std::uint32_t re
       report_misuse(Errc::underflow, "DevPagemap::put_folio below zero");
       return Errc::underflow;
     }
-    if (old > PageArray::kMaxRef) [[unlikely]] return late_access(a, head, 0, 0);
+    if (old > PageArray::kMaxRef) [[unlikely]]
+      return late_access(a, head, 0, 0);
     if (old == refs && strategy_ == Strategy::sweep && !freeing) freeing.emplace();
   } while (!r.compare_exchange_weak(old, old - refs, std::memory_order_seq_cst,
                                     std::memory_order_relaxed));
@@ -284,7 +290,8 @@ Errc DevPagemap::put_refcount(PageArray* a, std::uint64_t head, std::uint32_t re
 
 Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
   Loc l = locate(pfn);
-  if (l.array == nullptr) [[unlikely]] return Errc::out_of_range;
+  if (l.array == nullptr) [[unlikely]]
+    return Errc::out_of_range;
   // Read before the put: once the last reference is gone (transition: inside folio_freed) the
   // pagemap may be freed by its owner.
   const bool per_lookup = strategy_ == Strategy::per_lookup;
@@ -305,7 +312,8 @@ void DevPagemap::folio_freed(PageArray* a, std::uint64_t head) noexcept {
 
 Errc DevPagemap::pin_folio(Pfn pfn) noexcept {
   Loc l = locate(pfn);
-  if (l.array == nullptr) [[unlikely]] return Errc::out_of_range;
+  if (l.array == nullptr) [[unlikely]]
+    return Errc::out_of_range;
   if ((l.array->flags(l.head).load(std::memory_order_acquire) & kPagePoisoned) != 0) {
     return Errc::poisoned;
   }
@@ -317,7 +325,8 @@ Errc DevPagemap::pin_folio(Pfn pfn) noexcept {
 
 Errc DevPagemap::unpin_folio(Pfn pfn) noexcept {
   Loc l = locate(pfn);
-  if (l.array == nullptr) [[unlikely]] return Errc::out_of_range;
+  if (l.array == nullptr) [[unlikely]]
+    return Errc::out_of_range;
   if (l.array->uses_pin_bias(l.head)) {
     if (l.array->ref(l.head).load(std::memory_order_acquire) < PageArray::kPinBias) {
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
@@ -450,8 +459,8 @@ Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownS
       std::atomic<std::uint32_t>& r = a.ref(e);
       WaitOptions w;
       w.deadline = deadline;
-      if (wait_var_event(&r, [&] { return r.load(std::memory_order_acquire) == 0; }, w) !=
-          Errc::ok) {
+      if (wait_var_event(
+              &r, [&] { return r.load(std::memory_order_acquire) == 0; }, w) != Errc::ok) {
         timed_out.store(true, std::memory_order_relaxed);
         return;
       }
@@ -470,7 +479,8 @@ Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownS
         workers.emplace_back(scan, std::ref(a), t * chunk, std::min(n, (t + 1) * chunk));
       }
       scan(a, 0, std::min(n, chunk));
-      for (std::thread& w : workers) w.join();
+      for (std::thread& w : workers)
+        w.join();
     }
     if (timed_out.load()) break;
   }
@@ -550,7 +560,8 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
       w.progress_every = opts.progress_every;
     }
     auto t1 = Clock::now();
-    if (wait_var_event(&release_gen_, [&] { return released_since(gen0); }, w) != Errc::ok) {
+    if (wait_var_event(
+            &release_gen_, [&] { return released_since(gen0); }, w) != Errc::ok) {
       return give_up(Errc::timed_out, "timed out waiting for pagemap references");
     }
     stats.drain_seconds = seconds_since(t1);
@@ -568,8 +579,7 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
   auto t3 = Clock::now();
   PagemapRegistry::global().remove(this);
   for (Range& r : ranges_) {
-    r.array->retire(quarantine_ ? PageArray::RetireMode::quarantine
-                                : PageArray::RetireMode::unmap);
+    r.array->retire(quarantine_ ? PageArray::RetireMode::quarantine : PageArray::RetireMode::unmap);
     (void)r.backing->revoke(r.offset, r.pfns.bytes());
   }
   state_.store(State::dead, std::memory_order_release);

@@ -32,7 +32,8 @@ void BM_PageCycle(benchmark::State& state) {
   auto pgmap = make_pagemap(s, 8 << 20, 0);
   if (!pgmap) return state.SkipWithError("memremap failed");
   DevPagemap::Allocation alloc;
-  if (s == Strategy::alloc_event) alloc = std::move(pgmap->request(pgmap->range(0).start, 1)).value();
+  if (s == Strategy::alloc_event)
+    alloc = std::move(pgmap->request(pgmap->range(0).start, 1)).value();
   Pfn pfn = pgmap->range(0).start;
   for (auto _ : state) {
     benchmark::DoNotOptimize(pgmap->get_folio(pfn));
@@ -49,7 +50,8 @@ void BM_PinCycle(benchmark::State& state) {
   auto pgmap = make_pagemap(s, 8 << 20, order);
   if (!pgmap) return state.SkipWithError("memremap failed");
   DevPagemap::Allocation alloc;
-  if (s == Strategy::alloc_event) alloc = std::move(pgmap->request(pgmap->range(0).start, 1)).value();
+  if (s == Strategy::alloc_event)
+    alloc = std::move(pgmap->request(pgmap->range(0).start, 1)).value();
   Pfn pfn = pgmap->range(0).start;
   for (auto _ : state) {
     benchmark::DoNotOptimize(pgmap->pin_folio(pfn));
@@ -83,7 +85,8 @@ void BM_FindBusy(benchmark::State& state) {
   auto entries = static_cast<std::uint64_t>(state.range(0));
   auto array = PageArray::create({0, entries}, 0);
   if (!array) return state.SkipWithError("PageArray::create failed");
-  for (auto _ : state) benchmark::DoNotOptimize((*array)->find_busy(0, entries));
+  for (auto _ : state)
+    benchmark::DoNotOptimize((*array)->find_busy(0, entries));
   state.SetItemsProcessed(state.iterations() * state.range(0));
   state.SetBytesProcessed(state.iterations() * state.range(0) * 4);
 }

@@ -22,8 +22,8 @@ namespace {
 // Maps `len` bytes of zeroed, lazily committed memory; huge pages where the kernel allows, so a
 // 1 GiB array costs 512 faults and 512 TLB entries instead of 262144.
 void* map_zeroed(std::size_t len) {
-  void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE,
-                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                 -1, 0);
   if (p == MAP_FAILED) return nullptr;
   if (len >= kPmdSize) madvise(p, len, MADV_HUGEPAGE);
   return p;
@@ -56,13 +56,11 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
   }
   std::uint64_t n = range.count >> base_order;
   std::unique_ptr<PageArray> a(new PageArray(range, base_order, n));
-  const std::size_t sizes[7] = {n * sizeof(std::atomic<std::uint32_t>),
-                                n * sizeof(std::atomic<std::int32_t>),
-                                n * sizeof(std::atomic<std::uint32_t>),
-                                n * sizeof(std::atomic<std::uint8_t>),
-                                n * sizeof(std::atomic<std::uint8_t>),
-                                n * sizeof(std::atomic<const void*>),
-                                n * sizeof(std::atomic<std::uint64_t>)};
+  const std::size_t sizes[7] = {
+      n * sizeof(std::atomic<std::uint32_t>), n * sizeof(std::atomic<std::int32_t>),
+      n * sizeof(std::atomic<std::uint32_t>), n * sizeof(std::atomic<std::uint8_t>),
+      n * sizeof(std::atomic<std::uint8_t>),  n * sizeof(std::atomic<const void*>),
+      n * sizeof(std::atomic<std::uint64_t>)};
   for (int i = 0; i < 7; ++i) {
     void* p = map_zeroed(sizes[i]);
     if (p == nullptr) {
@@ -100,7 +98,8 @@ PageArray::~PageArray() {
 
 std::uint64_t PageArray::reserved_bytes() const noexcept {
   std::uint64_t total = 0;
-  for (const Region& r : regions_) total += r.len;
+  for (const Region& r : regions_)
+    total += r.len;
   return total;
 }
 
@@ -108,8 +107,8 @@ Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
   if (order < base_order_ || order > kPudOrder) return Errc::invalid_argument;
   if (head >= entries_) return Errc::out_of_range;
   // A split covers the whole folio headed at `head` (a tail entry is an unaligned head).
-  std::uint64_t span = order == base_order_ ? folio_entries(head)
-                                            : std::uint64_t{1} << (order - base_order_);
+  std::uint64_t span =
+      order == base_order_ ? folio_entries(head) : std::uint64_t{1} << (order - base_order_);
   if (head + span > entries_) return Errc::out_of_range;
   if (!is_aligned(head, span)) return Errc::unaligned;
   // The old folios overlapping the new span must lie inside it and be idle.
@@ -164,7 +163,8 @@ std::uint64_t PageArray::find_busy(std::uint64_t from, std::uint64_t to) const n
   constexpr std::uint64_t kStep = 16;
   for (; e + kStep <= to; e += kStep) {
     std::uint32_t any = 0;
-    for (std::uint64_t i = 0; i < kStep; ++i) any |= ref_[e + i].load(std::memory_order_relaxed);
+    for (std::uint64_t i = 0; i < kStep; ++i)
+      any |= ref_[e + i].load(std::memory_order_relaxed);
     if (any != 0) break;
   }
 #endif
@@ -193,7 +193,8 @@ void PageArray::retire(RetireMode mode) noexcept {
   }
   if constexpr (sanitizer::kAddress) {
     // Keep the mapping so the address range cannot be reused, and let ASan report any access.
-    for (Region& r : regions_) sanitizer::poison(r.base, r.len);
+    for (Region& r : regions_)
+      sanitizer::poison(r.base, r.len);
     return;
   }
   for (Region& r : regions_) {

@@ -471,7 +471,8 @@ TEST(PageArrayFindBusy, MatchesAScalarScanForEveryPositionAndStart) {
       for (std::uint64_t to : {kEntries, kEntries - 1, std::uint64_t{97}}) {
         if (from > to) continue;
         std::uint64_t want = (busy >= from && busy < to) ? busy : to;
-        ASSERT_EQ(a.find_busy(from, to), want) << "busy " << busy << " from " << from << " to " << to;
+        ASSERT_EQ(a.find_busy(from, to), want)
+            << "busy " << busy << " from " << from << " to " << to;
       }
     }
     a.ref(busy).store(0);

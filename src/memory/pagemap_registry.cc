@@ -21,7 +21,8 @@ Errc PagemapRegistry::insert(DevPagemap* pgmap, const std::vector<PfnRange>& ran
     }
   }
   auto next = std::make_unique<Snapshot>(*old);
-  for (const PfnRange& r : ranges) next->push_back({r, pgmap});
+  for (const PfnRange& r : ranges)
+    next->push_back({r, pgmap});
   std::sort(next->begin(), next->end(),
             [](const Entry& a, const Entry& b) { return a.range.start < b.range.start; });
   current_.store(next.release(), std::memory_order_release);

@@ -63,7 +63,7 @@ struct Round {
   Strategy strategy;
   std::shared_ptr<DevPagemap> pgmap;
   PfnRange pfns;
-  Pfn big_folio;  // head of the 2 MiB folio
+  Pfn big_folio;                      // head of the 2 MiB folio
   std::atomic<std::int64_t> held{0};  // references and allocations held (dropped before the put)
   std::vector<std::atomic<std::int32_t>> intent;  // per folio: holders + would-be holders
   std::atomic<bool> stop{false};
@@ -98,7 +98,8 @@ void worker(Round& r, unsigned seed) {
     r.intent[r.folio_index(h.pfn)].fetch_sub(1, std::memory_order_seq_cst);
   };
   auto drop_all = [&] {
-    for (const Held& h : mine) drop(h);
+    for (const Held& h : mine)
+      drop(h);
     mine.clear();
     if (alloc) {
       r.held.fetch_sub(1, std::memory_order_seq_cst);
@@ -214,9 +215,14 @@ void run_strategy(Strategy s, double seconds, Violations& v, int& rounds) {
     // Random policy first; it may time out or be refused, which must leave the pagemap live.
     MemunmapOptions first;
     switch (rng() % 3) {
-      case 0: break;
-      case 1: first.timeout = std::chrono::microseconds(200 + rng() % 2000); break;
-      case 2: first.policy = UnmapPolicy::refuse; break;
+      case 0:
+        break;
+      case 1:
+        first.timeout = std::chrono::microseconds(200 + rng() % 2000);
+        break;
+      case 2:
+        first.policy = UnmapPolicy::refuse;
+        break;
     }
     auto res = r.pgmap->memunmap(first);
     while (!res.ok()) {
@@ -229,7 +235,8 @@ void run_strategy(Strategy s, double seconds, Violations& v, int& rounds) {
     if (r.held.load(std::memory_order_seq_cst) != 0) v.held_at_return.fetch_add(1);
     EXPECT_EQ(r.pgmap->state(), DevPagemap::State::dead);
     r.stop.store(true);
-    for (std::thread& t : workers) t.join();
+    for (std::thread& t : workers)
+      t.join();
     ++rounds;
   }
 }

@@ -37,9 +37,9 @@ constexpr std::uint64_t kPmdPages = order_pages(kPmdOrder);
 class S2DaxPmdTest : public ::testing::TestWithParam<Strategy> {
  protected:
   void SetUp() override {
-    pg_ = testutil::must_memremap(testutil::make_params(
-        GetParam(), testutil::make_backing(kDeviceBytes, kPmdSize), kPmdOrder,
-        PagemapType::generic));
+    pg_ = testutil::must_memremap(
+        testutil::make_params(GetParam(), testutil::make_backing(kDeviceBytes, kPmdSize), kPmdOrder,
+                              PagemapType::generic));
     ASSERT_NE(pg_, nullptr);
     auto dev = DevDax::create(pg_);
     ASSERT_TRUE(dev) << dev.error().to_string();
@@ -107,7 +107,7 @@ TEST_P(S2DaxPmdTest, Case1DirectIoOnPrefaultedAddressTakesTheFastPath) {
   EXPECT_EQ(stats.fast, 2u);
   EXPECT_EQ(stats.slow, 0u);
   EXPECT_EQ(static_cast<std::uint8_t>(*dma((*pages)[1])), 0x5a);  // O_DIRECT write sees the data
-  std::memset(dma((*pages)[0]), 0xa5, kPageSize);                  // O_DIRECT read fills it
+  std::memset(dma((*pages)[0]), 0xa5, kPageSize);                 // O_DIRECT read fills it
   EXPECT_EQ(mm::unpin_user_pages(*pages), Errc::ok);
   EXPECT_EQ(refcount_at(addr), mapped_refs);  // back to the mapping's own reference
   std::uint8_t b = 0;

@@ -24,10 +24,10 @@ struct BusyPage {
 struct HolderReport {
   static constexpr std::size_t kMaxListed = 64;
 
-  std::string object;                 // e.g. "pagemap 0x100000-0x140000 (fs_dax, transition)"
-  std::uint64_t total_busy = 0;       // exact number of busy folios
-  std::vector<BusyPage> busy;         // the first kMaxListed of them, in pfn order
-  std::int64_t pagemap_refs = -1;     // outstanding pagemap references, -1 if not counted
+  std::string object;              // e.g. "pagemap 0x100000-0x140000 (fs_dax, transition)"
+  std::uint64_t total_busy = 0;    // exact number of busy folios
+  std::vector<BusyPage> busy;      // the first kMaxListed of them, in pfn order
+  std::int64_t pagemap_refs = -1;  // outstanding pagemap references, -1 if not counted
   std::string to_string() const;
 };
 

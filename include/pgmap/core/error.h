@@ -119,7 +119,8 @@ class [[nodiscard]] Result {
 
  private:
   void check() const {
-    if (!ok()) throw BadResultAccess("pgmap::Result::value() on error: " + std::get<1>(v_).to_string());
+    if (!ok())
+      throw BadResultAccess("pgmap::Result::value() on error: " + std::get<1>(v_).to_string());
   }
   std::variant<T, Error> v_;
 };

@@ -97,7 +97,9 @@ struct ThreadCounters {
 // pointer of type 'ThreadCounters *'" at `t_counters` in percpu_add).
 extern constinit thread_local ThreadCounters* t_counters;
 
-inline void compiler_barrier() noexcept { asm volatile("" ::: "memory"); }
+inline void compiler_barrier() noexcept {
+  asm volatile("" ::: "memory");
+}
 
 }  // namespace detail
 
@@ -154,13 +156,11 @@ class PercpuRef {
   Errc reinit() noexcept;
 
   // ---- queries ----
-  bool is_zero() const noexcept;     // atomic mode and count == 0
-  bool is_dying() const noexcept {   // killed (DEAD set)
+  bool is_zero() const noexcept;    // atomic mode and count == 0
+  bool is_dying() const noexcept {  // killed (DEAD set)
     return (mode_.load(std::memory_order_acquire) & kDead) != 0;
   }
-  bool is_percpu() const noexcept {
-    return (mode_.load(std::memory_order_acquire) & kAtomic) == 0;
-  }
+  bool is_percpu() const noexcept { return (mode_.load(std::memory_order_acquire) & kAtomic) == 0; }
   // The exact count in atomic mode; in percpu mode a racy snapshot of the sum (diagnostics only).
   std::int64_t approx_count() const noexcept;
 
@@ -177,7 +177,7 @@ class PercpuRef {
   inline bool percpu_add(std::uint64_t delta) noexcept;
   Errc get_slow(std::uint64_t n) noexcept;
   Errc put_slow(std::uint64_t n) noexcept;
-  Errc get_undo(std::int64_t add) noexcept;                   // the get found a released ref
+  Errc get_undo(std::int64_t add) noexcept;                       // the get found a released ref
   Errc put_reached(std::int64_t now, std::int64_t sub) noexcept;  // zero (release) or below
 
   bool tryget_slow(bool live) noexcept;
@@ -214,25 +214,35 @@ inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
 }
 
 inline Errc PercpuRef::get_many(std::uint64_t n) noexcept {
-  if (percpu_add(n)) [[likely]] return Errc::ok;
-  if (detail::t_counters == nullptr) [[unlikely]] return get_slow(n);
+  if (percpu_add(n)) [[likely]]
+    return Errc::ok;
+  if (detail::t_counters == nullptr) [[unlikely]]
+    return get_slow(n);
   // Atomic mode. While percpu the count carries kBias, so the check cannot fire by mistake.
   auto add = static_cast<std::int64_t>(n);
-  if (count_.fetch_add(add, std::memory_order_acq_rel) > 0) [[likely]] return Errc::ok;
+  if (count_.fetch_add(add, std::memory_order_acq_rel) > 0) [[likely]]
+    return Errc::ok;
   return get_undo(add);
 }
 
 inline Errc PercpuRef::put_many(std::uint64_t n) noexcept {
-  if (percpu_add(0 - n)) [[likely]] return Errc::ok;
-  if (detail::t_counters == nullptr) [[unlikely]] return put_slow(n);
+  if (percpu_add(0 - n)) [[likely]]
+    return Errc::ok;
+  if (detail::t_counters == nullptr) [[unlikely]]
+    return put_slow(n);
   auto sub = static_cast<std::int64_t>(n);
   std::int64_t now = count_.fetch_sub(sub, std::memory_order_acq_rel) - sub;
-  if (now > 0) [[likely]] return Errc::ok;
+  if (now > 0) [[likely]]
+    return Errc::ok;
   return put_reached(now, sub);
 }
 
-inline bool PercpuRef::tryget() noexcept { return percpu_add(1) || tryget_slow(false); }
+inline bool PercpuRef::tryget() noexcept {
+  return percpu_add(1) || tryget_slow(false);
+}
 
-inline bool PercpuRef::tryget_live() noexcept { return percpu_add(1) || tryget_slow(true); }
+inline bool PercpuRef::tryget_live() noexcept {
+  return percpu_add(1) || tryget_slow(true);
+}
 
 }  // namespace pgmap

@@ -79,7 +79,9 @@ template <typename Cond>
 Errc wait_var_event(const void* key, Cond&& cond, const WaitOptions& opts = {}) {
   return WaitTable::global().wait(key, std::forward<Cond>(cond), opts);
 }
-inline void wake_up_var(const void* key) noexcept { WaitTable::global().wake(key); }
+inline void wake_up_var(const void* key) noexcept {
+  WaitTable::global().wake(key);
+}
 
 // ---- implementation ---------------------------------------------------------------------------
 

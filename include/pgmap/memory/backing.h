@@ -33,10 +33,10 @@ enum class BackingKind { anonymous, memfd, file, devdax };
 const char* backing_kind_name(BackingKind k) noexcept;
 
 struct BackingOptions {
-  std::uint64_t size = 0;               // bytes; multiple of `align`
-  std::uint64_t align = kPmdSize;       // 4 KiB, 2 MiB or 1 GiB
-  bool hugepage_advice = true;          // madvise(MADV_HUGEPAGE) where it applies
-  std::string name = "pgmap";           // memfd name / description
+  std::uint64_t size = 0;          // bytes; multiple of `align`
+  std::uint64_t align = kPmdSize;  // 4 KiB, 2 MiB or 1 GiB
+  bool hugepage_advice = true;     // madvise(MADV_HUGEPAGE) where it applies
+  std::string name = "pgmap";      // memfd name / description
 };
 
 class Backing {
@@ -63,10 +63,17 @@ class Backing {
   Errc restore(std::uint64_t offset, std::uint64_t len) const noexcept;
 
  protected:
-  Backing(BackingKind kind, std::byte* data, std::uint64_t size, std::uint64_t align,
-          Pfn base_pfn, std::string description, void* map_base, std::uint64_t map_len, int fd)
-      : kind_(kind), data_(data), size_(size), align_(align), base_pfn_(base_pfn),
-        description_(std::move(description)), map_base_(map_base), map_len_(map_len), fd_(fd) {}
+  Backing(BackingKind kind, std::byte* data, std::uint64_t size, std::uint64_t align, Pfn base_pfn,
+          std::string description, void* map_base, std::uint64_t map_len, int fd)
+      : kind_(kind),
+        data_(data),
+        size_(size),
+        align_(align),
+        base_pfn_(base_pfn),
+        description_(std::move(description)),
+        map_base_(map_base),
+        map_len_(map_len),
+        fd_(fd) {}
 
  private:
   BackingKind kind_;
@@ -75,9 +82,9 @@ class Backing {
   std::uint64_t align_;
   Pfn base_pfn_;
   std::string description_;
-  void* map_base_;         // what to munmap (may start before data_ to honour alignment)
+  void* map_base_;  // what to munmap (may start before data_ to honour alignment)
   std::uint64_t map_len_;
-  int fd_;                 // -1 for anonymous
+  int fd_;  // -1 for anonymous
 
   friend class BackingFactory;
 };

@@ -2,8 +2,8 @@
 // memremap_pages / memunmap_pages, mm/memremap.c).
 //
 // A pagemap covers one or more pfn ranges of backings, owns their page metadata (PageArray), and
-// has a liveness reference (PercpuRef) that lookups take with tryget_live. Its strategy (strategy.h)
-// decides what folio references cost and what memunmap waits for.
+// has a liveness reference (PercpuRef) that lookups take with tryget_live. Its strategy
+// (strategy.h) decides what folio references cost and what memunmap waits for.
 //
 // ---- Lifecycle ---------------------------------------------------------------------------------
 //
@@ -72,8 +72,7 @@ struct PagemapOps {
   std::function<void(DevPagemap& pgmap, Pfn head, unsigned order)> page_free;
   // Memory failure on [pfn, pfn + nr_pages) (used by the upper layers; Errc::not_supported makes
   // the caller fall back to the generic handler).
-  std::function<Errc(DevPagemap& pgmap, Pfn pfn, std::uint64_t nr_pages, int flags)>
-      memory_failure;
+  std::function<Errc(DevPagemap& pgmap, Pfn pfn, std::uint64_t nr_pages, int flags)> memory_failure;
 };
 
 struct PagemapRangeSpec {
@@ -101,15 +100,15 @@ enum class UnmapPolicy {
 };
 
 struct DrainProgress {
-  std::uint64_t busy_folios = 0;   // still busy at the last look (sweep) or -1 if not counted
-  std::int64_t pagemap_refs = 0;   // outstanding pagemap references
+  std::uint64_t busy_folios = 0;  // still busy at the last look (sweep) or -1 if not counted
+  std::int64_t pagemap_refs = 0;  // outstanding pagemap references
   std::chrono::nanoseconds elapsed{0};
 };
 
 struct MemunmapOptions {
   UnmapPolicy policy = UnmapPolicy::wait;
   std::optional<std::chrono::nanoseconds> timeout;  // none: wait as long as it takes
-  unsigned scan_threads = 1;                          // sweep: threads that scan the metadata
+  unsigned scan_threads = 1;                        // sweep: threads that scan the metadata
   std::function<void(const DrainProgress&)> progress;
   std::chrono::milliseconds progress_every{500};
 };
@@ -181,7 +180,7 @@ class DevPagemap {
   // ---- folio references: hot path ----
   Errc get_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
   Errc put_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
-  Errc pin_folio(Pfn pfn) noexcept;    // FOLL_PIN: bias for small folios, exact for large
+  Errc pin_folio(Pfn pfn) noexcept;  // FOLL_PIN: bias for small folios, exact for large
   Errc unpin_folio(Pfn pfn) noexcept;
   // Diagnostics: 0 / false after memunmap unless the metadata is quarantined.
   std::uint32_t folio_ref_count(Pfn pfn) const noexcept;
@@ -274,7 +273,7 @@ class DevPagemap {
   // Cold.
   std::atomic<State> state_{State::live};
   std::atomic<std::uint64_t> release_gen_{0};  // +1 each time ref_ reaches zero
-  std::uint64_t kill_gen_ = 0;  // release_gen_ at the last kill (teardown_mu_)
+  std::uint64_t kill_gen_ = 0;                 // release_gen_ at the last kill (teardown_mu_)
   std::atomic<std::uint64_t> late_accesses_{0};
   std::mutex teardown_mu_;  // one memunmap at a time
 };

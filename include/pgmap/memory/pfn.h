@@ -16,10 +16,18 @@ inline constexpr unsigned kPudOrder = 18;  // 1 GiB folio
 inline constexpr std::uint64_t kPmdSize = kPageSize << kPmdOrder;
 inline constexpr std::uint64_t kPudSize = kPageSize << kPudOrder;
 
-inline constexpr std::uint64_t order_bytes(unsigned order) { return kPageSize << order; }
-inline constexpr std::uint64_t order_pages(unsigned order) { return std::uint64_t{1} << order; }
-inline constexpr bool is_aligned(std::uint64_t v, std::uint64_t a) { return (v & (a - 1)) == 0; }
-inline constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t a) { return v & ~(a - 1); }
+inline constexpr std::uint64_t order_bytes(unsigned order) {
+  return kPageSize << order;
+}
+inline constexpr std::uint64_t order_pages(unsigned order) {
+  return std::uint64_t{1} << order;
+}
+inline constexpr bool is_aligned(std::uint64_t v, std::uint64_t a) {
+  return (v & (a - 1)) == 0;
+}
+inline constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t a) {
+  return v & ~(a - 1);
+}
 inline constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) {
   return (v + a - 1) & ~(a - 1);
 }

@@ -23,19 +23,24 @@ namespace pgmap {
 
 enum class Strategy { none, per_lookup, transition, sweep, alloc_event };
 
-inline constexpr std::array<Strategy, 5> kAllStrategies = {
-    Strategy::none, Strategy::per_lookup, Strategy::transition, Strategy::sweep,
-    Strategy::alloc_event};
+inline constexpr std::array<Strategy, 5> kAllStrategies = {Strategy::none, Strategy::per_lookup,
+                                                           Strategy::transition, Strategy::sweep,
+                                                           Strategy::alloc_event};
 inline constexpr std::array<Strategy, 4> kSafeStrategies = {
     Strategy::per_lookup, Strategy::transition, Strategy::sweep, Strategy::alloc_event};
 
 constexpr std::string_view strategy_name(Strategy s) {
   switch (s) {
-    case Strategy::none: return "none";
-    case Strategy::per_lookup: return "per_lookup";
-    case Strategy::transition: return "transition";
-    case Strategy::sweep: return "sweep";
-    case Strategy::alloc_event: return "alloc_event";
+    case Strategy::none:
+      return "none";
+    case Strategy::per_lookup:
+      return "per_lookup";
+    case Strategy::transition:
+      return "transition";
+    case Strategy::sweep:
+      return "sweep";
+    case Strategy::alloc_event:
+      return "alloc_event";
   }
   return "?";
 }
@@ -54,9 +59,12 @@ enum class PagemapType { fs_dax, generic, private_mem };
 
 constexpr std::string_view pagemap_type_name(PagemapType t) {
   switch (t) {
-    case PagemapType::fs_dax: return "fs_dax";
-    case PagemapType::generic: return "generic";
-    case PagemapType::private_mem: return "private";
+    case PagemapType::fs_dax:
+      return "fs_dax";
+    case PagemapType::generic:
+      return "generic";
+    case PagemapType::private_mem:
+      return "private";
   }
   return "?";
 }

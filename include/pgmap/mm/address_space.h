@@ -85,9 +85,8 @@ class AddressSpace {
   // Moves/resizes [old_addr, old_addr + old_len) (must lie in one VMA). With kMremapFixed the
   // destination [new_addr, new_addr + new_len) is unmapped first. The moved piece keeps its
   // owner and page offset; its entries are zapped (they fault in again at the new place).
-  Result<std::uint64_t> mremap(std::uint64_t old_addr, std::uint64_t old_len,
-                               std::uint64_t new_len, std::uint32_t flags,
-                               std::uint64_t new_addr = 0);
+  Result<std::uint64_t> mremap(std::uint64_t old_addr, std::uint64_t old_len, std::uint64_t new_len,
+                               std::uint32_t flags, std::uint64_t new_addr = 0);
   std::unique_ptr<AddressSpace> fork();
 
   // ---- access through the simulation ----

@@ -48,9 +48,9 @@ struct GupPage {
 };
 
 struct GupStats {
-  std::uint64_t fast = 0;          // pages resolved by the lockless walk
-  std::uint64_t slow = 0;          // pages that needed the slow path (fault)
-  std::uint64_t folio_atomics = 0;  // refcount operations issued (one per folio run)
+  std::uint64_t fast = 0;             // pages resolved by the lockless walk
+  std::uint64_t slow = 0;             // pages that needed the slow path (fault)
+  std::uint64_t folio_atomics = 0;    // refcount operations issued (one per folio run)
   std::uint64_t pagemap_lookups = 0;  // get_dev_pagemap calls that missed the cache
 };
 

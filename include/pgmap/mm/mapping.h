@@ -44,7 +44,9 @@ enum class Level : std::uint8_t { pte = 0, pmd = 1, pud = 2 };
 constexpr unsigned level_order(Level l) {
   return l == Level::pte ? 0 : (l == Level::pmd ? kPmdOrder : kPudOrder);
 }
-constexpr std::uint64_t level_bytes(Level l) { return order_bytes(level_order(l)); }
+constexpr std::uint64_t level_bytes(Level l) {
+  return order_bytes(level_order(l));
+}
 
 // VMA flags (vm_flags). Read/write/shared are what mmap/mprotect ask for.
 enum VmFlags : std::uint32_t {
@@ -67,8 +69,8 @@ struct SignalInfo {
 };
 
 struct FaultRequest {
-  std::uint64_t addr = 0;  // faulting address, aligned down to the level's size
-  std::uint64_t pgoff = 0;  // page offset into the owner (vma.pgoff + (addr - vma.start) / 4 KiB)
+  std::uint64_t addr = 0;    // faulting address, aligned down to the level's size
+  std::uint64_t pgoff = 0;   // page offset into the owner (vma.pgoff + (addr - vma.start) / 4 KiB)
   Level level = Level::pte;  // the level the address space tries (largest first when allowed)
   bool write = false;
 };
@@ -81,7 +83,7 @@ struct FaultResult {
   // An entry the folio cannot back is retried at the next smaller level.
   Pfn pfn = 0;
   DevPagemap* pgmap = nullptr;  // its pagemap (alive: checked by the owner)
-  std::string why;             // for sigbus
+  std::string why;              // for sigbus
 
   static FaultResult insert(Pfn pfn, DevPagemap* pgmap) { return {Kind::insert, pfn, pgmap, {}}; }
   static FaultResult fallback() { return {Kind::fallback, 0, nullptr, {}}; }
@@ -151,7 +153,9 @@ struct Vma {
   std::shared_ptr<void> owner_data;
 
   std::uint64_t len() const { return end - start; }
-  std::uint64_t pgoff_of(std::uint64_t addr) const { return pgoff + ((addr - start) >> kPageShift); }
+  std::uint64_t pgoff_of(std::uint64_t addr) const {
+    return pgoff + ((addr - start) >> kPageShift);
+  }
   bool shared() const { return (flags & kVmShared) != 0; }
   bool writable() const { return (flags & kVmWrite) != 0; }
 };
