@@ -1083,16 +1083,9 @@ namespace {
 // Regression: a pagemap that was kill()ed and then destroyed without memunmap stayed published
 // in the pfn index, and the next lookup read freed memory. Destroying it must unpublish it.
 TEST(DevPagemapLifetime, DestroyingAKilledPagemapUnpublishesIt) {
-  BackingOptions bo;
-  bo.size = 4 * kPmdSize;
-  auto backing = make_anonymous_backing(bo);
-  ASSERT_TRUE(backing.ok());
-  MemremapParams params;
-  params.strategy = Strategy::transition;
-  params.ranges.push_back({std::move(backing).value(), 0, 0});
-  auto pg = memremap(params);
-  ASSERT_TRUE(pg.ok());
-  std::shared_ptr<DevPagemap> pgmap = std::move(pg).value();
+  std::shared_ptr<DevPagemap> pgmap = testutil::must_memremap(
+      testutil::make_params(Strategy::transition, testutil::make_backing(4 * kPmdSize)));
+  ASSERT_NE(pgmap, nullptr);
   Pfn pfn = pgmap->range(0).start + 3;
   const std::size_t published = pagemap_count();
   ASSERT_EQ(pgmap->kill(), Errc::ok);
@@ -1112,16 +1105,9 @@ namespace {
 // Destroying the last handle of a pagemap that is still held waits (it must not free under the
 // holder) but never silently: every 5 s it names the holder on stderr.
 TEST(DevPagemapLifetime, DestructorWaitingForAHolderReportsIt) {
-  BackingOptions bo;
-  bo.size = 4 * kPmdSize;
-  auto backing = make_anonymous_backing(bo);
-  ASSERT_TRUE(backing.ok());
-  MemremapParams params;
-  params.strategy = Strategy::transition;
-  params.ranges.push_back({std::move(backing).value(), 0, 0});
-  auto pg = memremap(params);
-  ASSERT_TRUE(pg.ok());
-  std::shared_ptr<DevPagemap> pgmap = std::move(pg).value();
+  std::shared_ptr<DevPagemap> pgmap = testutil::must_memremap(
+      testutil::make_params(Strategy::transition, testutil::make_backing(4 * kPmdSize)));
+  ASSERT_NE(pgmap, nullptr);
   DevPagemap* raw = pgmap.get();
   const Pfn pfn = raw->range(0).start + 9;
   ASSERT_EQ(raw->get_folio(pfn), Errc::ok);
