@@ -284,7 +284,7 @@ class MisuseTest : public ::testing::Test {
  protected:
   void SetUp() override {
     g_calls = 0;
-    g_last_code = Errc::ok;
+    g_last_code.store(Errc::ok);
     {
       std::lock_guard<std::mutex> lock(g_last_what_mu);
       g_last_what.clear();

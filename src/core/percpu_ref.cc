@@ -220,7 +220,7 @@ bool PercpuRef::tryget_slow(bool live) noexcept {
   // In atomic mode a kill does not wait for us, so check DEAD again after taking the reference:
   // either we see it and back out, or our increment preceded the kill and counts as before it.
   if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) {
-    put_slow(1);
+    (void)put_slow(1);  // undoes our own increment: cannot underflow
     return false;
   }
   return true;
@@ -253,7 +253,8 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
     }
   }
   if (confirm) confirm();
-  if (result == Errc::ok) put_slow(1);  // drop the initial reference; may run release
+  // Drop the initial reference; may run release. The fold left the count >= 1 (checked above).
+  if (result == Errc::ok) (void)put_slow(1);
   return result;
 }
 

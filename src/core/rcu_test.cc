@@ -30,7 +30,7 @@ class RcuTest : public ::testing::Test {
  protected:
   void SetUp() override {
     g_misuse_calls = 0;
-    g_misuse_code = Errc::ok;
+    g_misuse_code.store(Errc::ok);
     previous_ = set_misuse_handler(&counting_handler);
   }
   void TearDown() override {

@@ -200,7 +200,7 @@ TEST(WaitTableTest, ProgressWithTimeout) {
 template <std::size_t N>
 const void* find_colliding_key(std::array<std::atomic<int>, N>& candidates, const void* a) {
   std::atomic<bool> stop{false};
-  std::thread holder([&] { wait_var_event(a, [&] { return stop.load(); }); });
+  std::thread holder([&] { (void)wait_var_event(a, [&] { return stop.load(); }); });
   const void* found = nullptr;
   if (eventually([&] { return WaitTable::global().waiters(a) >= 1; })) {
     for (auto& c : candidates) {

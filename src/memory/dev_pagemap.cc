@@ -31,7 +31,7 @@ constexpr bool kQuarantineDefault =
 // ---- PagemapRef / Allocation ------------------------------------------------------------------
 
 void PagemapRef::reset() noexcept {
-  if (p_ != nullptr) std::exchange(p_, nullptr)->put_ref();
+  if (p_ != nullptr) (void)std::exchange(p_, nullptr)->put_ref();  // reported by the ref
 }
 
 DevPagemap::Allocation& DevPagemap::Allocation::operator=(Allocation&& o) noexcept {
@@ -45,7 +45,7 @@ DevPagemap::Allocation& DevPagemap::Allocation::operator=(Allocation&& o) noexce
 }
 
 void DevPagemap::Allocation::reset() noexcept {
-  if (pgmap_ != nullptr) std::exchange(pgmap_, nullptr)->put_ref();
+  if (pgmap_ != nullptr) (void)std::exchange(pgmap_, nullptr)->put_ref();  // reported by the ref
 }
 
 // ---- construction -----------------------------------------------------------------------------
@@ -243,7 +243,9 @@ Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
       // 0 -> refs: take the reference before the folio can be seen busy.
       if (!ref_.tryget_live()) return Errc::dead;
       old = r.fetch_add(refs, std::memory_order_acq_rel);
-      if (old != 0) ref_.put();  // lost the race to another 0 -> 1; theirs covers the folio
+      // Lost the race to another 0 -> 1; theirs covers the folio. Our get succeeded, so this put
+      // cannot underflow.
+      if (old != 0) (void)ref_.put();
       break;
 
     case Strategy::sweep:
@@ -260,7 +262,7 @@ Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
       break;
   }
   if (old > PageArray::kMaxRef - refs) [[unlikely]] {
-    if (strategy_ == Strategy::per_lookup) ref_.put_many(refs);
+    if (strategy_ == Strategy::per_lookup) (void)ref_.put_many(refs);  // undoes our own get
     return late_access(l.array, l.head, 0, refs);
   }
   return Errc::ok;
@@ -296,7 +298,9 @@ Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
   // pagemap may be freed by its owner.
   const bool per_lookup = strategy_ == Strategy::per_lookup;
   Errc e = put_refcount(l.array, l.head, refs);
-  if (e == Errc::ok && per_lookup) ref_.put_many(refs);
+  // The folio references being dropped each carried a pagemap reference (per_lookup); an
+  // underflow here is already reported by the ref.
+  if (e == Errc::ok && per_lookup) (void)ref_.put_many(refs);
   return e;
 }
 
@@ -307,26 +311,33 @@ void DevPagemap::folio_freed(PageArray* a, std::uint64_t head) noexcept {
   if (type_ == PagemapType::fs_dax || dying_.load(std::memory_order_seq_cst)) {
     wake_up_var(&a->ref(head));
   }
-  if (strategy_ == Strategy::transition) ref_.put();
+  // The busy period's reference, taken at 0 -> 1 (an underflow is reported by the ref itself).
+  if (strategy_ == Strategy::transition) (void)ref_.put();
 }
 
-Errc DevPagemap::pin_folio(Pfn pfn) noexcept {
+Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
+  const Pfn folio_end = l.array->pfn_of(l.head) + order_pages(l.array->order(l.head));
+  if (npages == 0 || npages > folio_end - pfn) [[unlikely]]
+    return Errc::invalid_argument;
   if ((l.array->flags(l.head).load(std::memory_order_acquire) & kPagePoisoned) != 0) {
     return Errc::poisoned;
   }
   if (l.array->uses_pin_bias(l.head)) return get_folio(pfn, PageArray::kPinBias);
-  Errc e = get_folio(pfn, 1);
-  if (e == Errc::ok) l.array->pincount(l.head).fetch_add(1, std::memory_order_acq_rel);
+  Errc e = get_folio(pfn, npages);
+  if (e == Errc::ok) l.array->pincount(l.head).fetch_add(npages, std::memory_order_acq_rel);
   return e;
 }
 
-Errc DevPagemap::unpin_folio(Pfn pfn) noexcept {
+Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
+  const Pfn folio_end = l.array->pfn_of(l.head) + order_pages(l.array->order(l.head));
+  if (npages == 0 || npages > folio_end - pfn) [[unlikely]]
+    return Errc::invalid_argument;
   if (l.array->uses_pin_bias(l.head)) {
     if (l.array->ref(l.head).load(std::memory_order_acquire) < PageArray::kPinBias) {
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
@@ -337,13 +348,13 @@ Errc DevPagemap::unpin_folio(Pfn pfn) noexcept {
   std::atomic<std::uint32_t>& pc = l.array->pincount(l.head);
   std::uint32_t old = pc.load(std::memory_order_relaxed);
   do {
-    if (old == 0) {
+    if (old < npages) {
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
       return Errc::underflow;
     }
-  } while (!pc.compare_exchange_weak(old, old - 1, std::memory_order_acq_rel,
+  } while (!pc.compare_exchange_weak(old, old - npages, std::memory_order_acq_rel,
                                      std::memory_order_relaxed));
-  return put_folio(pfn, 1);
+  return put_folio(pfn, npages);
 }
 
 std::uint32_t DevPagemap::folio_ref_count(Pfn pfn) const noexcept {

@@ -289,7 +289,7 @@ TEST_P(StrategyTest, GetDevPagemapFindsThePagemapAndHoldsAReference) {
     EXPECT_EQ(pg->holders().pagemap_refs, 1);
     DevPagemap* raw = a.release();
     EXPECT_EQ(pg->holders().pagemap_refs, 1);  // release() hands the reference to the caller
-    raw->put_ref();
+    EXPECT_EQ(raw->put_ref(), Errc::ok);
   }
   EXPECT_EQ(pg->holders().pagemap_refs, 0);
   EXPECT_EQ(pg->memunmap(refuse_opts()).code(), Errc::ok);
@@ -755,7 +755,7 @@ void expect_live_again(DevPagemap& pg, Pfn idle) {
   EXPECT_EQ(ref.get(), &pg);
   ref.reset();
   EXPECT_TRUE(pg.tryget_live());
-  pg.put_ref();
+  EXPECT_EQ(pg.put_ref(), Errc::ok);
   FolioHold h;
   EXPECT_EQ(h.take(pg, idle), Errc::ok);
   EXPECT_EQ(pg.folio_ref_count(idle), 1u);
@@ -870,7 +870,9 @@ TEST_P(SafeStrategyTest, AfterKillIdleFoliosCannotBecomeBusy) {
   EXPECT_EQ(pg->folio_ref_count(idle), 0u);
   bool got = pg->tryget_live();
   EXPECT_FALSE(got);
-  if (got) pg->put_ref();
+  if (got) {
+    EXPECT_EQ(pg->put_ref(), Errc::ok);
+  }
   EXPECT_EQ(pg->request(idle, 1).code(), Errc::dead);
   EXPECT_FALSE(get_dev_pagemap(idle));
   if (!HasFailure()) {

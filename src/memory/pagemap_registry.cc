@@ -26,7 +26,7 @@ Errc PagemapRegistry::insert(DevPagemap* pgmap, const std::vector<PfnRange>& ran
   std::sort(next->begin(), next->end(),
             [](const Entry& a, const Entry& b) { return a.range.start < b.range.start; });
   current_.store(next.release(), std::memory_order_release);
-  rcu::synchronize();
+  (void)rcu::synchronize();
   delete old;
   return Errc::ok;
 }
@@ -39,7 +39,7 @@ void PagemapRegistry::remove(DevPagemap* pgmap) {
     if (e.pgmap != pgmap) next->push_back(e);
   }
   current_.store(next.release(), std::memory_order_release);
-  rcu::synchronize();
+  (void)rcu::synchronize();
   delete old;
 }
 

@@ -51,17 +51,11 @@ struct Run {
 Errc unpin_run(const Run& r) noexcept {
   FolioLoc f = folio_of(*r.pgmap, r.pfn);
   if (f.array == nullptr) return Errc::out_of_range;
-  Errc result = Errc::ok;
   if (!f.array->uses_pin_bias(f.head)) {
-    std::atomic<std::uint32_t>& pc = f.array->pincount(f.head);
-    std::uint32_t old = pc.load(std::memory_order_relaxed);
-    while (old >= r.n) {
-      if (pc.compare_exchange_weak(old, old - r.n, std::memory_order_acq_rel,
-                                   std::memory_order_relaxed)) {
-        return r.pgmap->put_folio(r.pfn, r.n);
-      }
-    }
+    Errc e = r.pgmap->unpin_folio(r.pfn, r.n);
+    if (e != Errc::underflow) return e;
   }
+  Errc result = Errc::ok;
   for (std::uint32_t i = 0; i < r.n; ++i) {
     Errc e = r.pgmap->unpin_folio(r.pfn + i);
     if (e != Errc::ok && result == Errc::ok) result = e;
@@ -258,14 +252,8 @@ class Gup {
       }
       return Errc::ok;
     }
-    // Large folio: +n refcount and +n exact pincount (what pin_folio does n times).
-    if ((f.array->flags(f.head).load(std::memory_order_acquire) & kPagePoisoned) != 0) {
-      return Errc::poisoned;
-    }
     ++stats_.folio_atomics;
-    Errc e = r.pgmap->get_folio(r.pfn, r.n);
-    if (e == Errc::ok) f.array->pincount(f.head).fetch_add(r.n, std::memory_order_acq_rel);
-    return e;
+    return r.pgmap->pin_folio(r.pfn, r.n);  // large folio: +n refcount, +n pincount
   }
 
   // mmap_lock shared: check the VMA, fault the page in, take it (and what follows in its folio).

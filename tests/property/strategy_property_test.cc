@@ -131,7 +131,9 @@ void worker(Round& r, unsigned seed) {
         std::int32_t others = intent.fetch_add(1, std::memory_order_seq_cst);
         // Has the kill become visible? Then this get must not make an idle folio busy.
         bool killed_before = !pg.tryget_live();
-        if (!killed_before) pg.put_ref();
+        if (!killed_before) {
+          EXPECT_EQ(pg.put_ref(), Errc::ok);
+        }
         Errc e = pin ? pg.pin_folio(pfn) : pg.get_folio(pfn);
         if (e == Errc::ok) {
           r.held.fetch_add(1, std::memory_order_seq_cst);
@@ -172,7 +174,7 @@ void worker(Round& r, unsigned seed) {
       if (ref && ref.get() != r.pgmap.get()) r.v->unexpected.fetch_add(1);
       if (ref && ref->describe().empty()) r.v->unexpected.fetch_add(1);
     }
-    pg.put_ref();
+    EXPECT_EQ(pg.put_ref(), Errc::ok);
     if (stop_after) break;
     if (rng() % 64 == 0) std::this_thread::yield();
   }

@@ -67,8 +67,8 @@ Case percpu_case(const Config& cfg, unsigned threads, bool atomic) {
         }
         auto body = [&r](unsigned, std::uint64_t ops) {
           for (std::uint64_t i = 0; i < ops; ++i) {
-            r.get();
-            r.put();
+            (void)r.get();
+            (void)r.put();
             clobber_memory();
           }
         };
@@ -168,8 +168,8 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
          counted.size() < cfg.kills_per_rep && attempt < kMaxAttempts * cfg.kills_per_rep;
          ++attempt) {
       PercpuRef victim([] {});
-      victim.get();
-      victim.put();
+      (void)victim.get();
+      (void)victim.put();
       const std::uint64_t before = progress.load(std::memory_order_relaxed);
       const auto t0 = SteadyClock::now();
       const Errc e = victim.kill();
@@ -199,8 +199,8 @@ Result<Row> run_kill_confirm(const Config& cfg) {
     std::uint64_t batches = 0;
     while (!stop.value.load(std::memory_order_relaxed)) {
       for (std::uint64_t i = 0; i < kReaderBatch; ++i) {
-        rr.get();
-        rr.put();
+        (void)rr.get();
+        (void)rr.put();
         clobber_memory();
       }
       progress.value.store(++batches, std::memory_order_relaxed);

@@ -23,25 +23,25 @@
 
 namespace pgmap {
 
-enum class Errc : int {
-  ok = 0,
-  invalid_argument,    // malformed request (zero length, bad flags, ...)
-  out_of_range,        // pfn, offset or length outside the object
-  unaligned,           // address, offset or length not aligned to what the object needs
-  overlap,             // range overlaps an existing one
-  busy,                // EBUSY: the object is in use and the caller asked not to wait
-  timed_out,           // a bounded wait expired; see the holder report
-  dead,                // the object is being torn down or was torn down (ENXIO-like)
-  already_dead,        // kill/memunmap on an object that was already killed
-  not_dead,            // resurrect/reinit of a live object
-  underflow,           // put below zero
-  released,            // get on an object whose count already reached zero
-  not_supported,       // EOPNOTSUPP: e.g. a long-term pin on fsdax
-  poisoned,            // memory failure recorded on the page
-  no_memory,           // an allocation or mapping failed
-  not_found,           // no such object (device file, pagemap at pfn, ...)
-  system_error,        // an OS call failed; the message carries errno
-  use_after_teardown,  // an access reached metadata that was already torn down (quarantine)
+enum class [[nodiscard]] Errc : int{
+    ok = 0,
+    invalid_argument,    // malformed request (zero length, bad flags, ...)
+    out_of_range,        // pfn, offset or length outside the object
+    unaligned,           // address, offset or length not aligned to what the object needs
+    overlap,             // range overlaps an existing one
+    busy,                // EBUSY: the object is in use and the caller asked not to wait
+    timed_out,           // a bounded wait expired; see the holder report
+    dead,                // the object is being torn down or was torn down (ENXIO-like)
+    already_dead,        // kill/memunmap on an object that was already killed
+    not_dead,            // resurrect/reinit of a live object
+    underflow,           // put below zero
+    released,            // get on an object whose count already reached zero
+    not_supported,       // EOPNOTSUPP: e.g. a long-term pin on fsdax
+    poisoned,            // memory failure recorded on the page
+    no_memory,           // an allocation or mapping failed
+    not_found,           // no such object (device file, pagemap at pfn, ...)
+    system_error,        // an OS call failed; the message carries errno
+    use_after_teardown,  // an access reached metadata that was already torn down (quarantine)
 };
 
 const std::error_category& error_category() noexcept;

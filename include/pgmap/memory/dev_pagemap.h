@@ -175,13 +175,20 @@ class DevPagemap {
 
   // ---- pagemap references (get_dev_pagemap / put_dev_pagemap) ----
   bool tryget_live() noexcept { return ref_.tryget_live(); }
-  void put_ref() noexcept { ref_.put(); }
+  Errc put_ref() noexcept { return ref_.put(); }
 
   // ---- folio references: hot path ----
   Errc get_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
   Errc put_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
-  Errc pin_folio(Pfn pfn) noexcept;  // FOLL_PIN: bias for small folios, exact for large
-  Errc unpin_folio(Pfn pfn) noexcept;
+  // FOLL_PIN of `npages` consecutive pages starting at pfn, all inside one folio: the pin bias
+  // per page on a small folio (npages must then be 1), +npages refcount and +npages exact
+  // pincount on a large one — one refcount operation either way. The one pin-accounting path:
+  // GUP and the RAII Pin both come here. Errc::invalid_argument (npages 0, or the pages leave
+  // the folio), Errc::poisoned, and the errors of get_folio; nothing changed on error.
+  Errc pin_folio(Pfn pfn, std::uint32_t npages = 1) noexcept;
+  // Drops `npages` pins taken by pin_folio on pages of one folio. Errc::underflow (misuse
+  // reported, nothing changed) if the folio has fewer pins than that.
+  Errc unpin_folio(Pfn pfn, std::uint32_t npages = 1) noexcept;
   // Diagnostics: 0 / false after memunmap unless the metadata is quarantined.
   std::uint32_t folio_ref_count(Pfn pfn) const noexcept;
   bool folio_maybe_dma_pinned(Pfn pfn) const noexcept;

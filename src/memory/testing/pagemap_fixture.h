@@ -109,11 +109,11 @@ class FolioHold {
   FolioHold(FolioHold&& o) noexcept
       : pg_(std::exchange(o.pg_, nullptr)), pfn_(o.pfn_), alloc_(std::move(o.alloc_)) {}
   FolioHold& operator=(FolioHold&&) = delete;
-  ~FolioHold() { release(); }
+  ~FolioHold() { (void)release(); }
 
   // Errc::ok if the reference is held afterwards.
   Errc take(DevPagemap& pg, Pfn pfn) {
-    release();
+    (void)release();
     if (pg.strategy() == Strategy::alloc_event) {
       auto a = pg.request(pfn, 1);
       if (!a) return a.code();
