@@ -47,6 +47,11 @@ stress: build
 install-test: build
 	./tests/install/run.sh build/release
 
+# The spin models (docs/model.md): every model passes, every mutant is refuted.
+.PHONY: model
+model: deps
+	./model/check.sh -j $(JOBS)
+
 format:
 	find include src tools tests -name '*.h' -o -name '*.cc' | xargs clang-format -i
 

@@ -9,6 +9,7 @@ packages=(
   libgtest-dev libgmock-dev libbenchmark-dev
   liburcu-dev libcli11-dev nlohmann-json3-dev libfmt-dev
   gnuplot-nox clang-format
+  spin
 )
 
 missing=()
