@@ -25,31 +25,56 @@ function(_pgmap_apply_common target)
   endif()
 endfunction()
 
+# Compile definitions that change what the public headers declare or inline: every target that
+# includes them, in-tree or installed, must see the same set.
+set(PGMAP_PUBLIC_DEFINITIONS)
+if(PGMAP_DEBUG_INVARIANTS)
+  list(APPEND PGMAP_PUBLIC_DEFINITIONS PGMAP_DEBUG_INVARIANTS=1)
+endif()
+if(PGMAP_YIELD_POINTS)
+  list(APPEND PGMAP_PUBLIC_DEFINITIONS PGMAP_YIELD_POINTS=1)
+endif()
+if(PGMAP_SANITIZE STREQUAL "address")
+  list(APPEND PGMAP_PUBLIC_DEFINITIONS PGMAP_ASAN=1)
+elseif(PGMAP_SANITIZE STREQUAL "thread")
+  list(APPEND PGMAP_PUBLIC_DEFINITIONS PGMAP_TSAN=1)
+endif()
+
+# pgmap::internal: the private headers under src/ (core/heavy_barrier.h, memory/testing/..., the
+# mm page table) for the in-tree tests, benchmarks and tools. Never installed or exported: src/
+# is not an include directory of any exported target. pgmap_cc_test, pgmap_cc_benchmark and
+# pgmap_cc_binary link it.
+add_library(pgmap_internal INTERFACE)
+add_library(pgmap::internal ALIAS pgmap_internal)
+target_include_directories(pgmap_internal INTERFACE ${PROJECT_SOURCE_DIR}/src)
+
 # pgmap_cc_library(NAME core SRCS a.cc b.cc DEPS pgmap::core fmt::fmt)
-# Declares static library pgmap_<NAME> with alias pgmap::<NAME>, exported for install.
+# Compiles the sources once, into object library pgmap_<NAME>_objects, and makes from them:
+#  - static library pgmap_<NAME> (alias pgmap::<NAME>), what in-tree tests, benchmarks and
+#    pgmap-bench link (with liburcu's static archives when present: local-exec TLS, see the
+#    top-level CMakeLists.txt);
+#  - its share of the installed libpgmap.so and libpgmap.a (cmake/PgmapInstall.cmake collects
+#    every layer's objects through the global property PGMAP_OBJECT_LIBRARIES).
+# The objects are position-independent and use the initial-exec TLS model, so the shared library
+# reaches detail::t_counters and its other thread_locals without __tls_get_addr (in a static link
+# the linker relaxes initial-exec to local-exec, as before). src/ is a PRIVATE include directory.
 function(pgmap_cc_library)
   cmake_parse_arguments(ARG "" "NAME" "SRCS;DEPS;PRIVATE_DEPS" ${ARGN})
   set(target pgmap_${ARG_NAME})
-  add_library(${target} STATIC ${ARG_SRCS})
+  set(objects pgmap_${ARG_NAME}_objects)
+  add_library(${objects} OBJECT ${ARG_SRCS})
+  target_include_directories(${objects}
+      PUBLIC $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include>
+      PRIVATE ${PROJECT_SOURCE_DIR}/src)
+  target_compile_definitions(${objects} PUBLIC ${PGMAP_PUBLIC_DEFINITIONS})
+  target_compile_options(${objects} PRIVATE -ftls-model=initial-exec)
+  target_link_libraries(${objects} PUBLIC ${ARG_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
+  _pgmap_apply_common(${objects})
+  add_library(${target} STATIC)
   add_library(pgmap::${ARG_NAME} ALIAS ${target})
-  target_include_directories(${target} PUBLIC
-      $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/include>
-      $<BUILD_INTERFACE:${PROJECT_SOURCE_DIR}/src>
-      $<INSTALL_INTERFACE:${CMAKE_INSTALL_INCLUDEDIR}>)
-  target_link_libraries(${target} PUBLIC ${ARG_DEPS} PRIVATE ${ARG_PRIVATE_DEPS})
-  if(PGMAP_DEBUG_INVARIANTS)
-    target_compile_definitions(${target} PUBLIC PGMAP_DEBUG_INVARIANTS=1)
-  endif()
-  if(PGMAP_YIELD_POINTS)
-    target_compile_definitions(${target} PUBLIC PGMAP_YIELD_POINTS=1)
-  endif()
-  if(PGMAP_SANITIZE STREQUAL "address")
-    target_compile_definitions(${target} PUBLIC PGMAP_ASAN=1)
-  elseif(PGMAP_SANITIZE STREQUAL "thread")
-    target_compile_definitions(${target} PUBLIC PGMAP_TSAN=1)
-  endif()
-  _pgmap_apply_common(${target})
+  target_link_libraries(${target} PUBLIC ${objects})
   set_property(GLOBAL APPEND PROPERTY PGMAP_LIBRARIES ${target})
+  set_property(GLOBAL APPEND PROPERTY PGMAP_OBJECT_LIBRARIES ${objects})
 endfunction()
 
 # pgmap_cc_test(NAME percpu_ref_test SRCS percpu_ref_test.cc DEPS pgmap::core LABELS unit
@@ -58,7 +83,8 @@ endfunction()
 function(pgmap_cc_test)
   cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SRCS;DEPS;LABELS;ARGS" ${ARGN})
   add_executable(${ARG_NAME} ${ARG_SRCS})
-  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main GTest::gmock)
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} pgmap::internal GTest::gtest
+                                            GTest::gtest_main GTest::gmock)
   _pgmap_apply_common(${ARG_NAME})
   add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
   if(NOT ARG_TIMEOUT)
@@ -75,7 +101,8 @@ function(pgmap_cc_benchmark)
     return()
   endif()
   add_executable(${ARG_NAME} ${ARG_SRCS})
-  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} benchmark::benchmark benchmark::benchmark_main)
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} pgmap::internal benchmark::benchmark
+                                            benchmark::benchmark_main)
   _pgmap_apply_common(${ARG_NAME})
 endfunction()
 
@@ -83,7 +110,7 @@ endfunction()
 function(pgmap_cc_binary)
   cmake_parse_arguments(ARG "INSTALL" "NAME" "SRCS;DEPS" ${ARGN})
   add_executable(${ARG_NAME} ${ARG_SRCS})
-  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS})
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} pgmap::internal)
   _pgmap_apply_common(${ARG_NAME})
   if(ARG_INSTALL)
     install(TARGETS ${ARG_NAME} RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
