@@ -53,9 +53,12 @@ struct Row {
   std::string note;             // a short remark for the table
 };
 
+// A case measures one Row (`run`) or, for an interleaved comparison (compare.h), several
+// (`run_rows`); exactly one of the two is set.
 struct Case {
   std::string label;                 // what the progress line shows while it runs
   std::function<Result<Row>()> run;  // measures; the Row, or why the case failed
+  std::function<Result<std::vector<Row>>()> run_rows = {};
 };
 
 // The suites. The returned cases refer to `cfg`, which must outlive them.

@@ -11,13 +11,23 @@
 // different cache lines: the figures show the strategy's shared state, not refcount sharing.
 // Under alloc_event the bench holds an Allocation over the whole device for the run, as the
 // upper layer (dax direct_access) would.
+//
+// The strategies of one variant (page_cycle @4K, pin_cycle @4K, pin_cycle @2M), at every thread
+// count, plus `lock_pair` (a lock add + lock sub on a counter private to the thread: the floor of
+// one refcount 0->1->0) form one interleaved comparison (compare.h): every row's baseline is
+// `none` at the same thread count and its floor lock_pair on 1 thread, both ratios taken per
+// round. Every strategy's pagemap lives for the whole comparison.
 #include <algorithm>
+#include <atomic>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "bench.h"
+#include "compare.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "report.h"
@@ -29,23 +39,39 @@ namespace {
 constexpr std::uint64_t kMinDeviceBytes = std::uint64_t{64} << 20;
 constexpr std::uint64_t kThreadSpacing = 64;  // metadata entries between two threads' folios
 
+// A counter alone on its cache lines (and off the adjacent-line prefetch pair).
+template <typename T>
+struct alignas(128) Isolated {
+  T value{};
+};
+
 enum class HotOp { page_cycle, pin_cycle };
 
-struct Variant {
+struct HotVariant {
   HotOp op;
   unsigned base_order;
 };
 
-constexpr Variant kVariants[] = {
+constexpr HotVariant kVariants[] = {
     {HotOp::page_cycle, 0}, {HotOp::pin_cycle, 0}, {HotOp::pin_cycle, kPmdOrder}};
 
 const char* op_name(HotOp op) {
   return op == HotOp::page_cycle ? "page_cycle" : "pin_cycle";
 }
 
-Result<Row> run_hotpath(const Config& cfg, Strategy strategy, Variant v, unsigned threads) {
+// One strategy's pagemap of a comparison, with what its threads use.
+struct StrategyDevice {
+  Strategy strategy;
+  std::shared_ptr<DevPagemap> pgmap;
+  DevPagemap::Allocation allocation;
+  std::vector<Pfn> pfns;              // per thread
+  std::vector<std::uint64_t> errors;  // per thread
+  std::uint64_t bytes = 0;
+};
+
+Result<std::unique_ptr<StrategyDevice>> make_device(const Config& cfg, Strategy strategy,
+                                                    HotVariant v) {
   const std::uint64_t folio_bytes = order_bytes(v.base_order);
-  // Sized for the largest thread count of the run, so every row of a variant has one device size.
   const unsigned most_threads = *std::max_element(cfg.threads.begin(), cfg.threads.end());
   BackingOptions bo;
   bo.size =
@@ -63,26 +89,27 @@ Result<Row> run_hotpath(const Config& cfg, Strategy strategy, Variant v, unsigne
   params.name = "pgmap-bench hotpath";
   auto mapped = memremap(std::move(params));
   if (!mapped) return mapped.error();
-  const std::shared_ptr<DevPagemap> pgmap = std::move(mapped).value();
-  const PfnRange range = pgmap->range(0);
-
-  DevPagemap::Allocation allocation;
+  auto dev = std::make_unique<StrategyDevice>();
+  dev->strategy = strategy;
+  dev->pgmap = std::move(mapped).value();
+  const PfnRange range = dev->pgmap->range(0);
+  dev->bytes = range.bytes();
   if (strategy == Strategy::alloc_event) {
-    auto req = pgmap->request(range.start, range.count);
+    auto req = dev->pgmap->request(range.start, range.count);
     if (!req) return req.error();
-    allocation = std::move(req).value();
+    dev->allocation = std::move(req).value();
   }
+  for (unsigned t = 0; t < most_threads; ++t)
+    dev->pfns.push_back(range.start + ((t * kThreadSpacing) << v.base_order));
+  dev->errors.assign(most_threads, 0);
+  return dev;
+}
 
-  std::vector<Pfn> pfns(threads);
-  for (unsigned t = 0; t < threads; ++t) {
-    pfns[t] = range.start + ((t * kThreadSpacing) << v.base_order);
-  }
-  std::vector<std::uint64_t> errors(threads, 0);
-  DevPagemap& pm = *pgmap;
-  ThreadBody body;
-  if (v.op == HotOp::page_cycle) {
-    body = [&](unsigned t, std::uint64_t ops) {
-      const Pfn pfn = pfns[t];
+ThreadBody body_of(StrategyDevice& dev, HotOp op) {
+  DevPagemap& pm = *dev.pgmap;
+  if (op == HotOp::page_cycle) {
+    return [&dev, &pm](unsigned t, std::uint64_t ops) {
+      const Pfn pfn = dev.pfns[t];
       std::uint64_t bad = 0;
       for (std::uint64_t i = 0; i < ops; ++i) {
         if (pm.get_folio(pfn) != Errc::ok) [[unlikely]]
@@ -91,64 +118,113 @@ Result<Row> run_hotpath(const Config& cfg, Strategy strategy, Variant v, unsigne
           ++bad;
         clobber_memory();
       }
-      errors[t] += bad;
-    };
-  } else {
-    body = [&](unsigned t, std::uint64_t ops) {
-      const Pfn pfn = pfns[t];
-      std::uint64_t bad = 0;
-      for (std::uint64_t i = 0; i < ops; ++i) {
-        if (pm.pin_folio(pfn) != Errc::ok) [[unlikely]]
-          ++bad;
-        if (pm.unpin_folio(pfn) != Errc::ok) [[unlikely]]
-          ++bad;
-        clobber_memory();
-      }
-      errors[t] += bad;
+      dev.errors[t] += bad;
     };
   }
-  std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
+  return [&dev, &pm](unsigned t, std::uint64_t ops) {
+    const Pfn pfn = dev.pfns[t];
+    std::uint64_t bad = 0;
+    for (std::uint64_t i = 0; i < ops; ++i) {
+      if (pm.pin_folio(pfn) != Errc::ok) [[unlikely]]
+        ++bad;
+      if (pm.unpin_folio(pfn) != Errc::ok) [[unlikely]]
+        ++bad;
+      clobber_memory();
+    }
+    dev.errors[t] += bad;
+  };
+}
 
-  std::uint64_t failed = 0;
-  for (std::uint64_t e : errors)
-    failed += e;
-  for (Pfn p : pfns) {
-    if (pm.folio_ref_count(p) != 0) ++failed;
-  }
-  allocation.reset();
-  auto unmapped = pm.memunmap();
-  if (failed != 0) {
-    return Error(Errc::busy, fmt::format("{} {}: {} failed folio operations or busy folios",
-                                         op_name(v.op), strategy_name(strategy), failed));
-  }
-  if (!unmapped) return unmapped.error();
+std::string variant_name(HotVariant v) {
+  return fmt::format("hotpath {} @{}", op_name(v.op), format_page_size(order_bytes(v.base_order)));
+}
 
-  Row row;
-  row.suite = "hotpath";
-  row.name = op_name(v.op);
-  row.strategy = std::string(strategy_name(strategy));
-  row.threads = threads;
-  row.page_size = folio_bytes;
-  row.bytes = range.bytes();
-  row.metric = Metric::ns_per_op;
-  row.summary = summarize(std::move(ns));
-  if (strategy == Strategy::alloc_event) row.note = "allocation held";
-  return row;
+Result<std::vector<Row>> run_hotpath(const Config& cfg, HotVariant v) {
+  std::vector<std::unique_ptr<StrategyDevice>> devices;
+  for (Strategy s : cfg.strategies) {
+    auto dev = make_device(cfg, s, v);
+    if (!dev) return dev.error();
+    devices.push_back(std::move(dev).value());
+  }
+  const unsigned most_threads = *std::max_element(cfg.threads.begin(), cfg.threads.end());
+  std::vector<Isolated<std::atomic<std::int64_t>>> floor_counters(most_threads);
+
+  Comparison c;
+  c.name = variant_name(v);
+  for (auto& dev : devices) {
+    for (unsigned threads : cfg.threads) {
+      Member m;
+      m.row.suite = "hotpath";
+      m.row.name = op_name(v.op);
+      m.row.strategy = std::string(strategy_name(dev->strategy));
+      m.row.threads = threads;
+      m.row.page_size = order_bytes(v.base_order);
+      m.row.bytes = dev->bytes;
+      if (dev->strategy == Strategy::alloc_event) m.row.note = "allocation held";
+      m.variant = loop_variant(fmt::format("{} {} threads={}", c.name, m.row.strategy, threads),
+                               {threads, 1, cfg.min_rep_seconds}, body_of(*dev, v.op));
+      c.members.push_back(std::move(m));
+    }
+  }
+  {
+    Member m;
+    m.row.suite = "hotpath";
+    m.row.name = "lock_pair";
+    m.row.page_size = order_bytes(v.base_order);
+    m.row.note = "floor: lock add + lock sub, thread-private line";
+    m.variant = loop_variant(c.name + " lock_pair", {1, 1, cfg.min_rep_seconds},
+                             [&floor_counters](unsigned t, std::uint64_t ops) {
+                               std::atomic<std::int64_t>& x = floor_counters[t].value;
+                               for (std::uint64_t i = 0; i < ops; ++i) {
+                                 x.fetch_add(1);
+                                 x.fetch_sub(1);
+                                 clobber_memory();
+                               }
+                             });
+    c.members.push_back(std::move(m));
+  }
+  const int floor = static_cast<int>(c.members.size()) - 1;
+  for (Member& m : c.members) {
+    if (m.row.name == "lock_pair") continue;
+    m.baseline = find_member(c, m.row.name, "none", m.row.threads);
+    if (m.row.strategy == "none") m.baseline = -1;
+    m.floor = floor;
+  }
+  c.stability_floor = floor;
+  std::vector<Row> rows = run_comparison(cfg, c);
+
+  std::string failures;
+  for (auto& dev : devices) {
+    std::uint64_t failed = 0;
+    for (std::uint64_t e : dev->errors)
+      failed += e;
+    for (Pfn p : dev->pfns) {
+      if (dev->pgmap->folio_ref_count(p) != 0) ++failed;
+    }
+    dev->allocation.reset();
+    auto unmapped = dev->pgmap->memunmap();
+    if (failed != 0) {
+      failures += fmt::format("{} {}: {} failed folio operations or busy folios; ", op_name(v.op),
+                              strategy_name(dev->strategy), failed);
+    } else if (!unmapped) {
+      failures += fmt::format("{} {}: {}; ", op_name(v.op), strategy_name(dev->strategy),
+                              unmapped.error().to_string());
+    }
+  }
+  if (!failures.empty()) return Error(Errc::busy, failures);
+  return rows;
 }
 
 }  // namespace
 
 std::vector<Case> hotpath_cases(const Config& cfg) {
   std::vector<Case> cases;
-  for (Strategy s : cfg.strategies) {
-    for (Variant v : kVariants) {
-      for (unsigned threads : cfg.threads) {
-        cases.push_back(
-            {fmt::format("hotpath {} {} @{} threads={}", op_name(v.op), strategy_name(s),
-                         format_page_size(order_bytes(v.base_order)), threads),
-             [&cfg, s, v, threads] { return run_hotpath(cfg, s, v, threads); }});
-      }
-    }
+  for (HotVariant v : kVariants) {
+    Case c;
+    c.label = fmt::format("{}: {} strategies x threads {} interleaved", variant_name(v),
+                          cfg.strategies.size(), fmt::join(cfg.threads, ","));
+    c.run_rows = [&cfg, v] { return run_hotpath(cfg, v); };
+    cases.push_back(std::move(c));
   }
   return cases;
 }

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include "core/heavy_barrier.h"
+#include "pgmap/core/percpu_ref.h"
 #include "report.h"
 #include "timing.h"
 
@@ -82,6 +83,17 @@ std::string compiler() {
 #endif
 }
 
+// Which PercpuRef implementation is active: PercpuRef::implementation() ("rseq" or "per-thread")
+// when the library has it; before it existed the only implementation was per-thread slots.
+template <typename Ref = PercpuRef>
+std::string percpu_ref_implementation() {
+  if constexpr (requires { Ref::implementation(); }) {
+    return std::string(Ref::implementation());
+  } else {
+    return "per-thread";
+  }
+}
+
 }  // namespace
 
 Json describe_machine() {
@@ -94,6 +106,7 @@ Json describe_machine() {
   m["compiler"] = compiler();
   m["thp"] = thp_mode();
   m["heavy_barrier"] = pgmap::detail::heavy_barrier_name();
+  m["percpu_ref"] = percpu_ref_implementation();
   m["page_size"] = sysconf(_SC_PAGESIZE);
   m["loadavg_at_start"] = load_average();
   return m;
@@ -101,11 +114,13 @@ Json describe_machine() {
 
 std::string machine_summary(const Json& m) {
   return fmt::format(
-      "machine: {}, {} CPUs ({} usable), {} RAM, Linux {}, {}, THP {}, {}, load {:.2f} at start",
+      "machine: {}, {} CPUs ({} usable), {} RAM, Linux {}, {}, THP {}, {}, PercpuRef {}, load "
+      "{:.2f} at start",
       m["cpu_model"].get<std::string>(), m["nproc"].get<long>(),
       m["usable_cpus"].get<std::size_t>(), format_bytes(m["mem_total_bytes"].get<std::uint64_t>()),
       m["kernel"].get<std::string>(), m["compiler"].get<std::string>(), m["thp"].get<std::string>(),
-      m["heavy_barrier"].get<std::string>(), m["loadavg_at_start"].get<double>());
+      m["heavy_barrier"].get<std::string>(), m["percpu_ref"].get<std::string>(),
+      m["loadavg_at_start"].get<double>());
 }
 
 }  // namespace pgmap::bench

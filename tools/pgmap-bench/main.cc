@@ -275,11 +275,21 @@ int run(int argc, char** argv) {
     progress.start(i, cases[i].label);
     std::string failure;
     try {
-      Result<Row> r = cases[i].run();
-      if (r) {
-        rows.push_back(std::move(r).value());
+      if (cases[i].run_rows) {
+        Result<std::vector<Row>> r = cases[i].run_rows();
+        if (r) {
+          for (Row& row : *r)
+            rows.push_back(std::move(row));
+        } else {
+          failure = r.error().to_string();
+        }
       } else {
-        failure = r.error().to_string();
+        Result<Row> r = cases[i].run();
+        if (r) {
+          rows.push_back(std::move(r).value());
+        } else {
+          failure = r.error().to_string();
+        }
       }
     } catch (const std::exception& e) {
       failure = e.what();

@@ -8,6 +8,10 @@
 //   shared_atomic  std::atomic<int64_t> fetch_add(1) + fetch_sub(1)
 //   shared_ptr     copy + destroy of one std::shared_ptr
 //   urcu_ref       liburcu urcu_ref_get + urcu_ref_put
+//   relaxed_floor  the floor of a per-CPU/per-thread count: two relaxed load+store increments
+//                  (+1, -1) of a counter private to the thread (each thread its own line)
+//   lock_pair      the floor of an atomic count: lock add + lock sub on a counter private to the
+//                  thread (no sharing: what one uncontended refcount get+put costs at least)
 //   kill_confirm   latency of PercpuRef::kill() (fold + confirm + initial put) while another
 //                  thread keeps doing get/put on a different live PercpuRef
 #include <urcu/ref.h>
@@ -17,10 +21,13 @@
 #include <memory>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include "bench.h"
+#include "compare.h"
 #include "pgmap/core/percpu_ref.h"
 #include "timing.h"
 
@@ -52,90 +59,137 @@ std::string label_of(const std::string& name, unsigned threads) {
   return fmt::format("ref {} threads={}", name, threads);
 }
 
-// PercpuRef get+put, live (percpu) or after switch_to_atomic().
-Case percpu_case(const Config& cfg, unsigned threads, bool atomic) {
-  const std::string name = atomic ? "percpu_atomic" : "percpu_live";
-  return {
-      label_of(name, threads), [&cfg, threads, atomic, name]() -> Result<Row> {
-        Isolated<PercpuRef> ref([] {});
-        PercpuRef& r = ref.value;
-        if (atomic && r.switch_to_atomic() != Errc::ok) {
-          return Error(Errc::invalid_argument, "PercpuRef::switch_to_atomic failed");
-        }
-        if (!atomic && !r.is_percpu()) {
-          return Error(Errc::no_memory, "PercpuRef has no percpu slot: cannot run live mode");
-        }
-        auto body = [&r](unsigned, std::uint64_t ops) {
-          for (std::uint64_t i = 0; i < ops; ++i) {
-            (void)r.get();
-            (void)r.put();
-            clobber_memory();
-          }
-        };
-        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
-        // Every get was matched by a put: the kill must find exactly the initial reference.
-        if (Errc e = r.kill(); e != Errc::ok || !r.is_zero()) {
-          return Error(e == Errc::ok ? Errc::busy : e,
-                       fmt::format("{}: unbalanced count after the run", name));
-        }
-        return ref_row(name, threads, std::move(ns));
-      }};
+struct RefObjects {
+  explicit RefObjects(unsigned most_threads)
+      : live([] {}), atomic([] {}), relaxed(most_threads), locked(most_threads) {}
+  Isolated<PercpuRef> live;
+  Isolated<PercpuRef> atomic;
+  Isolated<std::atomic<std::int64_t>> shared;
+  std::shared_ptr<Isolated<int>> shared_ptr = std::make_shared<Isolated<int>>();
+  Isolated<urcu_ref> urcu;
+  std::vector<Isolated<std::atomic<std::int64_t>>> relaxed;  // one per thread
+  std::vector<Isolated<std::atomic<std::int64_t>>> locked;   // one per thread
+};
+
+ThreadBody body_of(RefObjects& o, const std::string& name) {
+  if (name == "percpu_live" || name == "percpu_atomic") {
+    PercpuRef& r = name == "percpu_live" ? o.live.value : o.atomic.value;
+    return [&r](unsigned, std::uint64_t ops) {
+      for (std::uint64_t i = 0; i < ops; ++i) {
+        (void)r.get();  // a live (or atomic-mode, not dead) ref: get and put cannot fail
+        (void)r.put();
+        clobber_memory();
+      }
+    };
+  }
+  if (name == "shared_atomic") {
+    std::atomic<std::int64_t>& c = o.shared.value;
+    return [&c](unsigned, std::uint64_t ops) {
+      for (std::uint64_t i = 0; i < ops; ++i) {
+        c.fetch_add(1);
+        c.fetch_sub(1);
+        clobber_memory();
+      }
+    };
+  }
+  if (name == "shared_ptr") {
+    const std::shared_ptr<Isolated<int>>& shared = o.shared_ptr;
+    return [&shared](unsigned, std::uint64_t ops) {
+      for (std::uint64_t i = 0; i < ops; ++i) {
+        std::shared_ptr<Isolated<int>> copy(shared);
+        asm volatile("" : : "r"(copy.get()) : "memory");
+      }
+    };
+  }
+  if (name == "urcu_ref") {
+    urcu_ref* r = &o.urcu.value;
+    return [r](unsigned, std::uint64_t ops) {
+      for (std::uint64_t i = 0; i < ops; ++i) {
+        urcu_ref_get(r);
+        urcu_ref_put(r, urcu_noop_release);
+        clobber_memory();
+      }
+    };
+  }
+  if (name == "relaxed_floor") {
+    return [&o](unsigned t, std::uint64_t ops) {
+      std::atomic<std::int64_t>& c = o.relaxed[t].value;
+      for (std::uint64_t i = 0; i < ops; ++i) {
+        c.store(c.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+        clobber_memory();
+        c.store(c.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+        clobber_memory();
+      }
+    };
+  }
+  // lock_pair
+  return [&o](unsigned t, std::uint64_t ops) {
+    std::atomic<std::int64_t>& c = o.locked[t].value;
+    for (std::uint64_t i = 0; i < ops; ++i) {
+      c.fetch_add(1);
+      c.fetch_sub(1);
+      clobber_memory();
+    }
+  };
 }
 
-Case shared_atomic_case(const Config& cfg, unsigned threads) {
-  return {
-      label_of("shared_atomic", threads), [&cfg, threads]() -> Result<Row> {
-        Isolated<std::atomic<std::int64_t>> counter;
-        std::atomic<std::int64_t>& c = counter.value;
-        auto body = [&c](unsigned, std::uint64_t ops) {
-          for (std::uint64_t i = 0; i < ops; ++i) {
-            c.fetch_add(1);
-            c.fetch_sub(1);
-            clobber_memory();
-          }
-        };
-        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
-        if (c.load() != 0) return Error(Errc::busy, "shared_atomic: count is not zero");
-        return ref_row("shared_atomic", threads, std::move(ns));
-      }};
-}
+constexpr const char* kRefCases[] = {"percpu_live", "percpu_atomic", "shared_atomic", "shared_ptr",
+                                     "urcu_ref",    "relaxed_floor", "lock_pair"};
 
-Case shared_ptr_case(const Config& cfg, unsigned threads) {
-  return {
-      label_of("shared_ptr", threads), [&cfg, threads]() -> Result<Row> {
-        // make_shared: object and counts share one allocation, as most users have it.
-        const std::shared_ptr<Isolated<int>> shared = std::make_shared<Isolated<int>>();
-        auto body = [&shared](unsigned, std::uint64_t ops) {
-          for (std::uint64_t i = 0; i < ops; ++i) {
-            std::shared_ptr<Isolated<int>> copy(shared);
-            asm volatile("" : : "r"(copy.get()) : "memory");
-          }
-        };
-        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
-        if (shared.use_count() != 1) {
-          return Error(Errc::busy, "shared_ptr: use count is not 1");
-        }
-        return ref_row("shared_ptr", threads, std::move(ns));
-      }};
-}
+Result<std::vector<Row>> run_ref_comparison(const Config& cfg) {
+  const unsigned most_threads = *std::max_element(cfg.threads.begin(), cfg.threads.end());
+  auto objects = std::make_unique<RefObjects>(most_threads);
+  RefObjects& o = *objects;
+  if (o.atomic.value.switch_to_atomic() != Errc::ok) {
+    return Error(Errc::invalid_argument, "PercpuRef::switch_to_atomic failed");
+  }
+  if (!o.live.value.is_percpu()) {
+    return Error(Errc::no_memory, "PercpuRef has no percpu slot: cannot run live mode");
+  }
+  urcu_ref_init(&o.urcu.value);
 
-Case urcu_ref_case(const Config& cfg, unsigned threads) {
-  return {
-      label_of("urcu_ref", threads), [&cfg, threads]() -> Result<Row> {
-        Isolated<urcu_ref> ref;
-        urcu_ref* r = &ref.value;
-        urcu_ref_init(r);
-        auto body = [r](unsigned, std::uint64_t ops) {
-          for (std::uint64_t i = 0; i < ops; ++i) {
-            urcu_ref_get(r);
-            urcu_ref_put(r, urcu_noop_release);
-            clobber_memory();
-          }
-        };
-        std::vector<double> ns = measure_ns_per_op({threads, cfg.reps, cfg.min_rep_seconds}, body);
-        if (r->refcount != 1) return Error(Errc::busy, "urcu_ref: count is not 1");
-        return ref_row("urcu_ref", threads, std::move(ns));
-      }};
+  Comparison c;
+  c.name = "ref";
+  for (unsigned threads : cfg.threads) {
+    for (const char* name : kRefCases) {
+      Member m;
+      m.row.suite = "ref";
+      m.row.name = name;
+      m.row.threads = threads;
+      m.variant = loop_variant(label_of(name, threads), {threads, 1, cfg.min_rep_seconds},
+                               body_of(o, name));
+      c.members.push_back(std::move(m));
+    }
+  }
+  const unsigned first = cfg.threads.front();
+  for (Member& m : c.members) {
+    const std::string& name = m.row.name;
+    const unsigned t = m.row.threads;
+    if (t != 1) m.baseline = find_member(c, name, "-", 1);
+    if (name == "percpu_live") {
+      m.floor = find_member(c, "relaxed_floor", "-", t);
+    } else if (name != "relaxed_floor" && name != "lock_pair") {
+      m.floor = find_member(c, "lock_pair", "-", t);
+    }
+  }
+  c.stability_floor = find_member(c, "relaxed_floor", "-", first);
+  std::vector<Row> rows = run_comparison(cfg, c);
+
+  // Every get was matched by a put: the kill must find exactly the initial reference.
+  for (PercpuRef* r : {&o.live.value, &o.atomic.value}) {
+    if (Errc e = r->kill(); e != Errc::ok || !r->is_zero()) {
+      return Error(e == Errc::ok ? Errc::busy : e, "ref: PercpuRef unbalanced after the run");
+    }
+  }
+  if (o.shared.value.load() != 0) return Error(Errc::busy, "shared_atomic: count is not zero");
+  if (o.shared_ptr.use_count() != 1) return Error(Errc::busy, "shared_ptr: use count is not 1");
+  if (o.urcu.value.refcount != 1) return Error(Errc::busy, "urcu_ref: count is not 1");
+  for (unsigned t = 0; t < most_threads; ++t) {
+    if (o.relaxed[t].value.load() != 0 || o.locked[t].value.load() != 0) {
+      return Error(Errc::busy, "relaxed_floor/lock_pair: count is not zero");
+    }
+  }
+  return rows;
 }
 
 // kill_confirm. The reader runs on the second usable CPU, the killer on the first. A kill
@@ -239,13 +293,11 @@ Result<Row> run_kill_confirm(const Config& cfg) {
 
 std::vector<Case> ref_cases(const Config& cfg) {
   std::vector<Case> cases;
-  for (unsigned threads : cfg.threads) {
-    cases.push_back(percpu_case(cfg, threads, false));
-    cases.push_back(percpu_case(cfg, threads, true));
-    cases.push_back(shared_atomic_case(cfg, threads));
-    cases.push_back(shared_ptr_case(cfg, threads));
-    cases.push_back(urcu_ref_case(cfg, threads));
-  }
+  Case ref;
+  ref.label = fmt::format("ref: {} cases x threads {} interleaved", std::size(kRefCases),
+                          fmt::join(cfg.threads, ","));
+  ref.run_rows = [&cfg] { return run_ref_comparison(cfg); };
+  cases.push_back(std::move(ref));
   cases.push_back(
       {"ref kill_confirm with 1 active reader", [&cfg] { return run_kill_confirm(cfg); }});
   return cases;

@@ -179,20 +179,38 @@ void Progress::finish() {
 // ---- table ------------------------------------------------------------------------------------
 
 void print_table(std::FILE* out, const std::string& machine_line, const std::vector<Row>& rows) {
-  const std::vector<std::string> header = {"suite", "case",  "strategy", "threads",
-                                           "page",  "bytes", "busy",     "median",
-                                           "min",   "max",   "reps",     "notes"};
+  const std::vector<std::string> header = {"suite", "case",   "strategy", "threads", "page",
+                                           "bytes", "busy",   "median",   "min",     "max",
+                                           "cpu",   "x base", "x floor",  "reps",    "notes"};
   // Numeric columns are right-aligned.
-  const std::vector<bool> right = {false, false, false, true, true, true,
-                                   true,  true,  true,  true, true, false};
+  const std::vector<bool> right = {false, false, false, true, true, true, true, true,
+                                   true,  true,  true,  true, true, true, false};
+  auto ratio_cell = [](const Row& r, const char* key) -> std::string {
+    if (!r.extra.contains(key)) return "-";
+    return fmt::format("{:.2f}x", r.extra[key].get<double>());
+  };
   std::vector<std::vector<std::string>> cells;
+  bool any_disturbed = false;
   for (const Row& r : rows) {
+    std::string note = r.note;
+    if (r.extra.value("disturbed", false)) {
+      any_disturbed = true;
+      note = fmt::format("DISTURBED (other CPU {:.0f} %, floor spread {:.0f} %)",
+                         r.extra.value("other_cpu_share", 0.0) * 100,
+                         r.extra.value("floor_spread", 0.0) * 100) +
+             (note.empty() ? "" : "; " + note);
+    }
     cells.push_back({r.suite, r.name, r.strategy, std::to_string(r.threads),
                      r.page_size == 0 ? "-" : format_page_size(r.page_size),
                      r.bytes == 0 ? "-" : format_bytes(r.bytes),
                      r.suite == "removal" ? std::to_string(r.busy_pages) : "-",
                      format_value(r, r.summary.median), format_value(r, r.summary.min),
-                     format_value(r, r.summary.max), std::to_string(r.summary.reps), r.note});
+                     format_value(r, r.summary.max),
+                     r.extra.contains("cpu_ns_per_op")
+                         ? format_ns(r.extra["cpu_ns_per_op"].get<double>())
+                         : "-",
+                     ratio_cell(r, "ratio_to_baseline"), ratio_cell(r, "floor_ratio"),
+                     std::to_string(r.summary.reps), note});
   }
   std::vector<std::size_t> width(header.size());
   for (std::size_t c = 0; c < header.size(); ++c) {
@@ -221,7 +239,16 @@ void print_table(std::FILE* out, const std::string& machine_line, const std::vec
   }
   fmt::print(out,
              "\nns figures are per operation per thread (gup: per 4 KiB page of a pin+unpin call;"
-             " fault: per fault); median/min/max over the reps.\n");
+             " fault: per fault); median/min/max over the reps; cpu: thread CPU time per op.\n"
+             "x base / x floor: median over the rounds of the per-round ratio to the row's "
+             "baseline (none; 1 thread) and floor, measured interleaved in the same run.\n");
+  if (any_disturbed) {
+    fmt::print(out,
+               "DISTURBED: other processes took more than {:.0f} % of the CPUs in some round, or "
+               "the floor moved by more than {:.0f} % between rounds: treat those ratios with "
+               "care.\n",
+               100 * 0.05, 100 * 0.15);
+  }
 }
 
 // ---- files ------------------------------------------------------------------------------------
@@ -231,8 +258,13 @@ Json results_json(const Json& machine, const Json& config, const std::vector<Row
   doc["machine"] = machine;
   doc["config"] = config;
   doc["results"] = Json::array();
-  for (const Row& r : rows)
+  bool disturbed = false;
+  for (const Row& r : rows) {
     doc["results"].push_back(row_json(r));
+    disturbed = disturbed || r.extra.value("disturbed", false);
+  }
+  // True when any comparison of the run was disturbed (compare.h).
+  doc["disturbed"] = disturbed;
   return doc;
 }
 

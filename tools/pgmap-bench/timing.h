@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <vector>
 
 namespace pgmap::bench {
@@ -28,6 +29,9 @@ inline double seconds_since(SteadyClock::time_point t0) {
 inline void clobber_memory() noexcept {
   asm volatile("" ::: "memory");
 }
+
+// CPU time of the calling thread (CLOCK_THREAD_CPUTIME_ID), in seconds.
+double thread_cpu_seconds() noexcept;
 
 // CPUs this process may run on, in increasing order (the affinity mask seen at first call).
 const std::vector<unsigned>& usable_cpus();
@@ -58,5 +62,58 @@ struct TimedLoop {
 // Calibrates N, then runs loop.reps repetitions; returns one per-thread ns/op figure per
 // repetition. May block for reps * min_rep_seconds and a little more.
 std::vector<double> measure_ns_per_op(const TimedLoop& loop, const ThreadBody& body);
+
+// ---- interleaved comparisons --------------------------------------------------------------------
+//
+// The cases of one comparison (the strategies of a hot path, a case and its floor) are measured
+// INTERLEAVED: every round runs one repetition of each case, in an order shuffled afresh for every
+// round, so that a ratio of two cases compares the same time window and no case always runs
+// first (after a setup) or last. Ratios are taken per round, then their median reported.
+
+// One repetition of one case: wall and thread-CPU time per operation, averaged over the threads.
+// cpu_ns well under wall_ns means the threads were off their CPUs for part of the repetition.
+struct Sample {
+  double wall_ns = 0;
+  double cpu_ns = 0;
+};
+
+// One case of a comparison. `prepare` runs once before the first round (calibration); `run_rep`
+// runs one repetition.
+struct Variant {
+  std::string name;
+  std::function<void()> prepare;
+  std::function<Sample()> run_rep;
+};
+
+// A timed-loop case: `prepare` calibrates N for `loop` (loop.reps is ignored), `run_rep` runs
+// `loop.threads` threads of `body` once. Each figure is divided by `ops_scale` (e.g. pages per
+// call, to report per page).
+Variant loop_variant(std::string name, const TimedLoop& loop, ThreadBody body,
+                     double ops_scale = 1);
+
+// The machine's CPU time between two points, from /proc/stat (all CPUs) and getrusage (this
+// process): the share of all CPUs' time that went to other processes or to the hypervisor
+// (steal). Resolution is one clock tick (10 ms) per CPU, so read it over rounds of ~0.1 s or more.
+class CpuShare {
+ public:
+  CpuShare();            // the start point
+  double other() const;  // since the start point, in [0, 1]; 0 when /proc/stat is unreadable
+  bool readable() const { return ok_; }
+
+ private:
+  std::uint64_t busy_ = 0, total_ = 0;
+  double self_seconds_ = 0;
+  bool ok_ = false;
+};
+
+struct InterleavedRun {
+  std::vector<std::vector<Sample>> samples;  // [variant][round]
+  std::vector<double> other_cpu_share;       // per round (CpuShare::other)
+  bool cpu_share_readable = true;
+};
+
+// Prepares every variant, then runs `rounds` rounds, each one repetition of every variant in an
+// order drawn from `seed` and the round number.
+InterleavedRun run_interleaved(std::vector<Variant>& variants, unsigned rounds, std::uint64_t seed);
 
 }  // namespace pgmap::bench
