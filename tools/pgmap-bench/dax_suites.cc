@@ -134,13 +134,13 @@ Result<std::unique_ptr<GupDevice>> make_gup_device(const Config& cfg, Strategy s
   return g;
 }
 
-ThreadBody gup_body(GupDevice& g) {
-  return [&g](unsigned t, std::uint64_t ops) {
+ThreadBody gup_body(GupDevice& g, std::uint64_t pages_per_call) {
+  return [&g, pages_per_call](unsigned t, std::uint64_t ops) {
     mm::AddressSpace& as = *g.spaces[t];
     const std::uint64_t addr = g.addrs[t];
     std::uint64_t bad = 0;
     for (std::uint64_t i = 0; i < ops; ++i) {
-      auto pages = mm::pin_user_pages(as, addr, kGupPages, mm::kFollWrite);
+      auto pages = mm::pin_user_pages(as, addr, pages_per_call, mm::kFollWrite);
       if (!pages) [[unlikely]] {
         ++bad;
       } else if (mm::unpin_user_pages(*pages) != Errc::ok) [[unlikely]] {
@@ -193,8 +193,22 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
       m.row.extra["gup_slow_pages"] = g->stats.slow;
       m.row.note = fmt::format("per 4K page; {} folio atomics/call", g->stats.folio_atomics);
       m.variant = loop_variant(fmt::format("{} {} threads={}", c.name, m.row.strategy, threads),
-                               {threads, 1, cfg.min_rep_seconds}, gup_body(*g),
+                               {threads, 1, cfg.min_rep_seconds}, gup_body(*g, kGupPages),
                                static_cast<double>(kGupPages));
+      c.members.push_back(std::move(m));
+    }
+    if (order == 0) {
+      // The fixed cost of a call: pin+unpin of one 4 KiB page, ns per call.
+      Member m;
+      m.row.suite = "gup";
+      m.row.name = "pin_unpin_1page";
+      m.row.strategy = std::string(strategy_name(g->strategy));
+      m.row.page_size = kPageSize;
+      m.row.bytes = g->dev->size();
+      m.row.extra["pages_per_call"] = 1;
+      m.row.note = "per call of 1 page";
+      m.variant = loop_variant(fmt::format("{} 1-page {}", c.name, m.row.strategy),
+                               {1, 1, cfg.min_rep_seconds}, gup_body(*g, 1));
       c.members.push_back(std::move(m));
     }
   }
@@ -230,9 +244,9 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
   }
   c.stability_floor = floor >= 0 ? floor : static_cast<int>(c.members.size()) - 1;
   for (Member& m : c.members) {
-    if (m.row.name != "pin_unpin") continue;
-    if (m.row.strategy != "none") m.baseline = find_member(c, "pin_unpin", "none", m.row.threads);
-    m.floor = floor;
+    if (m.row.name != "pin_unpin" && m.row.name != "pin_unpin_1page") continue;
+    if (m.row.strategy != "none") m.baseline = find_member(c, m.row.name, "none", m.row.threads);
+    if (m.row.name == "pin_unpin") m.floor = floor;
   }
   std::vector<Row> rows = run_comparison(cfg, c);
 

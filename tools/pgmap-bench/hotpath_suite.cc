@@ -30,6 +30,7 @@
 #include "compare.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
+#include "pgmap/memory/page_array.h"
 #include "report.h"
 #include "timing.h"
 
@@ -67,6 +68,7 @@ struct StrategyDevice {
   std::vector<Pfn> pfns;              // per thread
   std::vector<std::uint64_t> errors;  // per thread
   std::uint64_t bytes = 0;
+  double hot_bytes_per_page = 0;  // hot metadata (PageArray::hot_bytes) per 4 KiB page
 };
 
 Result<std::unique_ptr<StrategyDevice>> make_device(const Config& cfg, Strategy strategy,
@@ -94,6 +96,10 @@ Result<std::unique_ptr<StrategyDevice>> make_device(const Config& cfg, Strategy 
   dev->pgmap = std::move(mapped).value();
   const PfnRange range = dev->pgmap->range(0);
   dev->bytes = range.bytes();
+  if (const PageArray* array = dev->pgmap->array_for(range.start)) {
+    dev->hot_bytes_per_page =
+        static_cast<double>(array->hot_bytes()) / static_cast<double>(range.bytes() / kPageSize);
+  }
   if (strategy == Strategy::alloc_event) {
     auto req = dev->pgmap->request(range.start, range.count);
     if (!req) return req.error();
@@ -161,6 +167,7 @@ Result<std::vector<Row>> run_hotpath(const Config& cfg, HotVariant v) {
       m.row.page_size = order_bytes(v.base_order);
       m.row.bytes = dev->bytes;
       if (dev->strategy == Strategy::alloc_event) m.row.note = "allocation held";
+      m.row.extra["hot_metadata_bytes_per_page"] = dev->hot_bytes_per_page;
       m.variant = loop_variant(fmt::format("{} {} threads={}", c.name, m.row.strategy, threads),
                                {threads, 1, cfg.min_rep_seconds}, body_of(*dev, v.op));
       c.members.push_back(std::move(m));
