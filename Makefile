@@ -1,9 +1,10 @@
-# Thin wrappers over the CMake presets. `make run` and `make test` install the Debian packages
+# Thin wrappers over the CMake presets. One target per job; add new ones (model, fuzz, stress...)
+# as their own block and to .PHONY. `make run` and `make test` install the Debian packages
 # first (scripts/install-deps.sh is idempotent and fast when everything is present).
 JOBS ?= 2
 BENCH_ARGS ?=
 
-.PHONY: all deps build run test bench asan tsan debug stress install-test format clean
+.PHONY: all deps build run test bench profile asan tsan debug stress install-test format clean
 
 all: build
 
@@ -24,6 +25,11 @@ bench: build
 	./build/release/tools/pgmap-bench/pgmap-bench --out out --full $(BENCH_ARGS)
 	@for b in build/release/src/*/*_benchmark; do echo "== $$b"; $$b --benchmark_min_time=0.2 \
 	  --benchmark_repetitions=5 --benchmark_report_aggregates_only=true || exit 1; done
+
+# perf profiles of the page cycle, fault and GUP workloads per strategy; shares of liveness work
+# (docs/profiles.md). Installs linux-perf on first use (not part of install-deps.sh).
+profile: build
+	./scripts/profile.sh build/release out/profile
 
 debug: deps
 	cmake --preset debug >/dev/null
