@@ -415,13 +415,13 @@ namespace {
 Status write_bars_plot(const std::string& gnuplot, const std::string& path,
                        const std::vector<Row>& rows, std::string_view suite,
                        std::string (*series_name)(const Row&), std::string_view title,
-                       std::string_view ylabel, bool& written) {
+                       std::string_view ylabel, bool& written, std::string_view only_case = {}) {
   written = false;
   std::vector<std::string> series;
   std::vector<std::string> strategies;
   std::map<std::pair<std::string, std::string>, double> value;  // (strategy, series) -> ns/op
   for (const Row& r : rows) {
-    if (r.suite != suite) continue;
+    if (r.suite != suite || (!only_case.empty() && r.name != only_case)) continue;
     std::string name = series_name(r);
     if (std::find(series.begin(), series.end(), name) == series.end()) series.push_back(name);
     if (std::find(strategies.begin(), strategies.end(), r.strategy) == strategies.end()) {
@@ -483,8 +483,8 @@ Status write_gup_plot(const std::string& gnuplot, const std::string& path,
         return fmt::format("{} folios {}T", format_page_size(r.page_size), r.threads);
       },
       "devdax pin_user_pages + unpin_user_pages of 512 pages (per-thread ns per 4 KiB page, "
-      "median; target <= 30 ns)",
-      "ns per 4 KiB page per thread", written);
+      "median; target <= 20 ns)",
+      "ns per 4 KiB page per thread", written, "pin_unpin");
 }
 
 }  // namespace pgmap::bench
