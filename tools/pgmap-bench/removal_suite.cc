@@ -15,6 +15,10 @@
 // failure. (On large devices some puts land while memunmap is still retiring the metadata and
 // are not counted: they are no less late.) Any other failure — memunmap returning an error, a
 // put failing under a safe strategy — fails the case.
+//
+// The cases run one after the other (not interleaved: each is an absolute figure, with no ratio
+// target); a case is marked `disturbed` when other processes took more than kMaxOtherCpuShare of
+// the CPUs over its repetitions (compare.h).
 #include <algorithm>
 #include <chrono>
 #include <memory>
@@ -25,6 +29,7 @@
 #include <fmt/format.h>
 
 #include "bench.h"
+#include "compare.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "report.h"
@@ -71,6 +76,7 @@ Result<Row> run_removal(const Config& cfg, const RemovalSpec& spec) {
   const bool quarantine = spec.strategy == Strategy::none && spec.busy > 0;
   std::mt19937_64 rng(cfg.seed);
   RepSamples samples;
+  const CpuShare cpu_share;  // over the whole case: the removal suite is not interleaved
   for (unsigned rep = 0; rep < cfg.removal_reps; ++rep) {
     MemremapParams params;
     params.type = PagemapType::generic;
@@ -167,6 +173,9 @@ Result<Row> run_removal(const Config& cfg, const RemovalSpec& spec) {
   row.extra["drain_seconds"] = summarize(samples.drain).median;
   row.extra["sweep_seconds"] = summarize(samples.sweep).median;
   row.extra["teardown_seconds"] = summarize(samples.teardown).median;
+  const double other_cpu = cpu_share.other();
+  row.extra["other_cpu_share"] = other_cpu;
+  row.extra["disturbed"] = other_cpu > kMaxOtherCpuShare;
   if (quarantine) {
     const auto late = static_cast<std::uint64_t>(summarize(samples.late).median);
     row.extra["late_accesses"] = late;
