@@ -16,8 +16,8 @@
 //                     faults in the host memory behind the backing).
 //
 // Every strategy of one page size (and, for gup, every thread count) forms one interleaved
-// comparison (compare.h), each row's baseline `none`; gup/floor_batched, when wired in, is the
-// floor of the 4 KiB gup rows (see gup_floor_batched_body).
+// comparison (compare.h), each row's baseline `none`; gup/floor_batched (gup_floor.h, when it is
+// in the tree) is the floor of the 4 KiB gup rows, measured in the same rounds.
 //
 // Each case ends with DevDax::unbind() (the address spaces still mapped, so unbind zaps them);
 // an unbind failure, a failed pin/unpin or a signal on a touch fails the case.
@@ -25,6 +25,7 @@
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -36,6 +37,11 @@
 
 #include "bench.h"
 #include "compare.h"
+// Set by CMakeLists.txt when gup_floor.cc is in the tree (a compile definition rather than
+// __has_include, so that a build cache sees the change).
+#if PGMAP_BENCH_HAVE_GUP_FLOOR
+#include "gup_floor.h"
+#endif
 #include "pgmap/dax/devdax.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
@@ -152,15 +158,38 @@ ThreadBody gup_body(GupDevice& g, std::uint64_t pages_per_call) {
   };
 }
 
-// HOOK for gup/floor_batched: the minimum work of a batched pin+unpin of kGupPages 4 KiB pages
-// (one walk per page-table page; per entry: load the PTE, one locked add of the pin bias on the
-// dense refcount, re-check the PTE, store the result; unpin one locked sub). Its kernel is the mm
-// layer's (tools/pgmap-bench/gup_floor.{h,cc}, not on main when this was written): return its
-// ThreadBody (ns per call; the comparison divides by kGupPages) once it is there. Until then the
-// gup comparison has no floor row, its floor_ratio is absent, and lock_pair is its stability floor.
-std::optional<ThreadBody> gup_floor_batched_body() {
+// gup/floor_batched: the minimum work of a batched pin+unpin of kGupPages 4 KiB pages (one walk
+// per page-table page; per entry: load the PTE, one locked add of the pin bias on the dense
+// refcount, re-check the PTE, store the result; unpin one locked sub). Its kernel is the mm
+// layer's GupFloor (tools/pgmap-bench/gup_floor.{h,cc}); when that file is absent from the tree
+// the gup comparison has no floor row, floor_ratio is absent, and lock_pair is its stability floor.
+struct GupFloorHook {
+  ThreadBody body;                 // ns per call; the comparison divides by kGupPages
+  std::function<bool()> balanced;  // after the run: every refcount back where it started
+};
+
+#if PGMAP_BENCH_HAVE_GUP_FLOOR
+std::optional<GupFloorHook> gup_floor_batched() {
+  struct State {
+    GupFloor floor;
+    std::uint64_t changed = 0;
+  };
+  auto st = std::make_shared<State>();
+  GupFloorHook hook;
+  hook.body = [st](unsigned, std::uint64_t ops) {
+    for (std::uint64_t i = 0; i < ops; ++i) {
+      st->changed += st->floor.pin_unpin(kGupPages);
+      clobber_memory();
+    }
+  };
+  hook.balanced = [st] { return st->changed == 0 && st->floor.balanced(); };
+  return hook;
+}
+#else
+std::optional<GupFloorHook> gup_floor_batched() {
   return std::nullopt;
 }
+#endif
 
 template <typename T>
 struct alignas(128) Isolated {
@@ -213,7 +242,9 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
     }
   }
   int floor = -1;
-  if (std::optional<ThreadBody> body = gup_floor_batched_body(); body && order == 0) {
+  std::optional<GupFloorHook> floor_hook;
+  if (order == 0) floor_hook = gup_floor_batched();
+  if (floor_hook) {
     Member m;
     m.row.suite = "gup";
     m.row.name = "floor_batched";
@@ -221,7 +252,7 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
     m.row.extra["pages_per_call"] = kGupPages;
     m.row.note = "floor: minimum work of a batched pin+unpin, per 4K page";
     m.variant = loop_variant(c.name + " floor_batched", {1, 1, cfg.min_rep_seconds},
-                             std::move(*body), static_cast<double>(kGupPages));
+                             floor_hook->body, static_cast<double>(kGupPages));
     c.members.push_back(std::move(m));
     floor = static_cast<int>(c.members.size()) - 1;
   }
@@ -264,6 +295,7 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
       failures += unbound.to_string() + "; ";
     }
   }
+  if (floor_hook && !floor_hook->balanced()) failures += "gup floor_batched: unbalanced refcounts";
   if (!failures.empty()) return Error(Errc::busy, failures);
   return rows;
 }
