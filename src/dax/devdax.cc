@@ -14,6 +14,7 @@
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
 #include "pgmap/memory/page_array.h"
+#include "pgmap/memory/page_ref.h"
 
 namespace pgmap::dax {
 namespace {
@@ -264,7 +265,15 @@ mm::FaultResult DevDax::fault(const mm::Vma& vma, const mm::FaultRequest& req) {
                                                std::memory_order_acq_rel)) {
     a->index_or_share(head).store(req.pgoff, std::memory_order_release);
   }
-  return mm::FaultResult::insert(acc->pfn, &pg);
+  // The reference the entry will hold, taken inside the read section: kill_dax waits for this
+  // section, so either the reference exists before unbind's folio wait starts (which then waits
+  // for it, and its zap removes the entry) or the fault saw the device dead.
+  auto ref = PageRef::get(pg, acc->pfn);
+  if (!ref) {
+    return mm::FaultResult::sigbus(
+        fmt::format("{}: cannot reference pfn {:#x}: {}", name_, acc->pfn, ref.error().to_string()));
+  }
+  return mm::FaultResult::insert(std::move(ref).value());
 }
 
 Errc DevDax::may_split(const mm::Vma& vma, std::uint64_t addr) {

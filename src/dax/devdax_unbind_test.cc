@@ -16,6 +16,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <tuple>
 #include <utility>
@@ -24,6 +25,7 @@
 #include "memory/testing/pagemap_fixture.h"
 #include "pgmap/core/diagnostics.h"
 #include "pgmap/core/error.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/dax/devdax.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/pfn.h"
@@ -266,6 +268,76 @@ TEST_P(DevDaxUnbindTest, UnbindRacesAccessesAndPins) {
   EXPECT_EQ(d_.pg->state(), DevPagemap::State::dead);
   EXPECT_EQ(d_.pg->late_accesses(), 0u);
   EXPECT_EQ(as.nr_entries(), 0u);
+}
+
+// Issue 7 item 1: a fault that has left DevDax::fault (and its read section) but not yet
+// installed its entry, while an unbind runs. The yield point "fault.after_owner" holds the fault
+// there until the unbind has completed or is waiting for folios. The reference the owner handed
+// back keeps the folio (and its metadata) alive, the unbind's zap makes the fault remove its
+// entry again, and the access ends in SIGBUS: never a read of torn-down metadata. (Before the
+// fix the address space took the reference only after this point: the unbind completed and the
+// fault read the unmapped metadata, a SIGSEGV of the test process.)
+namespace fault_race {
+std::atomic<bool> armed{false};
+std::atomic<bool> in_window{false};
+std::atomic<bool> unbind_done{false};
+std::atomic<bool> unbind_waiting{false};
+thread_local bool faulting_thread = false;
+
+void hook(const char* name) noexcept {
+  if (!faulting_thread || std::string_view(name) != "fault.after_owner") return;
+  if (!armed.exchange(false, std::memory_order_acq_rel)) return;
+  in_window.store(true, std::memory_order_release);
+  // Bounded: the fixed code's unbind cannot finish while this fault holds its reference; it
+  // reports progress (most strategies) or is given 300 ms (sweep reports none while it waits).
+  const auto t0 = std::chrono::steady_clock::now();
+  while (!unbind_done.load(std::memory_order_acquire) &&
+         !(unbind_waiting.load(std::memory_order_acquire) &&
+           std::chrono::steady_clock::now() - t0 > std::chrono::milliseconds(20)) &&
+         std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(300)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+}
+}  // namespace fault_race
+
+TEST_P(DevDaxUnbindTest, FaultBetweenOwnerAndInstallRacesUnbind) {
+  if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
+  namespace fr = fault_race;
+  AddressSpace as;
+  auto a = as.mmap(0, 2 * align_, kRW, mm::kMapShared, d_.dev, 0);
+  ASSERT_TRUE(a) << a.error().to_string();
+  fr::in_window = false;
+  fr::unbind_done = false;
+  fr::unbind_waiting = false;
+  fr::armed = true;
+  const YieldHook old = set_yield_hook(&fr::hook);
+  mm::SignalInfo sig;
+  std::thread faulter([&] {
+    fr::faulting_thread = true;
+    std::uint8_t b = 0;
+    sig = as.read(*a, &b, 1);
+  });
+  ASSERT_TRUE(eventually([] { return fr::in_window.load(); }));
+  MemunmapOptions o;
+  o.timeout = std::chrono::seconds(20);  // bounded: a leak fails instead of hanging
+  o.progress_every = std::chrono::milliseconds(1);
+  o.progress = [](const DrainProgress&) { fr::unbind_waiting.store(true); };
+  AsyncUnbind unbind;
+  DevDax& dev = *d_.dev;
+  unbind.start_with([&dev, o] {
+    auto res = dev.unbind(o);
+    fr::unbind_done.store(true, std::memory_order_release);
+    return res;
+  });
+  faulter.join();
+  auto r = unbind.join();
+  (void)set_yield_hook(old);
+  ASSERT_TRUE(r) << r.error().to_string();
+  // The fault either mapped the page before the zap (and the zap removed it) or saw the device
+  // dead: the access ends in SIGBUS, and no entry is left.
+  EXPECT_EQ(sig.signal, Signal::sigbus) << sig.why;
+  EXPECT_FALSE(as.lookup(*a));
+  EXPECT_EQ(d_.pg->state(), DevPagemap::State::dead);
 }
 
 INSTANTIATE_TEST_SUITE_P(Safe, DevDaxUnbindTest,

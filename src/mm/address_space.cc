@@ -10,8 +10,10 @@
 
 #include "mm/page_table.h"
 #include "pgmap/core/rcu.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/memory/page_array.h"
+#include "pgmap/memory/page_ref.h"
 
 namespace pgmap::mm {
 namespace {
@@ -182,27 +184,33 @@ struct AddressSpace::Impl {
         }
         FaultRequest req{at, v->pgoff_of(at), level, write};
         FaultResult res = owner.fault(*v, req);
+        // The owner's read section has ended: only the reference it handed back keeps the folio
+        // and its pagemap alive from here on.
+        PGMAP_YIELD_POINT("fault.after_owner");
         if (res.kind == FaultResult::Kind::fallback) continue;
         if (res.kind == FaultResult::Kind::sigbus) return sigbus(addr, level, std::move(res.why));
-        DevPagemap* pg = res.pgmap;
-        PageArray* a = pg == nullptr ? nullptr : pg->array_for(res.pfn);
+        PageRef ref = std::move(res.ref);
+        if (!ref || ref.refs() != 1) {
+          return sigbus(addr, level,
+                        fmt::format("{} returned an insert without exactly one folio reference",
+                                    owner.name()));
+        }
+        DevPagemap* pg = ref.pagemap();
+        const Pfn pfn = ref.pfn();
+        PageArray* a = pg->array_for(pfn);
         if (a == nullptr) {
           return sigbus(
               addr, level,
-              fmt::format("{} returned pfn {:#x} outside its pagemap", owner.name(), res.pfn));
+              fmt::format("{} returned pfn {:#x} outside its pagemap", owner.name(), pfn));
         }
         // The entry must lie inside one folio at least as large as the level.
-        if (!is_aligned(res.pfn, order_pages(level_order(level))) ||
-            a->order(a->index_of(res.pfn)) < level_order(level)) {
-          continue;
+        if (!is_aligned(pfn, order_pages(level_order(level))) ||
+            a->order(a->index_of(pfn)) < level_order(level)) {
+          continue;  // `ref` is released: try the next smaller level
         }
-        if (Errc e = pg->get_folio(res.pfn); e != Errc::ok) {
-          return sigbus(addr, level,
-                        fmt::format("cannot reference pfn {:#x} of {}: {}", res.pfn, pg->name(),
-                                    errc_name(e)));
-        }
-        switch (pt.install(at, level, res.pfn, pg, write)) {
+        switch (pt.install(at, level, pfn, pg, write)) {
           case PageTable::Install::installed:
+            (void)ref.disown();  // the entry owns the reference now; zap drops it
             sanitizer::full_fence();  // the entry store before the sequence load
             if (owner.mapping_seq() != seq) {
               // unmap_mapping_range ran since fault(): this entry may be stale.
@@ -213,12 +221,10 @@ struct AddressSpace::Impl {
             retry = true;
             break;
           case PageTable::Install::mapped:
-            (void)pg->put_folio(res.pfn);  // a concurrent fault won
-            retry = true;
+            retry = true;  // a concurrent fault won; `ref` is released
             break;
           case PageTable::Install::blocked:
-            (void)pg->put_folio(res.pfn);  // smaller entries appeared: try a smaller level
-            break;
+            break;  // smaller entries appeared: try a smaller level; `ref` is released
         }
       }
       if (!retry) {

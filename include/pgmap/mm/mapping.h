@@ -5,19 +5,42 @@
 // A MappingOwner is what a VMA maps (its "file"). The address space calls it:
 //   on_mmap()    when a VMA is created over it (the kernel's f_op->mmap / check_vma): may refuse;
 //   fault()      when an access finds no page-table entry (vm_ops->fault / huge_fault): returns a
-//                pfn to insert at a level, FALLBACK to retry at a smaller level, or a signal;
+//                folio reference to insert at a level, FALLBACK to retry at a smaller level, or
+//                SIGBUS;
 //   may_split()  before munmap / mprotect / mremap cut a VMA at `addr` (vm_ops->may_split);
 //   on_close()   when a VMA over it goes away (vm_ops->close).
 // The owner keeps the set of VMAs that map it (i_mmap) so it can zap every user mapping of a
 // range of its pages (unmap_mapping_range), e.g. when the device is unbound.
 //
-// Inserting a page-table entry takes one folio reference and one mapcount on the folio (as the
-// kernel's vmf_insert_page_mkwrite / vmf_insert_folio_pmd do since v6.15); zapping it drops them.
-// The folio's pagemap must be alive when fault() returns a pfn (the owner checks under its read
-// section); from then on the mapping's folio reference keeps it alive (I1).
+// The fault contract (what an owner must do; the kernel inserts the page inside the dax read
+// section that kill_dax waits for, and this is the same guarantee):
+//   1. Decide inside the owner's own exclusion against teardown (devdax: DaxDevice::ReadLock,
+//      which kill_dax waits for; fsdax: the mapping entry lock, which truncate/unbind take) that
+//      the page may be mapped, and take ONE folio reference on it there (PageRef::get, or
+//      PageRef::adopt of a reference taken by get_folio) -- before leaving that section.
+//   2. Return FaultResult::insert(std::move(ref)). The reference is the only thing that keeps the
+//      folio and its pagemap alive once the section ends (I1); the address space never looks the
+//      pfn up without it. It reads the folio's metadata only through the reference's pagemap.
+//   3. The address space adopts the reference as the new page-table entry's reference (and adds a
+//      mapcount); if the entry cannot be installed (another fault won, smaller entries are in the
+//      way, the pfn is not aligned to the level or its folio is smaller than the level) the
+//      reference is released and the next level, or a retry, follows.
+//   4. A teardown that changes what fault() returns must call unmap_mapping_range() after the
+//      change (after kill_dax, after truncating the range): a fault that returned before the zap
+//      and installs after it sees mapping_seq() move and removes its entry again (dropping the
+//      reference), so no entry survives the zap and the teardown's wait for idle folios ends.
+//   An owner that returns a reference after its teardown waited for its section is a bug of the
+//   owner: the teardown's folio wait (memunmap) then waits for that reference (bounded by its
+//   timeout), it never reads torn-down metadata.
+// fault() is called with mmap_lock held shared (or exclusive); it may block briefly (it takes the
+// owner's read section and locks) but must not take mmap_lock or call back into the address space.
+//
+// Inserting a page-table entry keeps the owner's folio reference and adds one mapcount on the
+// folio (as the kernel's vmf_insert_page_mkwrite / vmf_insert_folio_pmd do since v6.15); zapping
+// it drops both.
 //
 // Lock order (docs/lock-order.md): AddressSpace::mmap_lock (shared for faults, exclusive for VMA
-// changes) -> MappingOwner's i_mmap lock -> page-table entries (atomics, no lock).
+// changes) -> MappingOwner's read section / i_mmap lock -> page-table entries (atomics, no lock).
 #pragma once
 
 #include <atomic>
@@ -28,6 +51,7 @@
 #include <string>
 
 #include "pgmap/core/error.h"
+#include "pgmap/memory/page_ref.h"
 #include "pgmap/memory/pfn.h"
 
 namespace pgmap {
@@ -78,16 +102,17 @@ struct FaultRequest {
 struct FaultResult {
   enum class Kind : std::uint8_t { insert, fallback, sigbus };
   Kind kind = Kind::sigbus;
-  // First pfn to map at request.addr: aligned to the level's size, inside one folio of at least
-  // that size (a PTE may map one page of a larger folio; a PMD needs a 2 MiB or larger folio).
-  // An entry the folio cannot back is retried at the next smaller level.
-  Pfn pfn = 0;
-  DevPagemap* pgmap = nullptr;  // its pagemap (alive: checked by the owner)
-  std::string why;              // for sigbus
+  // insert: one reference on the folio to map, taken by the owner inside its read section (see
+  // the fault contract above). ref.pfn() is the first pfn to map at request.addr: aligned to the
+  // level's size, inside one folio of at least that size (a PTE may map one page of a larger
+  // folio; a PMD needs a 2 MiB or larger folio); otherwise the address space releases the
+  // reference and retries at the next smaller level. ref.refs() must be 1.
+  PageRef ref;
+  std::string why;  // for sigbus
 
-  static FaultResult insert(Pfn pfn, DevPagemap* pgmap) { return {Kind::insert, pfn, pgmap, {}}; }
-  static FaultResult fallback() { return {Kind::fallback, 0, nullptr, {}}; }
-  static FaultResult sigbus(std::string why) { return {Kind::sigbus, 0, nullptr, std::move(why)}; }
+  static FaultResult insert(PageRef ref) { return {Kind::insert, std::move(ref), {}}; }
+  static FaultResult fallback() { return {Kind::fallback, PageRef{}, {}}; }
+  static FaultResult sigbus(std::string why) { return {Kind::sigbus, PageRef{}, std::move(why)}; }
 };
 
 class MappingOwner {
@@ -106,6 +131,8 @@ class MappingOwner {
   // A VMA is being created over [vma.pgoff, + len) of the owner and is not yet visible to
   // anyone: the owner may refuse (any Errc) or set vma.owner_data.
   virtual Errc on_mmap(Vma& vma) = 0;
+  // See the fault contract at the top of this file: a FaultResult::insert carries a reference the
+  // owner took inside its read section.
   virtual FaultResult fault(const Vma& vma, const FaultRequest& req) = 0;
   // munmap/mprotect/mremap want to cut `vma` at `addr`. Errc::invalid_argument refuses.
   virtual Errc may_split(const Vma& vma, std::uint64_t addr) {

@@ -9,6 +9,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -20,6 +21,7 @@
 #include "pgmap/core/error.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
+#include "pgmap/memory/page_ref.h"
 #include "pgmap/memory/pfn.h"
 #include "pgmap/mm/mapping.h"
 
@@ -73,7 +75,11 @@ class FakeOwner : public MappingOwner {
     if (pgmap_->state() != DevPagemap::State::live) {
       return FaultResult::sigbus("pagemap of " + opts_.name + " is not live");
     }
-    return FaultResult::insert(pfn, pgmap_.get());
+    // The owner's "read section" is this call: the reference is taken before it returns.
+    auto ref = PageRef::get(*pgmap_, pfn);
+    if (!ref) return FaultResult::sigbus("cannot reference a page of " + opts_.name);
+    if (after_fault_) after_fault_();
+    return FaultResult::insert(std::move(ref).value());
   }
 
   Errc may_split(const Vma& vma, std::uint64_t addr) override {
@@ -97,6 +103,10 @@ class FakeOwner : public MappingOwner {
   }
   void refuse_mmap(Errc e) { refuse_mmap_.store(e, std::memory_order_relaxed); }
   void refuse_split(bool refuse) { refuse_split_.store(refuse, std::memory_order_relaxed); }
+  // Runs at the end of every successful fault() (after the reference was taken): a test widens
+  // the window between the owner's fault and the address space installing the entry with it.
+  // Set before the owner is used concurrently.
+  void set_after_fault(std::function<void()> fn) { after_fault_ = std::move(fn); }
 
   // ---- observations ----
   DevPagemap& pgmap() const { return *pgmap_; }
@@ -126,6 +136,7 @@ class FakeOwner : public MappingOwner {
   mutable std::mutex mu_;
   std::set<std::uint64_t> holes_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> closed_;
+  std::function<void()> after_fault_;
 };
 
 // A pagemap over a fresh anonymous backing and a FakeOwner over all of it.
