@@ -45,6 +45,13 @@ bool range_ok(std::uint64_t start, std::uint64_t len) {
   return start <= AddressSpace::kTaskSize && len <= AddressSpace::kTaskSize - start;
 }
 
+// len rounded up to whole pages, or nullopt when no range of that length fits the user address
+// range (checked before rounding: align_up of a length near 2^64 wraps to a small value).
+std::optional<std::uint64_t> page_len(std::uint64_t len) {
+  if (len > AddressSpace::kTaskSize) return std::nullopt;
+  return align_up(len, kPageSize);
+}
+
 }  // namespace
 
 struct AddressSpace::Impl {
@@ -346,8 +353,9 @@ Result<std::uint64_t> AddressSpace::mmap(std::uint64_t addr, std::uint64_t len, 
 
 Errc AddressSpace::munmap(std::uint64_t addr, std::uint64_t len) {
   if (len == 0 || !is_aligned(addr, kPageSize)) return Errc::invalid_argument;
-  len = align_up(len, kPageSize);
-  if (!range_ok(addr, len)) return Errc::invalid_argument;
+  const auto rounded = page_len(len);  // Linux: EINVAL when the rounded range wraps
+  if (!rounded || !range_ok(addr, *rounded)) return Errc::invalid_argument;
+  len = *rounded;
   std::unique_lock<std::shared_mutex> lock(mmap_lock_);
   if (impl_->check_cut(addr) != Errc::ok || impl_->check_cut(addr + len) != Errc::ok) {
     return Errc::invalid_argument;
@@ -360,8 +368,10 @@ Errc AddressSpace::mprotect(std::uint64_t addr, std::uint64_t len, std::uint32_t
   if (len == 0 || !is_aligned(addr, kPageSize) || (prot & ~(kProtRead | kProtWrite)) != 0) {
     return Errc::invalid_argument;
   }
-  len = align_up(len, kPageSize);
-  if (!range_ok(addr, len)) return Errc::invalid_argument;
+  const auto rounded = page_len(len);
+  // Linux: ENOMEM when the rounded range wraps or leaves the user address range.
+  if (!rounded || !range_ok(addr, *rounded)) return Errc::no_memory;
+  len = *rounded;
   const std::uint64_t end = addr + len;
   std::unique_lock<std::shared_mutex> lock(mmap_lock_);
   std::vector<Vma*> affected = impl_->overlapping(addr, end);
@@ -418,8 +428,14 @@ Result<std::uint64_t> AddressSpace::mremap(std::uint64_t old_addr, std::uint64_t
   if (fixed && (!may_move || !is_aligned(new_addr, kPageSize))) {
     return Error(Errc::invalid_argument, "mremap: MREMAP_FIXED needs MREMAP_MAYMOVE and alignment");
   }
-  old_len = align_up(old_len, kPageSize);
-  new_len = align_up(new_len, kPageSize);
+  // Linux: EINVAL when a length rounds up past the end of the address space (PAGE_ALIGN wraps).
+  const auto old_rounded = page_len(old_len);
+  const auto new_rounded = page_len(new_len);
+  if (!old_rounded || !new_rounded) {
+    return Error(Errc::invalid_argument, "mremap: length past the task size");
+  }
+  old_len = *old_rounded;
+  new_len = *new_rounded;
   if (!range_ok(old_addr, old_len) || !range_ok(old_addr, new_len)) {
     return Error(Errc::out_of_range, "mremap: range past the task size");
   }
@@ -519,11 +535,17 @@ std::unique_ptr<AddressSpace> AddressSpace::fork() {
 
 SignalInfo AddressSpace::read(std::uint64_t addr, void* buf, std::uint64_t len) {
   if (len != 0 && buf == nullptr) return sigsegv(0, "read into a null buffer");
+  if (!range_ok(addr, len)) {  // access_ok: nothing is copied
+    return sigsegv(addr, fmt::format("read of [{:#x}, +{:#x}) past the task size", addr, len));
+  }
   return impl_->access(addr, static_cast<std::byte*>(buf), nullptr, len);
 }
 
 SignalInfo AddressSpace::write(std::uint64_t addr, const void* buf, std::uint64_t len) {
   if (len != 0 && buf == nullptr) return sigsegv(0, "write from a null buffer");
+  if (!range_ok(addr, len)) {  // access_ok: nothing is copied
+    return sigsegv(addr, fmt::format("write of [{:#x}, +{:#x}) past the task size", addr, len));
+  }
   return impl_->access(addr, nullptr, static_cast<const std::byte*>(buf), len);
 }
 

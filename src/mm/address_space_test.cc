@@ -165,6 +165,61 @@ TEST_F(AddressSpaceTest, MunmapRemovesAndClosesVma) {
   EXPECT_EQ(as.munmap(a + 1, page(1)), Errc::invalid_argument);
 }
 
+// Issue 7 item 7: lengths that wrap when rounded up to a page. Linux: munmap and mremap EINVAL,
+// mprotect ENOMEM; nothing changes (the mapping, its entries and its data are intact).
+TEST_F(AddressSpaceTest, LengthsThatWrapWhenRoundedAreRefusedAndChangeNothing) {
+  constexpr std::uint64_t kMax = ~std::uint64_t{0};
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 4 * kMiB);
+  const std::vector<std::uint8_t> data = pattern(page(4), 3);
+  ASSERT_FALSE(as.write(a, data.data(), data.size()));
+  const std::uint64_t entries = as.nr_entries();
+  auto intact = [&] {
+    EXPECT_EQ(as.nr_vmas(), 1u);
+    auto v = as.find_vma(a);
+    ASSERT_TRUE(v);
+    EXPECT_EQ(v->start, a);
+    EXPECT_EQ(v->end, a + 4 * kMiB);
+    EXPECT_EQ(v->flags & (kVmRead | kVmWrite), kVmRead | kVmWrite);
+    EXPECT_EQ(as.nr_entries(), entries);
+    std::vector<std::uint8_t> back(data.size());
+    EXPECT_FALSE(as.read(a, back.data(), back.size()));
+    EXPECT_EQ(back, data);
+  };
+  for (std::uint64_t len : {kMax, kMax - page(1) + 2, kMax - 1}) {
+    EXPECT_EQ(as.munmap(a, len), Errc::invalid_argument) << len;
+    intact();
+    EXPECT_EQ(as.mprotect(a, len, kProtRead), Errc::no_memory) << len;
+    intact();
+    EXPECT_EQ(as.mremap(a, 4 * kMiB, len, kMremapMayMove).code(), Errc::invalid_argument) << len;
+    intact();
+    EXPECT_EQ(as.mremap(a, len, page(1), 0).code(), Errc::invalid_argument) << len;
+    intact();
+    // read/write of a range that wraps: access_ok fails, nothing is copied.
+    std::uint8_t b = 0;
+    EXPECT_EQ(as.read(a, &b, len).signal, Signal::sigsegv);
+    EXPECT_EQ(as.write(a, &b, len).signal, Signal::sigsegv);
+    intact();
+  }
+  // A length that does not wrap but passes the end of the address space: refused as well.
+  EXPECT_EQ(as.munmap(a, AddressSpace::kTaskSize), Errc::invalid_argument);
+  EXPECT_EQ(as.mprotect(a, AddressSpace::kTaskSize, kProtRead), Errc::no_memory);
+  intact();
+  // mmap: a length or offset past the owner (the sum would wrap).
+  EXPECT_EQ(as.mmap(0, kMax & ~(kPageSize - 1), kRW, kMapShared, d.owner, page(1)).code(),
+            Errc::out_of_range);
+  EXPECT_EQ(as.mmap(0, page(1), kRW, kMapShared, d.owner, kMax & ~(kPageSize - 1)).code(),
+            Errc::out_of_range);
+  EXPECT_EQ(as.mmap(kMax & ~(kPageSize - 1), page(2), kRW, kMapShared | kMapFixed, d.owner, 0)
+                .code(),
+            Errc::out_of_range);
+  intact();
+  // unmap_mapping_range with pgoff + npages past 2^64 zaps to the end, no wrap to a small range.
+  EXPECT_EQ(d.owner->unmap_mapping_range(2, kMax), entries - 2);
+  EXPECT_EQ(as.nr_entries(), 2u);
+}
+
 // A read fault inserts one PTE (vmf_insert_page_mkwrite, v6.15): one folio reference and one
 // mapcount; read-only until a write fault (§3.4 post-condition, §2.1 refcount table).
 TEST_F(AddressSpaceTest, FaultInsertsPteWithExactCounts) {
