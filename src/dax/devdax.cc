@@ -257,9 +257,14 @@ mm::FaultResult DevDax::fault(const mm::Vma& vma, const mm::FaultRequest& req) {
       }
     }
   }
-  // dax_set_mapping: record the owner and file index on the folio head, once.
   PageArray* a = pg.array_for(acc->pfn);
   const std::uint64_t head = a->head_of(a->index_of(acc->pfn));
+  // A memory failure recorded on the folio: the access would consume poison (BUS_MCEERR_AR).
+  if ((a->flags(head).load(std::memory_order_acquire) & kPagePoisoned) != 0) {
+    return mm::FaultResult::memory_failure(
+        fmt::format("{}: pfn {:#x} is poisoned (memory failure)", name_, acc->pfn));
+  }
+  // dax_set_mapping: record the owner and file index on the folio head, once.
   const void* expected = nullptr;
   if (a->mapping(head).compare_exchange_strong(expected, static_cast<const mm::MappingOwner*>(this),
                                                std::memory_order_acq_rel)) {
@@ -270,8 +275,8 @@ mm::FaultResult DevDax::fault(const mm::Vma& vma, const mm::FaultRequest& req) {
   // for it, and its zap removes the entry) or the fault saw the device dead.
   auto ref = PageRef::get(pg, acc->pfn);
   if (!ref) {
-    return mm::FaultResult::sigbus(
-        fmt::format("{}: cannot reference pfn {:#x}: {}", name_, acc->pfn, ref.error().to_string()));
+    return mm::FaultResult::sigbus(fmt::format("{}: cannot reference pfn {:#x}: {}", name_,
+                                               acc->pfn, ref.error().to_string()));
   }
   return mm::FaultResult::insert(std::move(ref).value());
 }

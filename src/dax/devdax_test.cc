@@ -302,8 +302,8 @@ TEST_P(DevDaxTest, FaultRecordsMappingOnTheFolioHead) {
   EXPECT_EQ(arr->index_or_share(head).load(), pgoff);
 }
 
-// dev_dax_huge_fault under dax_read_lock: a dead device maps nothing (SIGBUS, si_addr_lsb of the
-// level tried), and no reference is taken.
+// dev_dax_huge_fault under dax_read_lock: a dead device maps nothing (SIGBUS BUS_ADRERR,
+// si_addr_lsb 0 as Linux for a non-memory-failure SIGBUS), and no reference is taken.
 TEST_P(DevDaxTest, FaultOnDeadDeviceIsSigbusAndMapsNothing) {
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d_, align());
@@ -312,9 +312,32 @@ TEST_P(DevDaxTest, FaultOnDeadDeviceIsSigbusAndMapsNothing) {
   mm::SignalInfo sig = as.write(a, &byte, 1);
   EXPECT_EQ(sig.signal, Signal::sigbus);
   EXPECT_EQ(sig.addr, a);
-  EXPECT_EQ(sig.addr_lsb, kPageShift + level_order(level()));
+  EXPECT_EQ(sig.code, mm::SigCode::bus_adrerr);
+  EXPECT_EQ(sig.addr_lsb, 0u);
   EXPECT_EQ(as.nr_entries(), 0u);
   EXPECT_EQ(refcount(0), 0u);
+}
+
+// A fault on a folio with a recorded memory failure consumes poison: SIGBUS BUS_MCEERR_AR with
+// si_addr_lsb of the mapping size (12, 21 or 30), nothing mapped, no reference taken.
+TEST_P(DevDaxTest, FaultOnPoisonedFolioIsMceerrWithAddrLsb) {
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d_, 2 * align());
+  PageArray* arr = d_.pg->array_for(d_.base());
+  ASSERT_NE(arr, nullptr);
+  const std::uint64_t pages = align() >> kPageShift;
+  arr->flags(arr->head_of(arr->index_of(d_.base() + pages))).fetch_or(kPagePoisoned);
+  std::uint8_t byte = 1;
+  EXPECT_FALSE(as.write(a, &byte, 1));  // the first folio is fine
+  mm::SignalInfo sig = as.read(a + align() + 8, &byte, 1);
+  EXPECT_EQ(sig.signal, Signal::sigbus);
+  EXPECT_EQ(sig.code, mm::SigCode::bus_mceerr_ar);
+  EXPECT_EQ(sig.addr, a + align() + 8);
+  EXPECT_EQ(sig.addr_lsb, kPageShift + level_order(level()));
+  EXPECT_EQ(as.nr_entries(), 1u);
+  EXPECT_EQ(refcount(pages), 0u);
+  arr->flags(arr->head_of(arr->index_of(d_.base() + pages)))
+      .fetch_and(static_cast<std::uint8_t>(~kPagePoisoned));
 }
 
 // dev_dax_may_split: munmap, mprotect and mremap may not cut a VMA off the alignment (-EINVAL);

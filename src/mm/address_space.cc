@@ -10,8 +10,8 @@
 
 #include "mm/page_table.h"
 #include "pgmap/core/rcu.h"
-#include "pgmap/core/yield_point.h"
 #include "pgmap/core/sanitizer.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/page_ref.h"
 
@@ -20,17 +20,24 @@ namespace {
 
 constexpr std::uint64_t kGiB = std::uint64_t{1} << 30;
 
-// si_addr_lsb of a fault at `level`.
-constexpr unsigned addr_lsb(Level l) {
+// si_addr_lsb of a memory-failure SIGBUS at `level` (log2 of the mapping size).
+constexpr unsigned mce_addr_lsb(Level l) {
   return kPageShift + level_order(l);
 }
 
-SignalInfo sigsegv(std::uint64_t addr, std::string why) {
-  return SignalInfo{Signal::sigsegv, addr, kPageShift, std::move(why)};
+SignalInfo sigsegv(std::uint64_t addr, SigCode code, std::string why) {
+  return SignalInfo{Signal::sigsegv, code, addr, 0, std::move(why)};
+}
+
+// BUS_ADRERR (addr_lsb 0, as Linux) or BUS_MCEERR_* (addr_lsb of the level).
+SignalInfo sigbus(std::uint64_t addr, Level level, SigCode code, std::string why) {
+  const bool mce = code == SigCode::bus_mceerr_ar || code == SigCode::bus_mceerr_ao;
+  return SignalInfo{Signal::sigbus, mce ? code : SigCode::bus_adrerr, addr,
+                    mce ? mce_addr_lsb(level) : 0u, std::move(why)};
 }
 
 SignalInfo sigbus(std::uint64_t addr, Level level, std::string why) {
-  return SignalInfo{Signal::sigbus, addr, addr_lsb(level), std::move(why)};
+  return sigbus(addr, level, SigCode::bus_adrerr, std::move(why));
 }
 
 std::uint32_t prot_flags(std::uint32_t prot) {
@@ -164,12 +171,15 @@ struct AddressSpace::Impl {
 
   SignalInfo fault(std::uint64_t addr, bool write) {
     Vma* v = find(addr);
-    if (v == nullptr) return sigsegv(addr, fmt::format("no VMA at {:#x}", addr));
+    if (v == nullptr)
+      return sigsegv(addr, SigCode::segv_maperr, fmt::format("no VMA at {:#x}", addr));
     if (write && !v->writable()) {
-      return sigsegv(addr, fmt::format("write to read-only VMA [{:#x}, {:#x})", v->start, v->end));
+      return sigsegv(addr, SigCode::segv_accerr,
+                     fmt::format("write to read-only VMA [{:#x}, {:#x})", v->start, v->end));
     }
     if ((v->flags & (kVmRead | kVmWrite)) == 0) {
-      return sigsegv(addr, fmt::format("access to PROT_NONE VMA [{:#x}, {:#x})", v->start, v->end));
+      return sigsegv(addr, SigCode::segv_accerr,
+                     fmt::format("access to PROT_NONE VMA [{:#x}, {:#x})", v->start, v->end));
     }
     MappingOwner& owner = *v->owner;
     for (;;) {
@@ -195,7 +205,9 @@ struct AddressSpace::Impl {
         // and its pagemap alive from here on.
         PGMAP_YIELD_POINT("fault.after_owner");
         if (res.kind == FaultResult::Kind::fallback) continue;
-        if (res.kind == FaultResult::Kind::sigbus) return sigbus(addr, level, std::move(res.why));
+        if (res.kind == FaultResult::Kind::sigbus) {
+          return sigbus(addr, level, res.code, std::move(res.why));
+        }
         PageRef ref = std::move(res.ref);
         if (!ref || ref.refs() != 1) {
           return sigbus(addr, level,
@@ -217,7 +229,7 @@ struct AddressSpace::Impl {
         }
         switch (pt.install(at, level, pfn, pg, write)) {
           case PageTable::Install::installed:
-            (void)ref.disown();  // the entry owns the reference now; zap drops it
+            (void)ref.disown();       // the entry owns the reference now; zap drops it
             sanitizer::full_fence();  // the entry store before the sequence load
             if (owner.mapping_seq() != seq) {
               // unmap_mapping_range ran since fault(): this entry may be stale.
@@ -534,17 +546,21 @@ std::unique_ptr<AddressSpace> AddressSpace::fork() {
 }
 
 SignalInfo AddressSpace::read(std::uint64_t addr, void* buf, std::uint64_t len) {
-  if (len != 0 && buf == nullptr) return sigsegv(0, "read into a null buffer");
+  if (len != 0 && buf == nullptr)
+    return sigsegv(0, SigCode::segv_maperr, "read into a null buffer");
   if (!range_ok(addr, len)) {  // access_ok: nothing is copied
-    return sigsegv(addr, fmt::format("read of [{:#x}, +{:#x}) past the task size", addr, len));
+    return sigsegv(addr, SigCode::segv_maperr,
+                   fmt::format("read of [{:#x}, +{:#x}) past the task size", addr, len));
   }
   return impl_->access(addr, static_cast<std::byte*>(buf), nullptr, len);
 }
 
 SignalInfo AddressSpace::write(std::uint64_t addr, const void* buf, std::uint64_t len) {
-  if (len != 0 && buf == nullptr) return sigsegv(0, "write from a null buffer");
+  if (len != 0 && buf == nullptr)
+    return sigsegv(0, SigCode::segv_maperr, "write from a null buffer");
   if (!range_ok(addr, len)) {  // access_ok: nothing is copied
-    return sigsegv(addr, fmt::format("write of [{:#x}, +{:#x}) past the task size", addr, len));
+    return sigsegv(addr, SigCode::segv_maperr,
+                   fmt::format("write of [{:#x}, +{:#x}) past the task size", addr, len));
   }
   return impl_->access(addr, nullptr, static_cast<const std::byte*>(buf), len);
 }

@@ -8,6 +8,24 @@
 
 namespace pgmap::mm {
 
+const char* sig_code_name(SigCode c) noexcept {
+  switch (c) {
+    case SigCode::none:
+      return "none";
+    case SigCode::bus_adrerr:
+      return "BUS_ADRERR";
+    case SigCode::bus_mceerr_ar:
+      return "BUS_MCEERR_AR";
+    case SigCode::bus_mceerr_ao:
+      return "BUS_MCEERR_AO";
+    case SigCode::segv_maperr:
+      return "SEGV_MAPERR";
+    case SigCode::segv_accerr:
+      return "SEGV_ACCERR";
+  }
+  return "?";
+}
+
 void MappingOwner::link(Vma* vma) {
   std::lock_guard<std::mutex> lock(i_mmap_mu_);
   i_mmap_.insert(vma);

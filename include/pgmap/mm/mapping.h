@@ -81,14 +81,33 @@ enum VmFlags : std::uint32_t {
   kVmFsDax = 1u << 4,   // ... of a DAX filesystem (vma_is_fsdax: FOLL_LONGTERM is refused)
 };
 
-// What a real process would receive. si_addr and si_addr_lsb (log2 of the size of the mapping
-// that failed: 12, 21 or 30) as in the kernel's SIGBUS reports.
+// What a real process would receive: the signal, its si_code, si_addr and si_addr_lsb, as
+// Linux fills them.
+//   SIGSEGV SEGV_MAPERR   no VMA at the address (addr_lsb 0)
+//   SIGSEGV SEGV_ACCERR   a VMA is there but its protection forbids the access (addr_lsb 0)
+//   SIGBUS  BUS_ADRERR    the owner cannot map the address: a removed or disabled device, a
+//                         misaligned devdax VMA, an offset past the device (addr_lsb 0: Linux
+//                         sets si_addr_lsb only for memory failures)
+//   SIGBUS  BUS_MCEERR_AR memory failure consumed by this access (a poisoned folio): addr_lsb is
+//                         log2 of the size of the mapping that failed (12, 21 or 30)
+//   SIGBUS  BUS_MCEERR_AO memory failure reported asynchronously, not by an access (the same
+//                         addr_lsb); no fault produces it, it exists for owners that report one.
 enum class Signal : std::uint8_t { none, sigbus, sigsegv };
+enum class SigCode : std::uint8_t {
+  none,
+  bus_adrerr,
+  bus_mceerr_ar,
+  bus_mceerr_ao,
+  segv_maperr,
+  segv_accerr,
+};
+const char* sig_code_name(SigCode c) noexcept;
 struct SignalInfo {
   Signal signal = Signal::none;
+  SigCode code = SigCode::none;
   std::uint64_t addr = 0;
-  unsigned addr_lsb = 0;
-  std::string why;  // human-readable cause, for tests and diagnostics
+  unsigned addr_lsb = 0;  // only for BUS_MCEERR_*; 0 otherwise
+  std::string why;        // human-readable cause, for tests and diagnostics
   explicit operator bool() const noexcept { return signal != Signal::none; }
 };
 
@@ -109,10 +128,21 @@ struct FaultResult {
   // reference and retries at the next smaller level. ref.refs() must be 1.
   PageRef ref;
   std::string why;  // for sigbus
+  // sigbus: BUS_ADRERR (the page cannot be mapped) or BUS_MCEERR_AR (the folio is poisoned).
+  SigCode code = SigCode::none;
 
-  static FaultResult insert(PageRef ref) { return {Kind::insert, std::move(ref), {}}; }
-  static FaultResult fallback() { return {Kind::fallback, PageRef{}, {}}; }
-  static FaultResult sigbus(std::string why) { return {Kind::sigbus, PageRef{}, std::move(why)}; }
+  static FaultResult insert(PageRef ref) {
+    return {Kind::insert, std::move(ref), {}, SigCode::none};
+  }
+  static FaultResult fallback() { return {Kind::fallback, PageRef{}, {}, SigCode::none}; }
+  static FaultResult sigbus(std::string why) {
+    return {Kind::sigbus, PageRef{}, std::move(why), SigCode::bus_adrerr};
+  }
+  // A memory failure on the folio (the access consumed poison): BUS_MCEERR_AR with addr_lsb of the
+  // level that was tried.
+  static FaultResult memory_failure(std::string why) {
+    return {Kind::sigbus, PageRef{}, std::move(why), SigCode::bus_mceerr_ar};
+  }
 };
 
 class MappingOwner {
