@@ -103,7 +103,7 @@ class DevDaxUnbindTest : public ::testing::TestWithParam<Param> {
   }
 
   // Maps two folios, writes them, and pins one page of the second with a long-term pin.
-  std::vector<mm::GupPage> map_and_pin(AddressSpace& as, std::uint64_t* addr) {
+  mm::PinnedPages map_and_pin(AddressSpace& as, std::uint64_t* addr) {
     auto a = as.mmap(0, 2 * align_, kRW, mm::kMapShared, d_.dev, 0);
     EXPECT_TRUE(a) << a.error().to_string();
     if (!a) return {};
@@ -112,7 +112,7 @@ class DevDaxUnbindTest : public ::testing::TestWithParam<Param> {
     EXPECT_FALSE(as.write(*a, data.data(), data.size()));
     auto pins = mm::pin_user_pages(as, *a + align_, 1, kLongtermPin);
     EXPECT_TRUE(pins) << pins.error().to_string();
-    return pins ? std::move(pins).value() : std::vector<mm::GupPage>{};
+    return pins ? std::move(pins).value() : mm::PinnedPages{};
   }
   Pfn pinned_head() const { return d_.pg->range(0).start + (align_ >> kPageShift); }
 
@@ -206,7 +206,7 @@ TEST_P(DevDaxUnbindTest, WaitBlocksUntilAnotherThreadUnpins) {
   EXPECT_EQ(as.read(a, &b, 1).signal, Signal::sigbus);  // while it waits
 
   Errc unpinned = Errc::invalid_argument;
-  std::thread other([&] { unpinned = mm::unpin_user_pages(pins); });
+  std::thread other([&] { unpinned = mm::unpin_user_pages(pins); });  // the set moves with it
   other.join();
   EXPECT_EQ(unpinned, Errc::ok);
   auto r = un.join();

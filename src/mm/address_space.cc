@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "mm/gup_access.h"
 #include "mm/page_table.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
@@ -598,6 +599,10 @@ std::size_t AddressSpace::nr_vmas() const {
 
 std::uint64_t AddressSpace::nr_entries() const noexcept {
   return impl_->pt.nr_entries();
+}
+
+const PageTable& detail::GupAccess::page_table(const AddressSpace& as) noexcept {
+  return as.impl_->pt;
 }
 
 std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end) {

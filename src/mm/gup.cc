@@ -3,27 +3,22 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
+#include <atomic>
 #include <mutex>
 #include <shared_mutex>
 #include <string>
 #include <utility>
 
+#include "mm/gup_access.h"
+#include "mm/page_table.h"
+#include "pgmap/core/rcu.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 
 namespace pgmap::mm {
+
 namespace {
-
-// The folio of pfn in pgmap: its metadata array and head entry.
-struct FolioLoc {
-  PageArray* array = nullptr;
-  std::uint64_t head = 0;
-};
-
-FolioLoc folio_of(const DevPagemap& pg, Pfn pfn) noexcept {
-  PageArray* a = pg.array_for(pfn);
-  if (a == nullptr) return {};
-  return {a, a->head_of(a->index_of(pfn))};
-}
 
 const char* signal_name(Signal s) {
   switch (s) {
@@ -37,110 +32,89 @@ const char* signal_name(Signal s) {
   return "no signal";
 }
 
-// References on `n` consecutive pages starting at pfn, all in one folio.
+// The page array of a pfn, cached across consecutive pfns of one pagemap: a run of pfns is
+// resolved to its array once.
+struct ArrayCache {
+  DevPagemap* pgmap = nullptr;
+  PageArray* array = nullptr;
+
+  PageArray* get(DevPagemap* pg, Pfn pfn) noexcept {
+    if (pg != pgmap || array == nullptr || !array->contains(pfn)) {
+      pgmap = pg;
+      array = pg->array_for(pfn);
+    }
+    return array;
+  }
+};
+
+// References on `n` consecutive pages starting at pfn, all in one folio: one refcount operation.
 struct Run {
   DevPagemap* pgmap = nullptr;
   Pfn pfn = 0;
   std::uint32_t n = 0;
-  bool pin = false;
+  bool bias = false;  // small folio pinned with the bias: n == 1
 };
 
-// Drops the pins of a run. Large folios: one pincount and one refcount operation; pinned with the
-// bias (small folios): one unpin per page. An underflow falls back to page by page, so the pages
-// that were pinned are still unpinned and each missing pin is reported once.
-Errc unpin_run(const Run& r) noexcept {
-  FolioLoc f = folio_of(*r.pgmap, r.pfn);
-  if (f.array == nullptr) return Errc::out_of_range;
-  if (!f.array->uses_pin_bias(f.head)) {
+Errc drop_run(const Run& r, bool pin) noexcept {
+  if (!pin) {
+    Errc e = r.pgmap->put_folio(r.pfn, r.n);
+    if (e != Errc::underflow || r.n == 1) return e;
+  } else {
     Errc e = r.pgmap->unpin_folio(r.pfn, r.n);
-    if (e != Errc::underflow) return e;
+    if (e != Errc::underflow || r.n == 1) return e;
   }
+  // Some of the pages did not hold what they should: release the ones that do, page by page
+  // (each missing one is reported once).
   Errc result = Errc::ok;
   for (std::uint32_t i = 0; i < r.n; ++i) {
-    Errc e = r.pgmap->unpin_folio(r.pfn + i);
+    Errc e = pin ? r.pgmap->unpin_folio(r.pfn + i) : r.pgmap->put_folio(r.pfn + i);
     if (e != Errc::ok && result == Errc::ok) result = e;
-  }
-  return result;
-}
-
-Errc put_run(const Run& r) noexcept {
-  Errc e = r.pgmap->put_folio(r.pfn, r.n);
-  if (e != Errc::underflow || r.n == 1) return e;
-  // Some of the pages were not referenced: put the ones that were, page by page.
-  Errc result = Errc::ok;
-  for (std::uint32_t i = 0; i < r.n; ++i) {
-    Errc pe = r.pgmap->put_folio(r.pfn + i);
-    if (pe != Errc::ok && result == Errc::ok) result = pe;
-  }
-  return result;
-}
-
-// Groups pages into runs of consecutive pfns of one folio and applies `drop` to each.
-template <typename Drop>
-Errc for_each_run(const std::vector<GupPage>& pages, bool pin, Drop drop) {
-  Errc result = Errc::ok;
-  std::size_t i = 0;
-  while (i < pages.size()) {
-    const GupPage& p = pages[i];
-    if (p.pgmap == nullptr) {
-      if (result == Errc::ok) result = Errc::invalid_argument;
-      ++i;
-      continue;
-    }
-    FolioLoc f = folio_of(*p.pgmap, p.pfn);
-    std::size_t j = i + 1;
-    if (f.array != nullptr) {
-      const Pfn folio_end = f.array->pfn_of(f.head) + order_pages(f.array->order(f.head));
-      while (j < pages.size() && pages[j].pgmap == p.pgmap && pages[j].pfn == p.pfn + (j - i) &&
-             pages[j].pfn < folio_end) {
-        ++j;
-      }
-    }
-    Errc e = drop(Run{p.pgmap, p.pfn, static_cast<std::uint32_t>(j - i), pin});
-    if (e != Errc::ok && result == Errc::ok) result = e;
-    i = j;
   }
   return result;
 }
 
 class Gup {
  public:
-  static constexpr std::uint64_t kReserveMax = std::uint64_t{1} << 16;  // pages
-
-  Gup(AddressSpace& as, std::uint32_t flags, GupStats& stats)
-      : as_(as), flags_(flags), stats_(stats) {}
+  Gup(AddressSpace& as, std::uint32_t flags, GupStats& stats, std::vector<GupPage>& out)
+      : as_(as), pt_(detail::GupAccess::page_table(as)), flags_(flags), stats_(stats), out_(out) {}
   Gup(const Gup&) = delete;
   Gup& operator=(const Gup&) = delete;
-  // A call that did not hand its pages out (an error) gives every reference back.
-  ~Gup() { undo(); }
+  // A call that failed gives every reference back, and the cached pagemap reference (bug 5.12).
+  ~Gup() {
+    if (!done_ && !out_.empty()) {
+      (void)detail::release_pages(out_, pin() ? PageSetKind::pinned : PageSetKind::referenced);
+      out_.clear();
+    }
+  }
 
-  Result<std::vector<GupPage>> run(std::uint64_t start, std::uint64_t nr_pages) {
-    pages_.reserve(std::min<std::uint64_t>(nr_pages, kReserveMax));
-    runs_.reserve(std::min<std::uint64_t>(nr_pages, kReserveMax));
+  Errc run(std::uint64_t start, std::uint64_t nr_pages, std::string* why) {
+    if (out_.capacity() < nr_pages) out_.reserve(nr_pages);
     std::uint64_t addr = start;
     std::uint64_t left = nr_pages;
     while (left > 0) {
-      auto fast = grab(addr, left, false);
-      if (!fast) return fast.error();
+      auto fast = walk(addr, left, false);
+      if (!fast) return fail(fast.error(), why);
       std::uint64_t got = *fast;
       if (got > 0) {
         stats_.fast += got;
       } else {
         if ((flags_ & kFollFastOnly) != 0) {
-          return Error(Errc::busy,
-                       fmt::format("GUP: {:#x} needs the slow path (FOLL_FAST_ONLY)", addr));
+          return fail(Error(Errc::busy, fmt::format("GUP: {:#x} needs the slow path "
+                                                    "(FOLL_FAST_ONLY)",
+                                                    addr)),
+                      why);
         }
         auto slow = slow_path(addr, left);
-        if (!slow) return slow.error();
+        if (!slow) return fail(slow.error(), why);
         got = *slow;
         stats_.slow += got;
       }
       addr += got << kPageShift;
       left -= got;
     }
-    runs_.clear();  // the references now belong to the caller
+    done_ = true;  // the references now belong to the caller's set
     cache_.reset();
-    return std::move(pages_);
+    return Errc::ok;
   }
 
  private:
@@ -148,115 +122,212 @@ class Gup {
   bool pin() const { return (flags_ & kFollPin) != 0; }
   bool longterm() const { return (flags_ & kFollLongterm) != 0; }
 
-  // Gives back every reference this call took, and the cached pagemap reference (bug 5.12).
-  void undo() noexcept {
-    for (auto it = runs_.rbegin(); it != runs_.rend(); ++it) {
-      (void)(it->pin ? unpin_run(*it) : put_run(*it));
-    }
-    runs_.clear();
-    pages_.clear();
-    cache_.reset();
+  static Errc fail(const Error& e, std::string* why) {
+    if (why != nullptr) *why = e.message();
+    return e.code();
   }
 
-  // The lockless walk: takes references on up to `max` pages from addr that lie in one folio
-  // and are mapped by present entries, with one refcount operation. Returns the number of pages
-  // taken, 0 if the first page needs the slow path (not mapped, read-only for FOLL_WRITE, its
-  // entry changed under us), or an error. `slow`: called by the slow path, with mmap_lock held
-  // and the VMA checks done.
-  Result<std::uint64_t> grab(std::uint64_t addr, std::uint64_t max, bool slow) {
-    auto entry = as_.lookup(addr);
-    if (!entry || (write() && !entry->writable)) return std::uint64_t{0};
-    const Pfn pfn = entry->pfn + ((addr - entry->addr) >> kPageShift);
-    if (!(cache_ && cache_->contains(pfn))) {
-      ++stats_.pagemap_lookups;
-      cache_ = get_dev_pagemap(pfn, std::move(cache_));
-    }
-    if (!cache_) {
-      if (!slow) return std::uint64_t{0};
-      return Error(Errc::dead, fmt::format("GUP: the pagemap of pfn {:#x} (at {:#x}) is being "
-                                           "torn down",
-                                           pfn, addr));
-    }
-    DevPagemap* pg = cache_.get();
-    FolioLoc f = folio_of(*pg, pfn);
-    if (entry->pgmap != pg || f.array == nullptr) {
-      // Fast: the entry changed since we read it. Slow (mmap_lock held, just faulted in): the
-      // entry's pagemap is no longer the one published for its pfn, so it is being torn down.
-      if (!slow) return std::uint64_t{0};
-      return Error(Errc::dead, fmt::format("GUP: pfn {:#x} (at {:#x}) is mapped from a pagemap "
-                                           "that no longer covers it",
-                                           pfn, addr));
-    }
-    // gup-fast does not grant long-term pins on fsdax folios (folio_is_longterm_pinnable); the
-    // slow path decides from the VMA.
-    if (!slow && longterm() && pg->type() == PagemapType::fs_dax) return std::uint64_t{0};
-    const Pfn folio_end = f.array->pfn_of(f.head) + order_pages(f.array->order(f.head));
+  // One refcount operation for the run (a small folio's pin: the bias, one page).
+  Errc take(const Run& r) noexcept {
+    ++stats_.folio_atomics;
+    if (!pin()) return r.pgmap->get_folio(r.pfn, r.n);
+    return r.pgmap->pin_folio(r.pfn, r.n);
+  }
 
-    // Extend the run over the following pages of the same folio, entry by entry. (seen_ is reused
-    // across calls: a small folio's run is one page, and an allocation per page would dominate.)
-    std::vector<PtEntry>& seen = seen_;
-    seen.clear();
-    seen.push_back(*entry);
-    std::uint64_t n = 1;
-    while (n < max && pfn + n < folio_end) {
-      const std::uint64_t next = addr + (n << kPageShift);
-      const PtEntry& cur = seen.back();
-      if (next >= cur.addr + level_bytes(cur.level)) {
-        auto e = as_.lookup(next);
-        if (!e || (write() && !e->writable) || e->pgmap != pg ||
-            e->pfn + ((next - e->addr) >> kPageShift) != pfn + n) {
-          break;
+  // The pagemap of pfn must be the one published for it (not being torn down): get_dev_pagemap,
+  // cached across the call. False if not.
+  bool pagemap_live(DevPagemap* pg, Pfn pfn) noexcept {
+    if (cache_.get() == pg) return true;
+    ++stats_.pagemap_lookups;
+    cache_ = get_dev_pagemap(pfn, std::move(cache_));
+    return cache_.get() == pg;
+  }
+
+  // The lockless walk, in one RCU read section: takes references on up to `max` pages from addr
+  // (one walk per page-table page, one refcount operation per folio run) and appends them to
+  // out_. Returns the number of pages taken; 0 if the first page needs the slow path (not mapped,
+  // read-only for FOLL_WRITE, its entry changed under us); or an error. `slow`: called by the slow
+  // path with mmap_lock held, right after faulting addr in: what would send the first page to the
+  // slow path again is an error instead.
+  Result<std::uint64_t> walk(std::uint64_t addr, std::uint64_t max, bool slow) {
+    rcu::ReadGuard guard;
+    std::uint64_t taken = 0;
+    while (taken < max) {
+      auto got = walk_table(addr + (taken << kPageShift), max - taken, slow && taken == 0);
+      if (!got) return got.error();
+      if (*got == 0) break;
+      taken += *got;
+    }
+    return taken;
+  }
+
+  Error dead(std::string what, Pfn pfn, std::uint64_t addr) const {
+    return Error(Errc::dead, fmt::format("GUP: pfn {:#x} (at {:#x}) {}", pfn, addr, what));
+  }
+
+  // One table page (a PTE table from addr's slot, or one huge leaf).
+  Result<std::uint64_t> walk_table(std::uint64_t addr, std::uint64_t max, bool strict) {
+    auto s = pt_.slots(addr);
+    if (!s) return std::uint64_t{0};
+    const std::uint64_t count = s->depth == 0 ? std::min(max, s->count) : 1;
+    std::array<std::uint64_t, PageTable::kEntries> seen;  // entry values, for the re-check
+    std::array<Run, PageTable::kEntries> runs;
+    std::array<std::uint16_t, PageTable::kEntries + 1> run_at;  // first entry of each run
+    std::size_t nruns = 0;
+    std::uint64_t n = 0;  // entries (depth 0) or pages (huge leaf) taken
+    std::uint64_t pages = 0;
+    Run cur;
+    Pfn cur_end = 0;  // end of cur's folio
+    std::uint64_t cur_first = 0;
+    std::optional<Error> error;
+
+    auto flush = [&]() -> bool {
+      if (cur.n == 0) return true;
+      if (Errc e = take(cur); e != Errc::ok) {
+        if (strict && cur_first == 0 && e != Errc::poisoned) {
+          error = Error(e, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
+                                       pin() ? "pin" : "reference", cur.pfn, addr,
+                                       cur.pgmap->name(), errc_name(e)));
+        } else if (e == Errc::poisoned) {
+          error = Error(e, fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", cur.pfn,
+                                       cur.pgmap->name()));
         }
-        seen.push_back(*e);
+        cur.n = 0;
+        return false;
       }
-      ++n;
-    }
+      runs[nruns] = cur;
+      run_at[nruns] = static_cast<std::uint16_t>(cur_first);
+      ++nruns;
+      cur.n = 0;
+      return true;
+    };
 
-    Run run{pg, pfn, static_cast<std::uint32_t>(n), pin()};
-    if (Errc e = take(run, f); e != Errc::ok) {
-      if (!slow && e != Errc::poisoned) return std::uint64_t{0};
-      return Error(e,
-                   fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
-                               pin() ? "pin" : "reference", pfn, addr, pg->name(), errc_name(e)));
-    }
-    // Re-read every entry the run came from: a concurrent zap may have dropped the mapping's
-    // reference between our lookup and our reference, and the page may be reused.
-    for (const PtEntry& s : seen) {
-      auto now = as_.lookup(s.addr);
-      if (!now || now->addr != s.addr || now->pfn != s.pfn || now->level != s.level ||
-          now->pgmap != s.pgmap || (write() && !now->writable)) {
-        (void)(run.pin ? unpin_run(run) : put_run(run));
+    ArrayCache arrays;
+    // An entry is usable if it is a present leaf (writable for FOLL_WRITE), its pagemap is the
+    // live one of its pfn, and (fast) FOLL_LONGTERM is not asked of an fsdax page.
+    auto usable = [&](std::uint64_t e, DevPagemap* pg, Pfn pfn, std::uint64_t at) -> bool {
+      if (!pte::leaf(e) || (write() && !pte::writable(e)) || pg == nullptr) return false;
+      if (!pagemap_live(pg, pfn)) {
+        if (strict && n == 0) {
+          error = dead("is mapped from a pagemap that is being torn down", pfn, at);
+        }
+        return false;
+      }
+      // gup-fast does not grant long-term pins on fsdax folios (folio_is_longterm_pinnable); the
+      // slow path decides from the VMA.
+      if (!strict && longterm() && pg->type() == PagemapType::fs_dax) return false;
+      return true;
+    };
+
+    if (s->depth > 0) {
+      // A huge leaf: one folio run (or several, if the folio is smaller than the leaf).
+      const std::uint64_t e = s->entry->load(std::memory_order_acquire);
+      DevPagemap* pg = s->pgmap->load(std::memory_order_acquire);
+      if (s->entry->load(std::memory_order_acquire) != e) return std::uint64_t{0};
+      const Pfn pfn = pte::pfn(e) + ((addr - s->addr) >> kPageShift);
+      if (!usable(e, pg, pfn, addr)) {
+        if (error) return *error;
         return std::uint64_t{0};
       }
-    }
-    runs_.push_back(run);
-    for (std::uint64_t i = 0; i < n; ++i)
-      pages_.push_back(GupPage{pfn + i, pg});
-    return n;
-  }
-
-  // One refcount operation for the run (a pin of a small folio: one per page).
-  Errc take(const Run& r, FolioLoc f) noexcept {
-    if (!r.pin) {
-      ++stats_.folio_atomics;
-      return r.pgmap->get_folio(r.pfn, r.n);
-    }
-    if (f.array->uses_pin_bias(f.head)) {
-      for (std::uint32_t i = 0; i < r.n; ++i) {
-        ++stats_.folio_atomics;
-        if (Errc e = r.pgmap->pin_folio(r.pfn + i); e != Errc::ok) {
-          for (std::uint32_t j = 0; j < i; ++j)
-            (void)r.pgmap->unpin_folio(r.pfn + j);
-          return e;
-        }
+      PageArray* a = arrays.get(pg, pfn);
+      if (a == nullptr) {
+        if (strict) return dead("is outside its pagemap", pfn, addr);
+        return std::uint64_t{0};
       }
-      return Errc::ok;
+      const std::uint64_t head = a->head_of(a->index_of(pfn));
+      const Pfn folio_end = a->pfn_of(head) + order_pages(a->order(head));
+      const Pfn leaf_end = pte::pfn(e) + order_pages(level_order(pte::level(e)));
+      std::uint64_t len = std::min<std::uint64_t>({max, folio_end - pfn, leaf_end - pfn});
+      if (a->uses_pin_bias(head) && pin()) len = 1;
+      PGMAP_YIELD_POINT("gup.after_walk");
+      cur = Run{pg, pfn, static_cast<std::uint32_t>(len), a->uses_pin_bias(head) && pin()};
+      cur_first = 0;
+      if (!flush()) {
+        if (error) return *error;
+        return std::uint64_t{0};
+      }
+      PGMAP_YIELD_POINT("gup.before_recheck");
+      std::atomic_thread_fence(std::memory_order_seq_cst);  // our reference before the re-read
+      if (s->entry->load(std::memory_order_acquire) != e) {
+        (void)drop_run(runs[0], pin());  // zapped meanwhile: the slow path faults it again
+        return std::uint64_t{0};
+      }
+      for (std::uint64_t i = 0; i < len; ++i)
+        out_.push_back(GupPage{pfn + i, pg});
+      return len;
     }
-    ++stats_.folio_atomics;
-    return r.pgmap->pin_folio(r.pfn, r.n);  // large folio: +n refcount, +n pincount
+
+    // A PTE table: read its entries directly, building folio runs.
+    for (; n < count; ++n) {
+      const std::atomic<std::uint64_t>& slot = s->entry[n];
+      const std::uint64_t e = slot.load(std::memory_order_acquire);
+      if (!pte::leaf(e)) break;
+      DevPagemap* pg = s->pgmap[n].load(std::memory_order_acquire);
+      if (slot.load(std::memory_order_acquire) != e) break;
+      const Pfn pfn = pte::pfn(e);
+      const std::uint64_t at = s->addr + (n << kPageShift);
+      if (cur.n == 0 || pg != cur.pgmap) {
+        if (!usable(e, pg, pfn, at)) break;
+      } else if (write() && !pte::writable(e)) {
+        break;
+      }
+      seen[n] = e;
+      if (cur.n != 0 && !cur.bias && pg == cur.pgmap && pfn == cur.pfn + cur.n && pfn < cur_end) {
+        ++cur.n;  // the same folio, the next page: one operation for both
+        continue;
+      }
+      if (!flush()) break;
+      PageArray* a = arrays.get(pg, pfn);
+      if (a == nullptr) {
+        if (strict && n == 0) error = dead("is outside its pagemap", pfn, at);
+        break;
+      }
+      const std::uint64_t head = a->head_of(a->index_of(pfn));
+      cur_end = a->pfn_of(head) + order_pages(a->order(head));
+      cur = Run{pg, pfn, 1, a->uses_pin_bias(head) && pin()};
+      cur_first = n;
+    }
+    PGMAP_YIELD_POINT("gup.after_walk");
+    // The last run; a run whose reference could not be taken is not kept. What is kept ends
+    // where the last kept run ends.
+    (void)flush();  // its failure is in `error` (or sends the page to the slow path)
+    n = nruns == 0 ? 0 : run_at[nruns - 1] + runs[nruns - 1].n;
+    if (error && n == 0) return *error;
+    if (n == 0) return std::uint64_t{0};
+
+    // Re-read every entry from the same table page: a concurrent zap may have dropped the
+    // mapping's reference between our read and our reference, and the page may be reused.
+    PGMAP_YIELD_POINT("gup.before_recheck");
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // our references before the re-reads
+    std::uint64_t good = n;
+    for (std::uint64_t i = 0; i < n; ++i) {
+      if (s->entry[i].load(std::memory_order_acquire) != seen[i]) {
+        good = i;
+        break;
+      }
+    }
+    // Give back what lies at or after the first changed entry (runs cut at `good`).
+    for (std::size_t r = nruns; r-- > 0;) {
+      const std::uint64_t first = run_at[r];
+      if (first + runs[r].n <= good) break;
+      Run drop = runs[r];
+      if (first < good) {
+        const auto keep = static_cast<std::uint32_t>(good - first);
+        drop.pfn += keep;
+        drop.n -= keep;
+      }
+      (void)drop_run(drop, pin());  // references this call just took: cannot underflow
+    }
+    for (std::size_t r = 0; r < nruns && run_at[r] < good; ++r) {
+      const std::uint64_t upto = std::min<std::uint64_t>(runs[r].n, good - run_at[r]);
+      for (std::uint64_t i = 0; i < upto; ++i)
+        out_.push_back(GupPage{runs[r].pfn + i, runs[r].pgmap});
+      pages += upto;
+    }
+    return pages;
   }
 
-  // mmap_lock shared: check the VMA, fault the page in, take it (and what follows in its folio).
+  // mmap_lock shared: check the VMA, fault the page in, take it (and what follows it).
   Result<std::uint64_t> slow_path(std::uint64_t addr, std::uint64_t max) {
     std::shared_lock<std::shared_mutex> lock(as_.mmap_lock());
     const Vma* vma = as_.find_vma_locked(addr);
@@ -274,54 +345,144 @@ class Gup {
                                "[{:#x}, {:#x})",
                                addr, vma->start, vma->end));
     }
+    // Only the pages of this VMA: the next one may need its own checks.
+    max = std::min(max, (vma->end - addr) >> kPageShift);
     for (;;) {
       SignalInfo sig = as_.handle_fault_locked(addr, write());
       if (sig) {
         return Error(sig.signal == Signal::sigbus ? Errc::dead : Errc::out_of_range,
-                     fmt::format("GUP: {} at {:#x} (addr_lsb {}): {}", signal_name(sig.signal),
-                                 sig.addr, sig.addr_lsb, sig.why));
+                     fmt::format("GUP: {} {} at {:#x}: {}", signal_name(sig.signal),
+                                 sig_code_name(sig.code), sig.addr, sig.why));
       }
-      auto got = grab(addr, max, true);
+      auto got = walk(addr, max, true);
       if (!got || *got > 0) return got;
-      // Zapped again between the fault and the grab (unmap_mapping_range): fault again.
+      // Zapped again between the fault and the walk (unmap_mapping_range): fault again.
     }
   }
 
   AddressSpace& as_;
+  const PageTable& pt_;
   const std::uint32_t flags_;
   GupStats& stats_;
+  std::vector<GupPage>& out_;
   PagemapRef cache_;
-  std::vector<Run> runs_;
-  std::vector<PtEntry> seen_;  // grab()'s scratch: the entries a run came from
-  std::vector<GupPage> pages_;
+  bool done_ = false;
 };
+
+Errc check_args(std::uint64_t start, std::uint64_t nr_pages, std::uint32_t flags,
+                std::string* why) {
+  if (!is_aligned(start, kPageSize)) {
+    *why = fmt::format("GUP: unaligned start {:#x}", start);
+    return Errc::invalid_argument;
+  }
+  if ((flags & kFollLongterm) != 0 && (flags & kFollPin) == 0) {
+    *why = "GUP: FOLL_LONGTERM is only valid with FOLL_PIN";
+    return Errc::invalid_argument;
+  }
+  if ((flags & ~(kFollWrite | kFollPin | kFollLongterm | kFollFastOnly)) != 0) {
+    *why = fmt::format("GUP: unknown flags {:#x}", flags);
+    return Errc::invalid_argument;
+  }
+  // start + nr_pages * 4 KiB without overflow, inside the task size.
+  if (nr_pages > (AddressSpace::kTaskSize >> kPageShift) ||
+      start > AddressSpace::kTaskSize - (nr_pages << kPageShift)) {
+    *why = "GUP: range past the task size";
+    return Errc::out_of_range;
+  }
+  return Errc::ok;
+}
+
+Errc gup_into(std::vector<GupPage>& out, AddressSpace& as, std::uint64_t start,
+              std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats, std::string* why) {
+  if (!out.empty()) {
+    *why = "GUP: the page set to fill is not empty";
+    return Errc::invalid_argument;
+  }
+  if (Errc e = check_args(start, nr_pages, flags, why); e != Errc::ok) return e;
+  GupStats local;
+  Gup gup(as, flags, stats != nullptr ? *stats : local, out);
+  return gup.run(start, nr_pages, why);
+}
 
 }  // namespace
 
-Result<std::vector<GupPage>> get_user_pages(AddressSpace& as, std::uint64_t start,
-                                            std::uint64_t nr_pages, std::uint32_t flags,
-                                            GupStats* stats) {
-  if (!is_aligned(start, kPageSize)) {
-    return Error(Errc::invalid_argument, fmt::format("GUP: unaligned start {:#x}", start));
+Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept {
+  const bool pin = kind == PageSetKind::pinned;
+  Errc result = Errc::ok;
+  ArrayCache arrays;
+  std::size_t i = 0;
+  while (i < pages.size()) {
+    const GupPage& p = pages[i];
+    std::size_t j = i + 1;
+    if (p.pgmap == nullptr) [[unlikely]] {
+      if (result == Errc::ok) result = Errc::invalid_argument;
+      i = j;
+      continue;
+    }
+    // After teardown the metadata is not to be read here: the release itself reports the late
+    // access (Errc::use_after_teardown under `none`), page by page.
+    PageArray* a =
+        p.pgmap->state() == DevPagemap::State::dead ? nullptr : arrays.get(p.pgmap, p.pfn);
+    if (a != nullptr) {
+      const std::uint64_t head = a->head_of(a->index_of(p.pfn));
+      if (!(pin && a->uses_pin_bias(head))) {
+        const Pfn folio_end = a->pfn_of(head) + order_pages(a->order(head));
+        while (j < pages.size() && pages[j].pgmap == p.pgmap && pages[j].pfn == p.pfn + (j - i) &&
+               pages[j].pfn < folio_end) {
+          ++j;
+        }
+      }
+    }
+    Errc e = drop_run(Run{p.pgmap, p.pfn, static_cast<std::uint32_t>(j - i), false}, pin);
+    if (e != Errc::ok && result == Errc::ok) result = e;
+    i = j;
   }
-  if ((flags & kFollLongterm) != 0 && (flags & kFollPin) == 0) {
-    return Error(Errc::invalid_argument, "GUP: FOLL_LONGTERM is only valid with FOLL_PIN");
-  }
-  if (nr_pages > (AddressSpace::kTaskSize >> kPageShift) ||
-      start > AddressSpace::kTaskSize - (nr_pages << kPageShift)) {
-    return Error(Errc::out_of_range, "GUP: range past the task size");
-  }
-  GupStats local;
-  Gup gup(as, flags, stats != nullptr ? *stats : local);
-  return gup.run(start, nr_pages);
+  return result;
 }
 
-Errc unpin_user_pages(const std::vector<GupPage>& pages) {
-  return for_each_run(pages, true, [](const Run& r) { return unpin_run(r); });
+template class PageSet<PageSetKind::pinned>;
+template class PageSet<PageSetKind::referenced>;
+
+Errc get_user_pages_into(ReferencedPages& out, AddressSpace& as, std::uint64_t start,
+                         std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats) {
+  std::string why;
+  if ((flags & kFollPin) != 0) return Errc::invalid_argument;  // pins: pin_user_pages
+  return gup_into(detail::GupAccess::pages(out), as, start, nr_pages, flags, stats, &why);
 }
 
-Errc put_pages(const std::vector<GupPage>& pages) {
-  return for_each_run(pages, false, [](const Run& r) { return put_run(r); });
+Errc pin_user_pages_into(PinnedPages& out, AddressSpace& as, std::uint64_t start,
+                         std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats) {
+  std::string why;
+  return gup_into(detail::GupAccess::pages(out), as, start, nr_pages, flags | kFollPin, stats,
+                  &why);
+}
+
+Result<ReferencedPages> get_user_pages(AddressSpace& as, std::uint64_t start,
+                                       std::uint64_t nr_pages, std::uint32_t flags,
+                                       GupStats* stats) {
+  if ((flags & kFollPin) != 0) {
+    return Error(Errc::invalid_argument,
+                 "get_user_pages: FOLL_PIN is not a plain reference (use pin_user_pages)");
+  }
+  ReferencedPages set;
+  std::string why;
+  if (Errc e = gup_into(detail::GupAccess::pages(set), as, start, nr_pages, flags, stats, &why);
+      e != Errc::ok) {
+    return Error(e, std::move(why));
+  }
+  return set;
+}
+
+Result<PinnedPages> pin_user_pages(AddressSpace& as, std::uint64_t start, std::uint64_t nr_pages,
+                                   std::uint32_t flags, GupStats* stats) {
+  PinnedPages set;
+  std::string why;
+  if (Errc e = gup_into(detail::GupAccess::pages(set), as, start, nr_pages, flags | kFollPin, stats,
+                        &why);
+      e != Errc::ok) {
+    return Error(e, std::move(why));
+  }
+  return set;
 }
 
 }  // namespace pgmap::mm

@@ -8,6 +8,7 @@
 #include <deque>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "memory/testing/pagemap_fixture.h"
@@ -66,11 +67,29 @@ class GupTest : public ::testing::Test {
     }
   }
 
-  static std::vector<GupPage> must_gup(AddressSpace& as, std::uint64_t start, std::uint64_t n,
-                                       std::uint32_t flags, GupStats* st = nullptr) {
+  static ReferencedPages must_get(AddressSpace& as, std::uint64_t start, std::uint64_t n,
+                                  std::uint32_t flags, GupStats* st = nullptr) {
     auto r = get_user_pages(as, start, n, flags, st);
     EXPECT_TRUE(r) << r.error().to_string();
-    return r ? std::move(r).value() : std::vector<GupPage>{};
+    return r ? std::move(r).value() : ReferencedPages{};
+  }
+  static PinnedPages must_pin(AddressSpace& as, std::uint64_t start, std::uint64_t n,
+                              std::uint32_t flags, GupStats* st = nullptr) {
+    auto r = pin_user_pages(as, start, n, flags, st);
+    EXPECT_TRUE(r) << r.error().to_string();
+    return r ? std::move(r).value() : PinnedPages{};
+  }
+  // get_user_pages or pin_user_pages (kFollPin in flags): the error of a call expected to fail.
+  static Error must_fail(AddressSpace& as, std::uint64_t start, std::uint64_t n,
+                         std::uint32_t flags, GupStats* st = nullptr) {
+    if ((flags & kFollPin) != 0) {
+      auto r = pin_user_pages(as, start, n, flags & ~std::uint32_t{kFollPin}, st);
+      EXPECT_FALSE(r);
+      return r ? Error(Errc::ok, "unexpected success") : r.error();
+    }
+    auto r = get_user_pages(as, start, n, flags, st);
+    EXPECT_FALSE(r);
+    return r ? Error(Errc::ok, "unexpected success") : r.error();
   }
 
   pgmap::testutil::MisuseCounter misuse_;
@@ -104,7 +123,7 @@ TEST_F(GupTest, GetAddsOneReferencePerPage) {
   const std::uint64_t a = must_mmap(as, d, page(8));
   prefault(as, a, 8);
   GupStats st;
-  auto pages = must_gup(as, a + page(2), 4, 0, &st);
+  auto pages = must_get(as, a + page(2), 4, 0, &st);
   ASSERT_EQ(pages.size(), 4u);
   for (std::uint64_t i = 0; i < 4; ++i) {
     EXPECT_EQ(pages[i].pfn, d.pfn(2 + i));
@@ -152,7 +171,7 @@ TEST_F(GupTest, PinOfPmdFolioIsOneAtomicWithExactPincount) {
   prefault(as, a, 1);
   ASSERT_EQ(as.lookup(a)->level, Level::pmd);
   GupStats st;
-  auto pages = must_gup(as, a, 512, kFollPin, &st);
+  auto pages = must_pin(as, a, 512, 0, &st);
   ASSERT_EQ(pages.size(), 512u);
   EXPECT_EQ(pages[511].pfn, d.pfn(511));
   EXPECT_EQ(st.folio_atomics, 1u);
@@ -174,7 +193,7 @@ TEST_F(GupTest, GetBatchesPerFolioAcrossPtes) {
   const std::uint64_t a = must_mmap(as, d, 4 * kMiB);
   prefault(as, a + page(500), 24);
   GupStats st;
-  auto pages = must_gup(as, a + page(500), 24, 0, &st);
+  auto pages = must_get(as, a + page(500), 24, 0, &st);
   EXPECT_EQ(st.folio_atomics, 2u);
   EXPECT_EQ(d.refcount(0), 12u + 12u);  // 12 mappings + 12 references
   EXPECT_EQ(d.refcount(512), 12u + 12u);
@@ -190,7 +209,7 @@ TEST_F(GupTest, PinOfUnfaultedPagesTakesSlowPathAndFaults) {
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, page(8));
   GupStats st;
-  auto pages = must_gup(as, a, 8, kFollPin | kFollWrite, &st);
+  auto pages = must_pin(as, a, 8, kFollWrite, &st);
   ASSERT_EQ(pages.size(), 8u);
   EXPECT_EQ(st.slow, 8u);
   EXPECT_EQ(st.fast, 0u);
@@ -207,12 +226,12 @@ TEST_F(GupTest, PinOfPrefaultedPagesTakesFastPath) {
   const std::uint64_t a = must_mmap(as, d, page(8));
   prefault(as, a, 8);
   GupStats st;
-  auto pages = must_gup(as, a, 8, kFollPin, &st);
+  auto pages = must_pin(as, a, 8, 0, &st);
   EXPECT_EQ(st.fast, 8u);
   EXPECT_EQ(st.slow, 0u);
   EXPECT_EQ(d.owner->faults(Level::pte), 8u);  // only the prefault's
   EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
-  auto fast_only = get_user_pages(as, a + page(7), 1, kFollPin | kFollFastOnly);
+  auto fast_only = pin_user_pages(as, a + page(7), 1, kFollFastOnly);
   ASSERT_TRUE(fast_only);
   EXPECT_EQ(unpin_user_pages(*fast_only), Errc::ok);
 }
@@ -224,7 +243,7 @@ TEST_F(GupTest, FastOnlyFailsWhereSlowPathIsNeeded) {
   const std::uint64_t a = must_mmap(as, d, page(8));
   prefault(as, a, 2);
   const Snapshot before = snapshot(d, 8);
-  auto r = get_user_pages(as, a, 4, kFollPin | kFollFastOnly);
+  auto r = pin_user_pages(as, a, 4, kFollFastOnly);
   ASSERT_FALSE(r);
   EXPECT_EQ(r.code(), Errc::busy);
   EXPECT_EQ(snapshot(d, 8), before);
@@ -300,32 +319,88 @@ TEST_F(GupTest, PinOfUnmappedAddressFailsAndChangesNothing) {
   EXPECT_EQ(snapshot(d, 4), before);
 }
 
-// Unpinning a page that is not pinned is misuse: Errc::underflow, reported, nothing changed.
-TEST_F(GupTest, UnpinOfUnpinnedPageUnderflows) {
+// Issue 7 item 10: a GUP result knows what it holds. put_pages() on pinned pages used to return
+// OK and turn each pin (1024 on a small folio) into a leaked plain reference. Now unpinning a
+// referenced set or putting a pinned set does not compile, and each set releases exactly what it
+// holds: explicitly (release(), with its status), through the kernel-shaped call, or on
+// destruction; a moved-from set holds nothing.
+template <typename Set>
+concept CanUnpin = requires(Set& s) { unpin_user_pages(s); };
+template <typename Set>
+concept CanPut = requires(Set& s) { put_pages(s); };
+static_assert(CanUnpin<PinnedPages> && !CanUnpin<ReferencedPages>);
+static_assert(CanPut<ReferencedPages> && !CanPut<PinnedPages>);
+static_assert(!std::is_copy_constructible_v<PinnedPages> &&
+              std::is_nothrow_move_constructible_v<PinnedPages>);
+
+TEST_F(GupTest, PageSetsReleaseExactlyWhatTheyHold) {
   FakeOwner::Options o;
   o.max_level = Level::pmd;
   FakeDevice& small = device();
   FakeDevice& large = device(4 * kMiB, kPmdOrder, o);
   AddressSpace as;
-  const std::uint64_t a = must_mmap(as, small, page(2));
+  const std::uint64_t a = must_mmap(as, small, page(4));
   const std::uint64_t b = must_mmap(as, large, 2 * kMiB);
-  auto got = must_gup(as, a, 2, 0);
-  auto got_large = must_gup(as, b, 4, 0);
-  const std::uint64_t reports = misuse_.reported();
-  EXPECT_EQ(unpin_user_pages(got), Errc::underflow);
-  EXPECT_EQ(unpin_user_pages(got_large), Errc::underflow);
-  EXPECT_GT(misuse_.reported(), reports);
-  EXPECT_EQ(small.refcount(0), 2u);
-  EXPECT_EQ(large.refcount(0), 1u + 4u);
-  EXPECT_EQ(put_pages(got), Errc::ok);
-  EXPECT_EQ(put_pages(got_large), Errc::ok);
-  // A pinned page among unpinned ones is still unpinned.
-  auto pinned = must_gup(as, a, 1, kFollPin);
-  std::vector<GupPage> mixed = pinned;
-  mixed.push_back(GupPage{small.pfn(1), small.pgmap.get()});
-  EXPECT_EQ(unpin_user_pages(mixed), Errc::underflow);
-  EXPECT_EQ(small.refcount(0), 1u);
+  prefault(as, a, 4);
+  prefault(as, b, 1);
+  {
+    PinnedPages pins = must_pin(as, a, 4, 0);
+    PinnedPages pins_large = must_pin(as, b, 4, 0);
+    ReferencedPages refs = must_get(as, a, 4, 0);
+    EXPECT_EQ(small.refcount(0), 1 + kBias + 1);
+    EXPECT_EQ(large.refcount(0), 1u + 4u);
+    EXPECT_EQ(large.pincount(0), 4u);
+    EXPECT_EQ(pins.release(), Errc::ok);  // explicit, with its status
+    EXPECT_TRUE(pins.empty());
+    EXPECT_EQ(pins.release(), Errc::ok);  // an empty set releases nothing
+    EXPECT_EQ(small.refcount(0), 2u);     // the reference set is untouched
+    PinnedPages moved = std::move(pins_large);
+    EXPECT_TRUE(pins_large.empty());  // NOLINT(bugprone-use-after-move): moved-from is empty
+    EXPECT_EQ(large.pincount(0), 4u);
+    EXPECT_EQ(put_pages(refs), Errc::ok);
+    EXPECT_EQ(small.refcount(0), 1u);
+    // `moved` is released by its destructor.
+  }
+  EXPECT_EQ(large.refcount(0), 1u);
+  EXPECT_EQ(large.pincount(0), 0u);
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    EXPECT_EQ(small.refcount(i), 1u);
+    EXPECT_FALSE(small.pgmap->folio_maybe_dma_pinned(small.pfn(i)));
+  }
+  // get_user_pages does not hand out pins: FOLL_PIN there is a typed error, nothing taken.
+  const Snapshot before = snapshot(small, 4);
+  auto r = get_user_pages(as, a, 4, kFollPin);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::invalid_argument);
+  EXPECT_EQ(snapshot(small, 4), before);
+  // The `_into` forms fill an empty set only, and reuse its storage.
+  PinnedPages reuse;
+  ASSERT_EQ(pin_user_pages_into(reuse, as, a, 4, 0), Errc::ok);
+  EXPECT_EQ(pin_user_pages_into(reuse, as, a, 4, 0), Errc::invalid_argument);
+  EXPECT_EQ(small.refcount(1), 1 + kBias);  // the refused call took nothing
+  const GupPage* storage = reuse.pages().data();
+  EXPECT_EQ(reuse.release(), Errc::ok);
+  ASSERT_EQ(pin_user_pages_into(reuse, as, a, 3, 0), Errc::ok);
+  EXPECT_EQ(reuse.pages().data(), storage);
+  EXPECT_EQ(reuse.size(), 3u);
+  EXPECT_EQ(unpin_user_pages(reuse), Errc::ok);
   EXPECT_EQ(small.refcount(1), 1u);
+}
+
+// GUP ranges that would wrap (start + nr_pages * 4 KiB past 2^64) or pass the task size are
+// refused and take nothing.
+TEST_F(GupTest, RangesThatWrapAreRefused) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(4));
+  prefault(as, a, 4);
+  const Snapshot before = snapshot(d, 4);
+  for (std::uint64_t n : {~std::uint64_t{0}, (~std::uint64_t{0} >> kPageShift) + 1,
+                          AddressSpace::kTaskSize >> kPageShift}) {
+    EXPECT_EQ(must_fail(as, a, n, kFollPin).code(), Errc::out_of_range) << n;
+    EXPECT_EQ(must_fail(as, a, n, 0).code(), Errc::out_of_range) << n;
+  }
+  EXPECT_EQ(snapshot(d, 4), before);
 }
 
 // Bug 5.12 (put_dev_pagemap missed when try_grab_page failed in __gup_device_huge): the 3rd page
@@ -340,10 +415,9 @@ TEST_F(GupTest, Bug512FailureMidwayLeaksNothingHole) {
   prefault(as, a + page(3), 2);
   for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}, kFollPin | kFollWrite}) {
     const Snapshot before = snapshot(d, 8);
-    auto r = get_user_pages(as, a, 5, flags);
-    ASSERT_FALSE(r);
+    Error r = must_fail(as, a, 5, flags);
     EXPECT_EQ(r.code(), Errc::dead);  // SIGBUS from the owner
-    EXPECT_NE(r.error().message().find("SIGBUS"), std::string::npos) << r.error().message();
+    EXPECT_NE(r.message().find("SIGBUS"), std::string::npos) << r.message();
     EXPECT_EQ(snapshot(d, 8), before) << "flags " << flags;
   }
 }
@@ -361,8 +435,7 @@ TEST_F(GupTest, Bug512FailureMidwayLeaksNothingKilledOwner) {
   for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}}) {
     const Snapshot before = snapshot(d, 1024);
     GupStats st;
-    auto r = get_user_pages(as, a + page(510), 5, flags, &st);
-    ASSERT_FALSE(r);
+    Error r = must_fail(as, a + page(510), 5, flags, &st);
     EXPECT_EQ(r.code(), Errc::dead);
     EXPECT_EQ(st.folio_atomics, 1u);  // the first run was taken, then undone
     EXPECT_EQ(snapshot(d, 1024), before);
@@ -378,7 +451,7 @@ TEST_F(GupTest, PagemapLookupIsCachedAcrossTheWalk) {
   const std::uint64_t a = must_mmap(as, d, page(1024));
   prefault(as, a, 1024);
   GupStats st;
-  auto pages = must_gup(as, a, 1024, kFollPin, &st);
+  auto pages = must_pin(as, a, 1024, 0, &st);
   ASSERT_EQ(pages.size(), 1024u);
   EXPECT_LE(st.pagemap_lookups, 2u);
   EXPECT_EQ(st.fast, 1024u);
@@ -424,7 +497,7 @@ TEST_F(GupWakeTest, FinalUnpinWakesWaiter) {
   FakeDevice& d = device();
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, page(4));
-  auto pages = must_gup(as, a + page(1), 1, kFollPin);
+  auto pages = must_pin(as, a + page(1), 1, 0);
   ASSERT_EQ(as.munmap(a, page(4)), Errc::ok);  // only the pin is left
   ASSERT_EQ(d.refcount(1), kBias);
   start_waiter(d, 1);
@@ -438,7 +511,7 @@ TEST_F(GupWakeTest, FinalUnpinOfLargeFolioWakesWaiter) {
   FakeDevice& d = device(4 * kMiB, kPmdOrder, o);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
-  auto pages = must_gup(as, a, 512, kFollPin);
+  auto pages = must_pin(as, a, 512, 0);
   ASSERT_EQ(as.munmap(a, 2 * kMiB), Errc::ok);
   ASSERT_EQ(d.refcount(0), 512u);
   start_waiter(d, 0);
@@ -450,7 +523,7 @@ TEST_F(GupWakeTest, FinalPutWakesWaiter) {
   FakeDevice& d = device();
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, page(4));
-  auto pages = must_gup(as, a + page(2), 2, 0);
+  auto pages = must_get(as, a + page(2), 2, 0);
   ASSERT_EQ(as.munmap(a, page(4)), Errc::ok);
   ASSERT_EQ(d.refcount(3), 1u);
   start_waiter(d, 3);

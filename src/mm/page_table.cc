@@ -4,6 +4,7 @@
 #include <thread>
 
 #include "pgmap/core/rcu.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 
 namespace pgmap::mm {
@@ -89,6 +90,21 @@ std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexc
       t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
     }
   }
+}
+
+std::optional<PageTable::Slots> PageTable::slots(std::uint64_t addr) const noexcept {
+  if (addr >= kSpan) return std::nullopt;
+  const Table* t = root_;
+  for (unsigned depth = kDepths - 1; depth > 0; --depth) {
+    const std::uint64_t i = index_of(addr, depth);
+    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+    if (!pte::present(e)) return std::nullopt;
+    if (pte::leaf(e))
+      return Slots{&t->entry[i], &t->pgmap[i], 1, depth, align_down(addr, span_of(depth))};
+    t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
+  }
+  const std::uint64_t i = index_of(addr, 0);
+  return Slots{&t->entry[i], &t->pgmap[i], kEntries - i, 0, align_down(addr, kPageSize)};
 }
 
 bool PageTable::can_install(std::uint64_t addr, Level level) const noexcept {
@@ -210,6 +226,9 @@ bool PageTable::zap_slot(Table* t, std::uint64_t i) noexcept {
   // The entry's reference keeps the folio, and so the pagemap, alive until the put.
   const Pfn pfn = pte::pfn(e);
   mapcount_of(*pg, pfn).fetch_sub(1, std::memory_order_acq_rel);
+  // The entry is gone but its reference not yet dropped: a lockless GUP that read the entry
+  // before the zap re-checks it after taking its own reference.
+  PGMAP_YIELD_POINT("zap.before_put");
   (void)pg->put_folio(pfn);
   return true;
 }

@@ -99,6 +99,21 @@ class PageTable {
 
   // Lockless. The leaf and its pagemap are read consistently (inside an RCU read section).
   std::optional<Leaf> lookup(std::uint64_t addr) const noexcept;
+
+  // GUP's batched walk: the slots of one table page, from the one covering addr to the end of the
+  // table. depth 0: the PTE table holding addr's slot (count up to 512; the caller loads and
+  // re-checks each entry itself, and reads a slot's pagemap between two equal loads of its entry,
+  // inside an RCU read section); depth 1 or 2: the huge leaf covering addr (count 1). nullopt if
+  // no table or leaf covers addr. Tables are never freed while the PageTable lives, so the
+  // pointers stay valid.
+  struct Slots {
+    const std::atomic<std::uint64_t>* entry = nullptr;
+    const std::atomic<DevPagemap*>* pgmap = nullptr;
+    std::uint64_t count = 0;
+    unsigned depth = 0;
+    std::uint64_t addr = 0;  // virtual address mapped by entry[0] (aligned to its level)
+  };
+  std::optional<Slots> slots(std::uint64_t addr) const noexcept;
   // True if a leaf of `level` could be installed at addr now (no leaf covers it, no lower table).
   bool can_install(std::uint64_t addr, Level level) const noexcept;
   // Installs a leaf for [addr, addr + level_bytes(level)) mapping pfn of pgmap. The caller holds

@@ -145,11 +145,12 @@ ThreadBody gup_body(GupDevice& g, std::uint64_t pages_per_call) {
     mm::AddressSpace& as = *g.spaces[t];
     const std::uint64_t addr = g.addrs[t];
     std::uint64_t bad = 0;
+    mm::PinnedPages pages;  // reused: its storage is allocated by the first call only
     for (std::uint64_t i = 0; i < ops; ++i) {
-      auto pages = mm::pin_user_pages(as, addr, pages_per_call, mm::kFollWrite);
-      if (!pages) [[unlikely]] {
+      if (mm::pin_user_pages_into(pages, as, addr, pages_per_call, mm::kFollWrite) != Errc::ok)
+          [[unlikely]] {
         ++bad;
-      } else if (mm::unpin_user_pages(*pages) != Errc::ok) [[unlikely]] {
+      } else if (mm::unpin_user_pages(pages) != Errc::ok) [[unlikely]] {
         ++bad;
       }
       clobber_memory();

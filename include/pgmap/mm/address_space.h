@@ -40,6 +40,10 @@
 
 namespace pgmap::mm {
 
+namespace detail {
+struct GupAccess;  // GUP's batched walk reads the page table directly (src/mm/gup.cc)
+}  // namespace detail
+
 // mmap prot and flags (the subset the DAX tests need).
 enum Prot : std::uint32_t { kProtNone = 0, kProtRead = 1, kProtWrite = 2 };
 enum MapFlags : std::uint32_t {
@@ -117,6 +121,7 @@ class AddressSpace {
   std::shared_mutex& mmap_lock() const noexcept { return mmap_lock_; }
 
  private:
+  friend struct detail::GupAccess;
   struct Impl;  // VMAs and the page table (src/mm/address_space.cc)
   std::unique_ptr<Impl> impl_;
   mutable std::shared_mutex mmap_lock_;

@@ -6,9 +6,11 @@
 // folio covered by several requested pages gets ONE atomic for all of them (refs/pins added in one
 // operation), not one per 4 KiB page.
 //
-// Fast path: walks the page table locklessly (no mmap_lock), takes the folio reference, then
-// re-reads the entry; if it changed (a concurrent zap), the reference is dropped and the page goes
-// to the slow path. Slow path: takes mmap_lock shared, faults the page in through its VMA (with
+// Fast path: one RCU read section per call and one walk per page-table page: the entries of a
+// PTE table are read directly, each run of pfns is resolved to its page array once, the folio
+// references are taken (one atomic per folio), then every entry is re-read from the same table
+// page; an entry that changed (a concurrent zap) gives its reference back and its page goes to
+// the slow path. Slow path: takes mmap_lock shared, faults the page in through its VMA (with
 // FOLL_WRITE a write fault), and retries. The pagemap of consecutive pfns is looked up once and
 // cached across the walk (get_dev_pagemap with the cached argument; the kernel measured 1.04 s ->
 // 0.38 s for 12 GiB with that fix).
@@ -18,7 +20,20 @@
 // by the call and every pagemap reference — nothing leaks (bug 5.12) — and returns the error; the
 // SignalInfo of a failed fault is in the Error message.
 //
-// Errors: Errc::invalid_argument (start not page aligned, FOLL_LONGTERM without FOLL_PIN),
+// Results. The pages come back as a typed, move-only page set that knows what it holds:
+// pin_user_pages returns PinnedPages (FOLL_PIN), get_user_pages ReferencedPages (FOLL_GET). A set
+// releases itself on destruction (unpin or put, in runs: one operation per folio run) and has an
+// explicit release() returning the status; unpinning a referenced set or putting a pinned set
+// does not compile (issue 7 item 10: put_pages() on pinned pages used to turn each pin into a
+// leaked reference). The `_into` forms fill an empty set the caller keeps across calls, so a
+// repeated pin/unpin cycle allocates nothing.
+//
+// Contract: may block (the slow path takes mmap_lock shared and faults; a fault may wait for the
+// owner's locks); must not be called with mmap_lock held or inside an RCU read section. After a
+// successful return every page of the set is referenced/pinned; after an error nothing is.
+//
+// Errors: Errc::invalid_argument (start not page aligned, FOLL_LONGTERM without FOLL_PIN, FOLL_PIN
+// passed to get_user_pages, a non-empty set given to an `_into` form),
 // Errc::not_supported (FOLL_LONGTERM on fsdax), Errc::out_of_range (the fault would raise SIGSEGV:
 // no VMA, or FOLL_WRITE on a read-only one), Errc::dead (SIGBUS from the owner, or the page's
 // pagemap is being torn down; the kernel returns -EFAULT for these), Errc::poisoned (FOLL_PIN of
@@ -26,6 +41,8 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
+#include <utility>
 #include <vector>
 
 #include "pgmap/core/error.h"
@@ -54,20 +71,82 @@ struct GupStats {
   std::uint64_t pagemap_lookups = 0;  // get_dev_pagemap calls that missed the cache
 };
 
-// Returns one GupPage per requested page, in address order.
-Result<std::vector<GupPage>> get_user_pages(AddressSpace& as, std::uint64_t start,
-                                            std::uint64_t nr_pages, std::uint32_t flags,
-                                            GupStats* stats = nullptr);
-inline Result<std::vector<GupPage>> pin_user_pages(AddressSpace& as, std::uint64_t start,
-                                                   std::uint64_t nr_pages, std::uint32_t flags,
-                                                   GupStats* stats = nullptr) {
-  return get_user_pages(as, start, nr_pages, flags | kFollPin, stats);
-}
+enum class PageSetKind : std::uint8_t { referenced, pinned };
 
-// Drops pins taken with FOLL_PIN (batched per folio run). Errc::underflow (misuse reported) for a
-// page that is not pinned; the remaining pages are still unpinned.
-Errc unpin_user_pages(const std::vector<GupPage>& pages);
-// Drops plain references (FOLL_GET).
-Errc put_pages(const std::vector<GupPage>& pages);
+namespace detail {
+// Drops what `pages` hold (unpin or put), batched per folio run. Errc::underflow (misuse
+// reported) for a page that does not hold what it should; the others are still released.
+Errc release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept;
+struct GupAccess;
+}  // namespace detail
+
+// A set of pages that each hold one pin (PageSetKind::pinned) or one plain reference
+// (PageSetKind::referenced), in address order. Move-only; not a thread-safe object itself (one
+// thread owns it, like std::unique_ptr). Releasing keeps the storage for the next `_into` call.
+template <PageSetKind K>
+class PageSet {
+ public:
+  static constexpr PageSetKind kKind = K;
+
+  PageSet() = default;
+  PageSet(PageSet&& o) noexcept : pages_(std::exchange(o.pages_, {})) {}
+  PageSet& operator=(PageSet&& o) noexcept {
+    if (this != &o) {
+      (void)release();  // a failed release is already reported (misuse report, late_accesses)
+      pages_ = std::exchange(o.pages_, {});
+    }
+    return *this;
+  }
+  PageSet(const PageSet&) = delete;
+  PageSet& operator=(const PageSet&) = delete;
+  ~PageSet() { (void)release(); }  // errors already reported, as in operator=
+
+  // Unpins (pinned) or puts (referenced) every page; the set is empty afterwards (its storage is
+  // kept). Errc::use_after_teardown under `none` after the device was removed, for example.
+  [[nodiscard]] Errc release() noexcept {
+    if (pages_.empty()) return Errc::ok;
+    Errc e = detail::release_pages(pages_, K);
+    pages_.clear();
+    return e;
+  }
+
+  std::size_t size() const noexcept { return pages_.size(); }
+  bool empty() const noexcept { return pages_.empty(); }
+  const GupPage& operator[](std::size_t i) const noexcept { return pages_[i]; }
+  auto begin() const noexcept { return pages_.begin(); }
+  auto end() const noexcept { return pages_.end(); }
+  std::span<const GupPage> pages() const noexcept { return pages_; }
+
+ private:
+  friend struct detail::GupAccess;
+  std::vector<GupPage> pages_;
+};
+
+using PinnedPages = PageSet<PageSetKind::pinned>;
+using ReferencedPages = PageSet<PageSetKind::referenced>;
+
+// FOLL_GET: one plain reference per page. kFollPin is refused (Errc::invalid_argument): pins come
+// from pin_user_pages.
+Result<ReferencedPages> get_user_pages(AddressSpace& as, std::uint64_t start,
+                                       std::uint64_t nr_pages, std::uint32_t flags,
+                                       GupStats* stats = nullptr);
+// FOLL_PIN (added to flags): one pin per page.
+Result<PinnedPages> pin_user_pages(AddressSpace& as, std::uint64_t start, std::uint64_t nr_pages,
+                                   std::uint32_t flags, GupStats* stats = nullptr);
+// The same into a set the caller keeps: `out` must be empty (else Errc::invalid_argument, nothing
+// changed); on error it stays empty. No heap allocation once its storage has grown to nr_pages.
+Errc get_user_pages_into(ReferencedPages& out, AddressSpace& as, std::uint64_t start,
+                         std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats = nullptr);
+Errc pin_user_pages_into(PinnedPages& out, AddressSpace& as, std::uint64_t start,
+                         std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats = nullptr);
+
+// The kernel-shaped release calls, typed: unpin_user_pages takes only pinned sets, put_pages only
+// referenced ones (mixing them does not compile). Both empty the set; same as set.release().
+inline Errc unpin_user_pages(PinnedPages& pages) noexcept {
+  return pages.release();
+}
+inline Errc put_pages(ReferencedPages& pages) noexcept {
+  return pages.release();
+}
 
 }  // namespace pgmap::mm
