@@ -48,11 +48,12 @@ struct ArrayCache {
 };
 
 // References on `n` consecutive pages starting at pfn, all in one folio: one refcount operation.
+// Trivial (no member initializers): walk_table keeps 512 of them on the stack uninitialized.
 struct Run {
-  DevPagemap* pgmap = nullptr;
-  Pfn pfn = 0;
-  std::uint32_t n = 0;
-  bool bias = false;  // small folio pinned with the bias: n == 1
+  DevPagemap* pgmap;
+  Pfn pfn;
+  std::uint32_t n;
+  bool bias;  // small folio pinned with the bias: n == 1
 };
 
 Errc drop_run(const Run& r, bool pin) noexcept {
@@ -79,7 +80,7 @@ class Gup {
       : as_(as), pt_(detail::GupAccess::page_table(as)), flags_(flags), stats_(stats), out_(out) {}
   Gup(const Gup&) = delete;
   Gup& operator=(const Gup&) = delete;
-  // A call that failed gives every reference back, and the cached pagemap reference (bug 5.12).
+  // A call that failed gives every reference back (bug 5.12: nothing leaks).
   ~Gup() {
     if (!done_ && !out_.empty()) {
       (void)detail::release_pages(out_, pin() ? PageSetKind::pinned : PageSetKind::referenced);
@@ -113,7 +114,6 @@ class Gup {
       left -= got;
     }
     done_ = true;  // the references now belong to the caller's set
-    cache_.reset();
     return Errc::ok;
   }
 
@@ -134,13 +134,18 @@ class Gup {
     return r.pgmap->pin_folio(r.pfn, r.n);
   }
 
-  // The pagemap of pfn must be the one published for it (not being torn down): get_dev_pagemap,
-  // cached across the call. False if not.
-  bool pagemap_live(DevPagemap* pg, Pfn pfn) noexcept {
-    if (cache_.get() == pg) return true;
+  // The entry's pagemap must be live (not killed by a memunmap / unbind in progress): checked once
+  // per pagemap along the call. The entry's folio reference keeps the pagemap's memory valid
+  // inside our read section; after a kill no new pin may start here (the kernel's gup-fast fails
+  // get_dev_pagemap then). A kill after the check is covered by the re-check of the entry: the
+  // teardown zaps the entry, and either our re-check sees the zap (we give the reference back) or
+  // the teardown's wait for idle folios sees our reference.
+  bool pagemap_live(DevPagemap* pg) noexcept {
+    if (pg == live_) return true;
     ++stats_.pagemap_lookups;
-    cache_ = get_dev_pagemap(pfn, std::move(cache_));
-    return cache_.get() == pg;
+    if (pg->state() != DevPagemap::State::live) return false;
+    live_ = pg;
+    return true;
   }
 
   // The lockless walk, in one RCU read section: takes references on up to `max` pages from addr
@@ -176,7 +181,7 @@ class Gup {
     std::size_t nruns = 0;
     std::uint64_t n = 0;  // entries (depth 0) or pages (huge leaf) taken
     std::uint64_t pages = 0;
-    Run cur;
+    Run cur{nullptr, 0, 0, false};
     Pfn cur_end = 0;  // end of cur's folio
     std::uint64_t cur_first = 0;
     std::optional<Error> error;
@@ -207,7 +212,7 @@ class Gup {
     // live one of its pfn, and (fast) FOLL_LONGTERM is not asked of an fsdax page.
     auto usable = [&](std::uint64_t e, DevPagemap* pg, Pfn pfn, std::uint64_t at) -> bool {
       if (!pte::leaf(e) || (write() && !pte::writable(e)) || pg == nullptr) return false;
-      if (!pagemap_live(pg, pfn)) {
+      if (!pagemap_live(pg)) {
         if (strict && n == 0) {
           error = dead("is mapped from a pagemap that is being torn down", pfn, at);
         }
@@ -283,8 +288,9 @@ class Gup {
         break;
       }
       const std::uint64_t head = a->head_of(a->index_of(pfn));
-      cur_end = a->pfn_of(head) + order_pages(a->order(head));
-      cur = Run{pg, pfn, 1, a->uses_pin_bias(head) && pin()};
+      const unsigned order = a->order(head);
+      cur_end = a->pfn_of(head) + order_pages(order);
+      cur = Run{pg, pfn, 1, order <= 1 && pin()};  // order <= 1: pinned with the bias
       cur_first = n;
     }
     PGMAP_YIELD_POINT("gup.after_walk");
@@ -365,7 +371,7 @@ class Gup {
   const std::uint32_t flags_;
   GupStats& stats_;
   std::vector<GupPage>& out_;
-  PagemapRef cache_;
+  DevPagemap* live_ = nullptr;  // the last pagemap found live by this call
   bool done_ = false;
 };
 
