@@ -13,6 +13,7 @@
 #include "pgmap/core/diagnostics.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/page_ref.h"
 
@@ -313,6 +314,9 @@ Result<TeardownStats> DevDax::unbind_locked(const MemunmapOptions& opts) {
   // 1. kill_dax: from here every fault and mmap fails; no fault that saw the device alive is
   // still running. Errc::already_dead: an earlier unbind got this far.
   (void)dax_->kill();
+  // A fault that left its read section before the kill, holding its folio reference, may be
+  // about to install its entry: the zap below (and the fault's sequence check) removes it.
+  PGMAP_YIELD_POINT("unbind.after_kill_dax");
   // 2. unmap_mapping_range(i_mapping, 0, 0, 1): zap every user mapping. Faults after the zap find
   // the device dead (SIGBUS).
   (void)unmap_mapping_range(0, 0);
@@ -386,6 +390,7 @@ Result<TeardownStats> DevDax::unbind_locked(const MemunmapOptions& opts) {
   }
 
   // 5. memunmap_pages with the caller's policy, within what is left of the timeout.
+  PGMAP_YIELD_POINT("unbind.before_memunmap");
   MemunmapOptions m = opts;
   if (deadline) {
     m.timeout =

@@ -13,6 +13,7 @@
 #include "mm/gup_access.h"
 #include "mm/page_table.h"
 #include "pgmap/core/rcu.h"
+#include "pgmap/core/sanitizer.h"
 #include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 
@@ -252,7 +253,7 @@ class Gup {
         return std::uint64_t{0};
       }
       PGMAP_YIELD_POINT("gup.before_recheck");
-      std::atomic_thread_fence(std::memory_order_seq_cst);  // our reference before the re-read
+      sanitizer::full_fence();  // our reference before the re-read
       if (s->entry->load(std::memory_order_acquire) != e) {
         (void)drop_run(runs[0], pin());  // zapped meanwhile: the slow path faults it again
         return std::uint64_t{0};
@@ -304,7 +305,7 @@ class Gup {
     // Re-read every entry from the same table page: a concurrent zap may have dropped the
     // mapping's reference between our read and our reference, and the page may be reused.
     PGMAP_YIELD_POINT("gup.before_recheck");
-    std::atomic_thread_fence(std::memory_order_seq_cst);  // our references before the re-reads
+    sanitizer::full_fence();  // our references before the re-reads
     std::uint64_t good = n;
     for (std::uint64_t i = 0; i < n; ++i) {
       if (s->entry[i].load(std::memory_order_acquire) != seen[i]) {
