@@ -1,6 +1,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include <deque>
@@ -11,6 +12,7 @@
 #include "memory/testing/pagemap_fixture.h"
 #include "mm/testing/fake_owner.h"
 #include "pgmap/core/error.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/pfn.h"
@@ -192,6 +194,45 @@ TEST_F(AddressSpaceConcurrencyTest, GupFastRacingUnmapMappingRange) {
     expect_refs_match_entries(as, d, a, kPages, 1);
     if (HasFatalFailure()) return;
   }
+}
+
+// The same race widened at the yield points of the batched walk and of the zap (debug, asan and
+// tsan presets): a sleep between reading the entries and taking their references
+// ("gup.after_walk"), between the references and the re-check ("gup.before_recheck"), between a
+// zap clearing an entry and dropping its reference ("zap.before_put"), and between an owner's
+// fault and the install ("fault.after_owner").
+namespace widened {
+std::atomic<unsigned> tick{0};
+void hook(const char* name) noexcept {
+  (void)name;
+  const unsigned t = tick.fetch_add(1, std::memory_order_relaxed);
+  if (t % 7 == 0) std::this_thread::yield();
+  if (t % 61 == 0) std::this_thread::sleep_for(std::chrono::microseconds(50));
+}
+}  // namespace widened
+
+TEST_F(AddressSpaceConcurrencyTest, GupFastRacingZapsAtYieldPoints) {
+  if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
+  constexpr std::uint64_t kPages = 64;
+  FakeDevice& d = device(4 * kMiB);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  const YieldHook old = set_yield_hook(&widened::hook);
+  auto pins = [&] {
+    for (int i = 0; i < 4; ++i) {
+      auto r = pin_user_pages(as, a, kPages, kFollWrite);
+      ASSERT_TRUE(r) << r.error().to_string();
+      for (std::uint64_t p = 0; p < kPages; ++p)
+        ASSERT_EQ((*r)[p].pfn, d.pfn(p));
+      ASSERT_EQ(unpin_user_pages(*r), Errc::ok);
+    }
+  };
+  for (int round = 0; round < kRounds / 4; ++round) {
+    race_with_zapper(d, pins);
+    expect_refs_match_entries(as, d, a, kPages, 1);
+    if (HasFatalFailure()) break;
+  }
+  (void)set_yield_hook(old);
 }
 
 // The same with FOLL_GET and FOLL_PIN on PTE-mapped 2 MiB folios (batched runs across entries,

@@ -189,6 +189,8 @@ class Gup {
 
     auto flush = [&]() -> bool {
       if (cur.n == 0) return true;
+      // The run's entries were read locklessly; its reference is not taken yet.
+      PGMAP_YIELD_POINT("gup.after_walk");
       if (Errc e = take(cur); e != Errc::ok) {
         if (strict && cur_first == 0 && e != Errc::poisoned) {
           error = Error(e, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
@@ -245,7 +247,6 @@ class Gup {
       const Pfn leaf_end = pte::pfn(e) + order_pages(level_order(pte::level(e)));
       std::uint64_t len = std::min<std::uint64_t>({max, folio_end - pfn, leaf_end - pfn});
       if (a->uses_pin_bias(head) && pin()) len = 1;
-      PGMAP_YIELD_POINT("gup.after_walk");
       cur = Run{pg, pfn, static_cast<std::uint32_t>(len), a->uses_pin_bias(head) && pin()};
       cur_first = 0;
       if (!flush()) {
@@ -294,7 +295,6 @@ class Gup {
       cur = Run{pg, pfn, 1, order <= 1 && pin()};  // order <= 1: pinned with the bias
       cur_first = n;
     }
-    PGMAP_YIELD_POINT("gup.after_walk");
     // The last run; a run whose reference could not be taken is not kept. What is kept ends
     // where the last kept run ends.
     (void)flush();  // its failure is in `error` (or sends the page to the slow path)
