@@ -162,7 +162,12 @@ PercpuRef::~PercpuRef() {
     count_.fetch_add(sum - kBias, std::memory_order_acq_rel);
   }
   std::int64_t c = count_.load(std::memory_order_acquire);
-  if (c > 1 || ((m & kDead) != 0 && c != 0)) {
+  // A live ref folded here must still hold its initial reference (release cannot have run in
+  // percpu mode); an atomic one may have released already (its count may reach zero while live).
+  bool folded = (m & kAtomic) == 0;
+  if (c < 0 || (folded && c < 1)) {
+    report_misuse(Errc::underflow, "PercpuRef destroyed after more puts than gets");
+  } else if (c > 1 || ((m & kDead) != 0 && c != 0)) {
     report_misuse(Errc::busy, "PercpuRef destroyed while references are held");
   }
   if (data_->slot != Registry::kNoSlot) Registry::get().free_slot(data_->slot);
@@ -229,7 +234,6 @@ bool PercpuRef::tryget_slow(bool live) noexcept {
 // ---- mode changes -----------------------------------------------------------------------------
 
 Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
-  Errc result = Errc::ok;
   {
     std::lock_guard<std::mutex> lock(data_->mu);
     std::uintptr_t m = mode_.load(std::memory_order_relaxed);
@@ -238,14 +242,25 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
       return Errc::already_dead;
     }
     mode_.store(m | kAtomic | kDead, std::memory_order_seq_cst);
+    std::int64_t now = 0;
     if ((m & kAtomic) == 0) {
       detail::heavy_barrier();
       auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-      std::int64_t now = count_.fetch_add(sum - kBias, std::memory_order_acq_rel) + sum - kBias;
-      if (now < 1) {  // the initial reference must still be there
-        report_misuse(Errc::underflow, "PercpuRef: more puts than gets found at kill");
-        result = Errc::underflow;
-      }
+      // Fold with the bias still in, so that the count stays far from zero until it is known to
+      // be sane; only then take the bias out.
+      now = count_.fetch_add(sum, std::memory_order_acq_rel) + sum - kBias;
+      if (now >= 1) count_.fetch_sub(kBias, std::memory_order_acq_rel);
+    } else {
+      now = count_.load(std::memory_order_acquire);
+    }
+    if (now < 1) {
+      // The initial reference is gone: more puts than gets. Undo the kill (the mode word goes
+      // back to what it was; a percpu count keeps its bias and its slots were zeroed by the
+      // fold, so the count is exactly what the fold found), so that nobody waits for a release
+      // that cannot come.
+      mode_.store(m, std::memory_order_seq_cst);
+      report_misuse(Errc::underflow, "PercpuRef: more puts than gets found at kill");
+      return Errc::underflow;
     }
     if (!data_->allow_reinit && data_->slot != Registry::kNoSlot) {
       Registry::get().free_slot(data_->slot);
@@ -253,9 +268,9 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
     }
   }
   if (confirm) confirm();
-  // Drop the initial reference; may run release. The fold left the count >= 1 (checked above).
-  if (result == Errc::ok) (void)put_slow(1);
-  return result;
+  // Drop the initial reference; may run release. The count was >= 1 (checked above), so this
+  // can only fail if another thread is misusing the ref concurrently (and then it reports).
+  return put_slow(1);
 }
 
 Errc PercpuRef::switch_to_atomic() noexcept {
@@ -272,11 +287,12 @@ Errc PercpuRef::switch_to_atomic() noexcept {
 
 Errc PercpuRef::switch_to_percpu() noexcept {
   std::lock_guard<std::mutex> lock(data_->mu);
-  data_->force_atomic = false;
   std::uintptr_t m = mode_.load(std::memory_order_relaxed);
   if ((m & kAtomic) == 0) return Errc::ok;
+  // Refusals change nothing: the sticky atomic request stays in force.
   if ((m & kDead) != 0) return Errc::dead;
   if (data_->slot == Registry::kNoSlot) return Errc::no_memory;
+  data_->force_atomic = false;
   count_.fetch_add(kBias, std::memory_order_acq_rel);
   // The slot's counts are zero in every block (reset by the last collect or free_slot).
   mode_.store(std::uintptr_t{data_->slot} << kSlotShift, std::memory_order_seq_cst);

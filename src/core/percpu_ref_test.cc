@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -305,17 +306,21 @@ TEST_F(PercpuRefTest, PercpuUnderflowIsReportedByKill) {
   EXPECT_EQ(c.ref.put(), Errc::ok);
   EXPECT_EQ(c.ref.put(), Errc::ok);
   expect_no_misuse();
-  EXPECT_EQ(c.ref.kill(), Errc::underflow);
+  bool confirm_ran = false;
+  EXPECT_EQ(c.ref.kill_and_confirm([&] { confirm_ran = true; }), Errc::underflow);
   expect_misuse(1, Errc::underflow);
-  EXPECT_TRUE(c.ref.is_dying());
-  EXPECT_FALSE(c.ref.is_percpu());
-  EXPECT_EQ(c.ref.approx_count(), -1);  // left at what the fold computed
-  EXPECT_EQ(c.releases.load(), 0);      // and release did not run
-  EXPECT_FALSE(c.ref.tryget());
-  // The count is not positive: a get is refused like a get after release (and changes nothing).
-  EXPECT_EQ(c.ref.get(), Errc::released);
-  expect_misuse(2, Errc::released);
+  EXPECT_FALSE(confirm_ran);
+  // The kill is undone: live, in the mode it had, the count as the fold computed.
+  EXPECT_FALSE(c.ref.is_dying());
+  EXPECT_TRUE(c.ref.is_percpu());
   EXPECT_EQ(c.ref.approx_count(), -1);
+  EXPECT_EQ(c.releases.load(), 0);
+  // Restoring the missing references makes the next kill succeed.
+  EXPECT_EQ(c.ref.get_many(2), Errc::ok);
+  EXPECT_EQ(c.ref.approx_count(), 1);
+  EXPECT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 1);
+  expect_misuse(1, Errc::underflow);
 }
 
 TEST_F(PercpuRefTest, PercpuUnderflowToExactlyZeroIsReportedByKill) {
@@ -323,8 +328,98 @@ TEST_F(PercpuRefTest, PercpuUnderflowToExactlyZeroIsReportedByKill) {
   EXPECT_EQ(c.ref.put(), Errc::ok);  // drops the initial reference behind kill's back
   EXPECT_EQ(c.ref.kill(), Errc::underflow);
   EXPECT_EQ(c.ref.approx_count(), 0);
+  EXPECT_FALSE(c.ref.is_dying());
+  EXPECT_FALSE(c.ref.is_zero());  // not released: it is live (percpu) again
   EXPECT_EQ(c.releases.load(), 0);
   expect_misuse(1, Errc::underflow);
+  EXPECT_EQ(c.ref.get(), Errc::ok);
+  EXPECT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 1);
+}
+
+// Issue 7 item 2: one stray put, then the owner's teardown (kill; on failure undo it the way
+// DevPagemap::revive does: resurrect, and after a release, wait for it and reinit). Run on a
+// thread with a bounded wait: before the fix, kill left the ref dead at count 0, resurrect said
+// `released`, and the owner waited forever for a release that never came.
+TEST_F(PercpuRefTest, StrayPutThenKillNeverHangsTheOwner) {
+  for (unsigned flags : {0u, unsigned{PercpuRef::kAllowReinit}, unsigned{PercpuRef::kInitAtomic}}) {
+    SCOPED_TRACE(flags);
+    auto c = std::make_shared<Counted>(flags);
+    const bool was_percpu = c->ref.is_percpu();
+    if (flags & PercpuRef::kInitAtomic) {
+      // In atomic mode a put to zero releases at once (as the kernel's does): the stray put is
+      // the owner's own initial reference.
+      ASSERT_EQ(c->ref.get(), Errc::ok);
+      ASSERT_EQ(c->ref.put_many(2), Errc::ok);
+      ASSERT_EQ(c->releases.load(), 1);
+    } else {
+      ASSERT_EQ(c->ref.put(), Errc::ok);  // the stray put
+    }
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    auto kill_result = std::make_shared<std::atomic<Errc>>(Errc::ok);
+    std::thread owner([c, done, kill_result] {
+      Errc e = c->ref.kill();
+      kill_result->store(e);
+      if (e == Errc::ok || e == Errc::underflow) {
+        if (c->ref.is_dying()) {
+          // What an owner does after a kill it must give up on.
+          if (c->ref.resurrect() == Errc::released) {
+            while (c->releases.load() == 0)  // the release it must not wait for forever
+              std::this_thread::yield();
+            (void)c->ref.reinit();  // the test checks the outcome below
+          }
+        }
+      }
+      done->store(true);
+    });
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (!done->load() && std::chrono::steady_clock::now() < deadline)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    if (!done->load()) {
+      owner.detach();  // hung: the test fails, the thread is leaked with its shared state
+      ADD_FAILURE() << "the owner's teardown after a stray put did not return within 20 s";
+      return;
+    }
+    owner.join();
+    EXPECT_EQ(kill_result->load(), Errc::underflow);
+    // Nothing changed: live, same mode, count as the fold found it, nothing released by kill.
+    EXPECT_FALSE(c->ref.is_dying());
+    EXPECT_EQ(c->ref.is_percpu(), was_percpu);
+    EXPECT_EQ(c->ref.approx_count(), 0);
+    // Every follow-up call returns promptly with a typed result.
+    EXPECT_EQ(c->ref.resurrect(), Errc::not_dead);
+    EXPECT_EQ(c->ref.kill(), Errc::underflow);
+    EXPECT_FALSE(c->ref.is_dying());
+    if (was_percpu) {
+      EXPECT_EQ(c->ref.reinit(), Errc::busy);  // percpu: not known to be zero
+      EXPECT_EQ(c->ref.put(), Errc::ok);       // percpu puts are not checked
+      EXPECT_EQ(c->ref.get_many(2), Errc::ok);
+    } else {
+      EXPECT_EQ(c->ref.put(), Errc::underflow);  // atomic: checked at the put
+      EXPECT_EQ(c->ref.get(), Errc::released);
+      EXPECT_EQ(c->ref.reinit(), Errc::ok);  // a released atomic ref may be reinitialized
+    }
+    EXPECT_EQ(c->ref.approx_count(), 1);
+    EXPECT_EQ(c->ref.kill(), Errc::ok);
+    EXPECT_TRUE(c->ref.is_zero());
+    EXPECT_EQ(c->releases.load(), was_percpu ? 1 : 2);
+    g_misuse_calls = 0;  // the misuse reports were checked piecewise above
+    misuse_before_ = misuse_count();
+  }
+}
+
+TEST_F(PercpuRefTest, DestroyingRefWithStrayPutReportsUnderflow) {
+  {
+    Counted c;
+    ASSERT_EQ(c.ref.put(), Errc::ok);  // never killed
+  }
+  expect_misuse(1, Errc::underflow);
+  {
+    Counted c;
+    ASSERT_EQ(c.ref.put(), Errc::ok);
+    ASSERT_EQ(c.ref.kill(), Errc::underflow);  // undone: still live
+  }
+  expect_misuse(3, Errc::underflow);
 }
 
 TEST_F(PercpuRefTest, DestroyingHeldRefIsBusy) {
@@ -531,6 +626,81 @@ TEST_F(PercpuRefTest, SwitchToPercpuOnDeadRefFails) {
   EXPECT_EQ(c.ref.approx_count(), 1);
   EXPECT_EQ(c.ref.put(), Errc::ok);
   EXPECT_EQ(c.releases.load(), 1);
+}
+
+// Issue 7 item 6: a refused switch_to_percpu changes nothing. Before the fix it cleared the
+// sticky atomic request and then returned `dead`, so the resurrected ref came back percpu.
+TEST_F(PercpuRefTest, RefusedSwitchToPercpuKeepsStickyAtomic) {
+  Counted c(PercpuRef::kAllowReinit);
+  ASSERT_EQ(c.ref.switch_to_atomic(), Errc::ok);
+  ASSERT_EQ(c.ref.get(), Errc::ok);
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.ref.switch_to_percpu(), Errc::dead);
+  EXPECT_TRUE(c.ref.is_dying());
+  EXPECT_FALSE(c.ref.is_percpu());
+  EXPECT_EQ(c.ref.approx_count(), 1);
+  ASSERT_EQ(c.ref.resurrect(), Errc::ok);
+  EXPECT_FALSE(c.ref.is_percpu());  // the atomic request is still in force
+  ASSERT_EQ(c.ref.put(), Errc::ok);
+  // Same through release + reinit.
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  ASSERT_EQ(c.releases.load(), 1);
+  EXPECT_EQ(c.ref.switch_to_percpu(), Errc::dead);
+  ASSERT_EQ(c.ref.reinit(), Errc::ok);
+  EXPECT_FALSE(c.ref.is_percpu());
+  EXPECT_EQ(c.ref.switch_to_percpu(), Errc::ok);  // an accepted switch clears it
+  EXPECT_TRUE(c.ref.is_percpu());
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 2);
+  expect_no_misuse();
+}
+
+TEST_F(PercpuRefTest, RefusedSwitchToPercpuWithoutSlotKeepsStickyAtomic) {
+  Counted c;  // no kAllowReinit: the slot goes back at kill
+  ASSERT_EQ(c.ref.switch_to_atomic(), Errc::ok);
+  ASSERT_EQ(c.ref.get(), Errc::ok);
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  ASSERT_EQ(c.ref.resurrect(), Errc::ok);
+  EXPECT_EQ(c.ref.switch_to_percpu(), Errc::no_memory);
+  EXPECT_FALSE(c.ref.is_percpu());
+  EXPECT_FALSE(c.ref.is_dying());
+  EXPECT_EQ(c.ref.approx_count(), 2);
+  ASSERT_EQ(c.ref.put(), Errc::ok);
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 1);
+  expect_no_misuse();
+}
+
+// Issue 7 item 3: with kAllowReinit, kill + resurrect and kill + release + reinit come back in
+// percpu mode, and the fast path then really is the percpu one: the shared count (visible through
+// approx_count after a switch to atomic) is not what the gets and puts touch.
+TEST_F(PercpuRefTest, AllowReinitComesBackPercpuAfterResurrectAndReinit) {
+  Counted c(PercpuRef::kAllowReinit);
+  for (int cycle = 0; cycle < 3; ++cycle) {
+    ASSERT_EQ(c.ref.get(), Errc::ok);
+    ASSERT_EQ(c.ref.kill(), Errc::ok);
+    EXPECT_FALSE(c.ref.is_percpu());
+    ASSERT_EQ(c.ref.resurrect(), Errc::ok);
+    EXPECT_TRUE(c.ref.is_percpu()) << "cycle " << cycle;
+    EXPECT_FALSE(c.ref.is_dying());
+    EXPECT_EQ(c.ref.approx_count(), 2);
+    ASSERT_EQ(c.ref.put(), Errc::ok);
+    // A stray put is not detected at the put in percpu mode: proof that the put did not go
+    // through the checked atomic path.
+    ASSERT_EQ(c.ref.put(), Errc::ok);
+    EXPECT_EQ(c.ref.approx_count(), 0);
+    ASSERT_EQ(c.ref.get(), Errc::ok);
+    expect_no_misuse();
+
+    ASSERT_EQ(c.ref.kill(), Errc::ok);
+    ASSERT_EQ(c.releases.load(), cycle + 1);
+    ASSERT_EQ(c.ref.reinit(), Errc::ok);
+    EXPECT_TRUE(c.ref.is_percpu()) << "cycle " << cycle;
+    EXPECT_EQ(c.ref.approx_count(), 1);
+  }
+  EXPECT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 4);
+  expect_no_misuse();
 }
 
 TEST_F(PercpuRefTest, InitDeadStartsDyingAtZero) {

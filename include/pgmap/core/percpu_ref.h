@@ -54,7 +54,8 @@
 // put below zero, get on a released ref, double kill, resurrect of a live ref, reinit of a
 // non-zero ref: each returns a typed Errc, changes nothing, and calls report_misuse() (which
 // aborts in PGMAP_DEBUG_INVARIANTS builds). Underflow in percpu mode cannot be seen until the fold;
-// kill() then reports it. Operations are not async-signal-safe.
+// kill() then reports it and undoes itself (see kill()), so no caller waits for a release that
+// cannot come. Operations are not async-signal-safe.
 //
 // ---- Example -----------------------------------------------------------------------------------
 //
@@ -137,14 +138,26 @@ class PercpuRef {
   // ---- mode changes: may block for a process-wide barrier (µs), serialized per ref ----
 
   // Makes tryget_live() fail, switches to atomic mode, runs `confirm` (if any), then drops the
-  // initial reference. Errc::already_dead if already killed (nothing changes); Errc::underflow if
-  // the fold found more puts than gets (the count is left at what the fold computed).
+  // initial reference. Returns promptly (one process-wide barrier at most) and never waits for
+  // holders. Errc::already_dead if already killed (nothing changes).
+  //
+  // Errc::underflow (and a misuse report) if the kill finds that the initial reference is gone,
+  // i.e. more puts than gets (a stray put in percpu mode is only visible here). The kill is then
+  // undone: DEAD is cleared, the ref is back in the mode it had (percpu stays percpu), `confirm`
+  // does not run, release does not run, and the count is exactly what the fold computed (zero or
+  // negative; approx_count() shows it). Concurrent tryget_live() calls may fail while the kill is
+  // in flight. From that state every call returns promptly with its usual result: put()/get()
+  // count as usual (a get() that restores the initial reference makes the next kill succeed),
+  // kill() reports underflow again, resurrect() says Errc::not_dead, reinit() Errc::busy, and the
+  // destructor reports Errc::underflow. An owner must therefore not wait for release after a kill
+  // that failed: nothing was killed.
   Errc kill() noexcept { return kill_and_confirm(nullptr); }
   Errc kill_and_confirm(const Callback& confirm) noexcept;
 
-  // Switch modes without killing. switch_to_atomic is sticky: the ref stays atomic until
-  // switch_to_percpu(). Errc::dead for switch_to_percpu on a dead ref; Errc::no_memory if the
-  // ref has no percpu slot.
+  // Switch modes without killing. switch_to_atomic is sticky: the ref stays atomic (also across
+  // kill + resurrect/reinit) until a successful switch_to_percpu(). switch_to_percpu refuses with
+  // Errc::dead on a dead ref and Errc::no_memory if the ref has no percpu slot; a refusal changes
+  // nothing (in particular a sticky atomic request stays in force).
   Errc switch_to_atomic() noexcept;
   Errc switch_to_percpu() noexcept;
 
