@@ -5,12 +5,15 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <new>
 #include <vector>
 
 #include "core/heavy_barrier.h"
+#include "core/rseq.h"
+#include "pgmap/core/yield_point.h"
 
 namespace pgmap {
 namespace detail {
@@ -21,7 +24,18 @@ namespace {
 
 // All counter blocks ever created, the parked ones, and the slot allocator. Lock order: a ref's
 // own mutex (Data::mu) before this one.
+enum class Impl { per_thread, rseq };
+
+Impl choose_impl() {
+  const char* force = std::getenv("PGMAP_PERCPU_IMPL");
+  if (force != nullptr && std::strcmp(force, "per-thread") == 0) return Impl::per_thread;
+  return rseq::available() ? Impl::rseq : Impl::per_thread;
+}
+
+// The implementation, the slot allocator, and (per-thread) all counter blocks ever created and
+// the parked ones. Lock order: a ref's own mutex (Data::mu) before this one.
 struct Registry {
+  const Impl impl = choose_impl();
   std::mutex mu;
   std::vector<ThreadCounters*> all;
   std::vector<ThreadCounters*> parked;
@@ -64,19 +78,40 @@ struct Registry {
     return kNoSlot;
   }
 
-  // The slot's counts must sum to zero with no thread touching them; they are reset so that the
-  // next owner starts from zero in every block.
+  // The slot's counts must sum to zero with no one touching them; they are reset so that the
+  // next owner starts from zero everywhere.
   void free_slot(std::uint32_t slot) {
     std::lock_guard<std::mutex> lock(mu);
-    for (ThreadCounters* t : all)
-      t->counts[slot].store(0, std::memory_order_relaxed);
+    if (impl == Impl::rseq) {
+      (void)rseq::collect(slot, /*zero=*/true);  // the sum is zero; only the reset matters
+    } else {
+      for (ThreadCounters* t : all)
+        t->counts[slot].store(0, std::memory_order_relaxed);
+    }
     free_slots.push_back(slot);
   }
 
-  // Collects and zeroes one slot across all blocks. The caller already published ATOMIC and ran
-  // the heavy barrier, so a thread either sees ATOMIC or has its `active` flag visible here.
+  // The word of a live (percpu) ref that owns `slot`.
+  std::uintptr_t live_word(std::uint32_t slot) const {
+    if (impl == Impl::rseq) return reinterpret_cast<std::uintptr_t>(rseq::counter(slot));
+    return std::uintptr_t{slot} << kPercpuWordSlotShift | kPercpuWordPerThread;
+  }
+
+  // The barrier that makes the fold exact once ATOMIC is published (see the header).
+  void barrier() const {
+    if (impl == Impl::rseq) {
+      rseq::barrier();
+    } else {
+      heavy_barrier();
+    }
+  }
+
+  // Collects and zeroes one slot everywhere. The caller already published ATOMIC and ran
+  // barrier(): no rseq section can commit any more, and a thread either sees ATOMIC or has its
+  // `active` flag visible here.
   std::uint64_t collect(std::uint32_t slot) {
     std::lock_guard<std::mutex> lock(mu);
+    if (impl == Impl::rseq) return rseq::collect(slot, /*zero=*/true);
     std::uint64_t sum = 0;
     for (ThreadCounters* t : all) {
       for (unsigned spins = 0; t->active.load(std::memory_order_acquire) != 0; ++spins) {
@@ -85,6 +120,16 @@ struct Registry {
       sum += t->counts[slot].load(std::memory_order_relaxed);
       t->counts[slot].store(0, std::memory_order_relaxed);
     }
+    return sum;
+  }
+
+  // A racy snapshot of the slot's sum (diagnostics).
+  std::uint64_t peek(std::uint32_t slot) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (impl == Impl::rseq) return rseq::collect(slot, /*zero=*/false);
+    std::uint64_t sum = 0;
+    for (ThreadCounters* t : all)
+      sum += t->counts[slot].load(std::memory_order_relaxed);
     return sum;
   }
 
@@ -131,24 +176,34 @@ bool PercpuRef::ensure_thread_counters() noexcept {
   return true;
 }
 
+// A thread without a counter block (first use, or after its exit hook): register and retry, or
+// report "not counted here" so that the caller uses the shared count.
+bool PercpuRef::thread_add_first(std::uint64_t delta) noexcept {
+  return ensure_thread_counters() && thread_add(delta);
+}
+
+std::string_view PercpuRef::implementation() noexcept {
+  return Registry::get().impl == detail::Impl::rseq ? "rseq" : "per-thread";
+}
+
 PercpuRef::PercpuRef(Callback release, unsigned flags) : mode_(0), data_(new Data) {
+  Registry& r = Registry::get();
   data_->release = std::move(release);
   data_->allow_reinit = (flags & kAllowReinit) != 0;
   data_->force_atomic = (flags & kInitAtomic) != 0;
-  data_->slot = Registry::get().alloc_slot();
+  data_->slot = r.alloc_slot();
   bool dead = (flags & kInitDead) != 0;
   bool percpu = !dead && !data_->force_atomic && data_->slot != Registry::kNoSlot;
-  std::uintptr_t slot_bits =
-      data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
+  std::uintptr_t live = data_->slot == Registry::kNoSlot ? 0 : r.live_word(data_->slot);
   if (dead) {
     count_.store(0, std::memory_order_relaxed);
-    mode_.store(slot_bits | kAtomic | kDead, std::memory_order_release);
+    mode_.store(live | kAtomic | kDead, std::memory_order_release);
   } else if (percpu) {
     count_.store(kBias + 1, std::memory_order_relaxed);
-    mode_.store(slot_bits, std::memory_order_release);
+    mode_.store(live, std::memory_order_release);
   } else {
     count_.store(1, std::memory_order_relaxed);
-    mode_.store(slot_bits | kAtomic, std::memory_order_release);
+    mode_.store(live | kAtomic, std::memory_order_release);
   }
 }
 
@@ -157,7 +212,7 @@ PercpuRef::~PercpuRef() {
   if ((m & kAtomic) == 0) {
     // Never killed: only legal if nobody but the owner ever used it. Fold to find out.
     mode_.store(m | kAtomic, std::memory_order_seq_cst);
-    detail::heavy_barrier();
+    Registry::get().barrier();
     auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
     count_.fetch_add(sum - kBias, std::memory_order_acq_rel);
   }
@@ -197,17 +252,8 @@ Errc PercpuRef::put_reached(std::int64_t now, std::int64_t sub) noexcept {
   return Errc::ok;
 }
 
-// A thread without counters (first use, or after its exit hook): register and retry, or use the
-// shared count.
-Errc PercpuRef::get_slow(std::uint64_t n) noexcept {
-  if (ensure_thread_counters() && percpu_add(n)) return Errc::ok;
-  auto add = static_cast<std::int64_t>(n);
-  if (count_.fetch_add(add, std::memory_order_acq_rel) > 0) return Errc::ok;
-  return get_undo(add);
-}
-
-Errc PercpuRef::put_slow(std::uint64_t n) noexcept {
-  if (ensure_thread_counters() && percpu_add(0 - n)) return Errc::ok;
+// A put on the shared count whatever the mode (kill's drop of the initial reference).
+Errc PercpuRef::put_atomic(std::uint64_t n) noexcept {
   auto sub = static_cast<std::int64_t>(n);
   std::int64_t now = count_.fetch_sub(sub, std::memory_order_acq_rel) - sub;
   if (now > 0) return Errc::ok;
@@ -215,7 +261,6 @@ Errc PercpuRef::put_slow(std::uint64_t n) noexcept {
 }
 
 bool PercpuRef::tryget_slow(bool live) noexcept {
-  if (ensure_thread_counters() && percpu_add(1)) return true;
   if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) return false;
   std::int64_t old = count_.load(std::memory_order_relaxed);
   do {
@@ -225,13 +270,26 @@ bool PercpuRef::tryget_slow(bool live) noexcept {
   // In atomic mode a kill does not wait for us, so check DEAD again after taking the reference:
   // either we see it and back out, or our increment preceded the kill and counts as before it.
   if (live && (mode_.load(std::memory_order_seq_cst) & kDead) != 0) {
-    (void)put_slow(1);  // undoes our own increment: cannot underflow
+    (void)put_atomic(1);  // undoes our own increment: cannot underflow
     return false;
   }
   return true;
 }
 
 // ---- mode changes -----------------------------------------------------------------------------
+
+// Publishes ATOMIC (and DEAD if asked), then waits until no percpu operation can still commit and
+// folds the counters into the shared count, bias still in. Returns the count without the bias.
+// Called with data_->mu held on a percpu ref.
+std::int64_t PercpuRef::fold_locked(std::uintptr_t m, std::uintptr_t flags) noexcept {
+  mode_.store(m | flags, std::memory_order_seq_cst);
+  PGMAP_YIELD_POINT("percpu.fold_before_barrier");
+  Registry& r = Registry::get();
+  r.barrier();
+  PGMAP_YIELD_POINT("percpu.fold_before_collect");
+  auto sum = static_cast<std::int64_t>(r.collect(data_->slot));
+  return count_.fetch_add(sum, std::memory_order_acq_rel) + sum - kBias;
+}
 
 Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
   {
@@ -241,23 +299,21 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
       report_misuse(Errc::already_dead, "PercpuRef killed twice");
       return Errc::already_dead;
     }
-    mode_.store(m | kAtomic | kDead, std::memory_order_seq_cst);
     std::int64_t now = 0;
     if ((m & kAtomic) == 0) {
-      detail::heavy_barrier();
-      auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-      // Fold with the bias still in, so that the count stays far from zero until it is known to
-      // be sane; only then take the bias out.
-      now = count_.fetch_add(sum, std::memory_order_acq_rel) + sum - kBias;
+      // The bias stays in until the count is known to be sane, so that it stays far from zero.
+      now = fold_locked(m, kAtomic | kDead);
       if (now >= 1) count_.fetch_sub(kBias, std::memory_order_acq_rel);
     } else {
+      mode_.store(m | kAtomic | kDead, std::memory_order_seq_cst);
       now = count_.load(std::memory_order_acquire);
     }
     if (now < 1) {
       // The initial reference is gone: more puts than gets. Undo the kill (the mode word goes
-      // back to what it was; a percpu count keeps its bias and its slots were zeroed by the
+      // back to what it was; a percpu count keeps its bias and its counters were zeroed by the
       // fold, so the count is exactly what the fold found), so that nobody waits for a release
       // that cannot come.
+      PGMAP_YIELD_POINT("percpu.kill_before_undo");
       mode_.store(m, std::memory_order_seq_cst);
       report_misuse(Errc::underflow, "PercpuRef: more puts than gets found at kill");
       return Errc::underflow;
@@ -267,10 +323,12 @@ Errc PercpuRef::kill_and_confirm(const Callback& confirm) noexcept {
       data_->slot = Registry::kNoSlot;
     }
   }
+  PGMAP_YIELD_POINT("percpu.kill_before_confirm");
   if (confirm) confirm();
+  PGMAP_YIELD_POINT("percpu.kill_before_initial_put");
   // Drop the initial reference; may run release. The count was >= 1 (checked above), so this
   // can only fail if another thread is misusing the ref concurrently (and then it reports).
-  return put_slow(1);
+  return put_atomic(1);
 }
 
 Errc PercpuRef::switch_to_atomic() noexcept {
@@ -278,10 +336,8 @@ Errc PercpuRef::switch_to_atomic() noexcept {
   data_->force_atomic = true;
   std::uintptr_t m = mode_.load(std::memory_order_relaxed);
   if ((m & kAtomic) != 0) return Errc::ok;
-  mode_.store(m | kAtomic, std::memory_order_seq_cst);
-  detail::heavy_barrier();
-  auto sum = static_cast<std::int64_t>(Registry::get().collect(data_->slot));
-  count_.fetch_add(sum - kBias, std::memory_order_acq_rel);
+  (void)fold_locked(m, kAtomic);  // any count is fine here: the ref is not being killed
+  count_.fetch_sub(kBias, std::memory_order_acq_rel);
   return Errc::ok;
 }
 
@@ -294,8 +350,8 @@ Errc PercpuRef::switch_to_percpu() noexcept {
   if (data_->slot == Registry::kNoSlot) return Errc::no_memory;
   data_->force_atomic = false;
   count_.fetch_add(kBias, std::memory_order_acq_rel);
-  // The slot's counts are zero in every block (reset by the last collect or free_slot).
-  mode_.store(std::uintptr_t{data_->slot} << kSlotShift, std::memory_order_seq_cst);
+  // The slot's counters are zero everywhere (reset by the last collect or free_slot).
+  mode_.store(Registry::get().live_word(data_->slot), std::memory_order_seq_cst);
   return Errc::ok;
 }
 
@@ -303,13 +359,13 @@ Errc PercpuRef::switch_to_percpu() noexcept {
 // Called with data_->mu held and the initial reference already counted in count_.
 void PercpuRef::go_live_locked() noexcept {
   bool percpu = !data_->force_atomic && data_->slot != Registry::kNoSlot;
-  std::uintptr_t slot_bits =
-      data_->slot == Registry::kNoSlot ? 0 : std::uintptr_t{data_->slot} << kSlotShift;
+  std::uintptr_t live =
+      data_->slot == Registry::kNoSlot ? 0 : Registry::get().live_word(data_->slot);
   if (percpu) {
     count_.fetch_add(kBias, std::memory_order_acq_rel);
-    mode_.store(slot_bits, std::memory_order_seq_cst);  // the slot's counts are all zero
+    mode_.store(live, std::memory_order_seq_cst);  // the slot's counters are all zero
   } else {
-    mode_.store(slot_bits | kAtomic, std::memory_order_seq_cst);
+    mode_.store(live | kAtomic, std::memory_order_seq_cst);
   }
 }
 
@@ -350,13 +406,7 @@ std::int64_t PercpuRef::approx_count() const noexcept {
   std::uintptr_t m = mode_.load(std::memory_order_acquire);
   std::int64_t c = count_.load(std::memory_order_acquire);
   if ((m & kAtomic) != 0) return c;
-  Registry& r = Registry::get();
-  std::lock_guard<std::mutex> lock(r.mu);
-  std::uint64_t sum = 0;
-  for (detail::ThreadCounters* t : r.all) {
-    sum += t->counts[m >> kSlotShift].load(std::memory_order_relaxed);
-  }
-  return c - kBias + static_cast<std::int64_t>(sum);
+  return c - kBias + static_cast<std::int64_t>(Registry::get().peek(data_->slot));
 }
 
 }  // namespace pgmap

@@ -5,11 +5,15 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
+#include <string_view>
 #include <thread>
 #include <vector>
 
 #include "pgmap/core/error.h"
+#include "pgmap/core/sanitizer.h"
 
 namespace pgmap {
 namespace {
@@ -52,6 +56,58 @@ struct Counted {
   PercpuRef ref;
   explicit Counted(unsigned flags = 0) : ref([this] { releases.fetch_add(1); }, flags) {}
 };
+
+// ---- implementation -----------------------------------------------------------------------------
+
+TEST_F(PercpuRefTest, ImplementationIsChosenOnceAndCanBeForced) {
+  std::string_view impl = PercpuRef::implementation();
+  std::printf("PercpuRef implementation: %.*s\n", static_cast<int>(impl.size()), impl.data());
+  EXPECT_TRUE(impl == "rseq" || impl == "per-thread") << impl;
+  const char* force = std::getenv("PGMAP_PERCPU_IMPL");
+  if (force != nullptr && std::string_view(force) == "per-thread") {
+    EXPECT_EQ(impl, "per-thread");
+  }
+  if (sanitizer::kThread) {
+    EXPECT_EQ(impl, "per-thread");  // TSan cannot see the rseq asm
+  }
+#if !PGMAP_PERCPU_RSEQ_INLINE
+  EXPECT_EQ(impl, "per-thread");
+#endif
+  Counted c;
+  EXPECT_EQ(PercpuRef::implementation(), impl);  // fixed for the life of the process
+  EXPECT_EQ(c.ref.kill(), Errc::ok);
+  expect_no_misuse();
+}
+
+// Gets and puts spread over threads that migrate between CPUs: the per-CPU (or per-thread) sums
+// only add up as a whole, and the fold must find the exact total.
+TEST_F(PercpuRefTest, CountsFromManyThreadsAddUpAtTheFold) {
+  Counted c;
+  constexpr int kThreads = 4;
+  constexpr int kEach = 20000;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      for (int i = 0; i < kEach; ++i) {
+        ASSERT_EQ(c.ref.get_many(3), Errc::ok);
+        if (i % 1000 == 0) std::this_thread::yield();  // invites migration
+        ASSERT_EQ(c.ref.put_many(t % 2 == 0 ? 3 : 2), Errc::ok);
+      }
+    });
+  }
+  for (auto& th : threads)
+    th.join();
+  EXPECT_TRUE(c.ref.is_percpu());
+  const std::int64_t held = kThreads / 2 * kEach;  // the odd threads kept one per iteration
+  EXPECT_EQ(c.ref.approx_count(), 1 + held);
+  ASSERT_EQ(c.ref.switch_to_atomic(), Errc::ok);
+  EXPECT_EQ(c.ref.approx_count(), 1 + held);
+  ASSERT_EQ(c.ref.switch_to_percpu(), Errc::ok);
+  ASSERT_EQ(c.ref.put_many(static_cast<std::uint64_t>(held)), Errc::ok);
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 1);
+  expect_no_misuse();
+}
 
 // ---- basic semantics ----------------------------------------------------------------------------
 

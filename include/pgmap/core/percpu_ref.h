@@ -3,51 +3,78 @@
 // user-space twin of the kernel's percpu_ref (lib/percpu-refcount.c), and it is what a pagemap
 // uses as its liveness reference.
 //
+// ---- Two implementations, chosen once per process ------------------------------------------
+//
+// implementation() says which one runs; both count exactly and obey the same contract.
+//
+//   "rseq" (preferred): each CPU has its own counter for the ref, updated inside a restartable
+//     sequence (Linux rseq, registered by glibc): read the CPU id and the ref's word, add to that
+//     CPU's counter with one non-locked add. If the thread is preempted, migrated or signalled in
+//     between, the kernel restarts the sequence, so the add always lands on the CPU it was meant
+//     for. The critical section is in pgmap/core/detail/rseq_percpu.h.
+//   "per-thread" (fallback): each thread has its own counter block; the thread sets its `active`
+//     flag, reads the word, updates its slot and clears the flag (see below).
+//
+// The choice is made at the first PercpuRef construction (or implementation() call): "rseq" if it
+// was compiled in (x86-64, glibc >= 2.35), the thread has rseq registered and the kernel offers
+// MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ; "per-thread" otherwise, always under ThreadSanitizer
+// (TSan cannot see the asm's memory accesses), and when the environment variable
+// PGMAP_PERCPU_IMPL=per-thread is set (tests run every PercpuRef test under both).
+//
 // ---- Modes and why zero cannot be seen in percpu mode ------------------------------------------
 //
-// In percpu ("live") mode every thread counts its gets and puts in its own slot: a relaxed load
-// and store of a word that no other thread writes, so there is no shared cache line on the fast
-// path. A slot may go negative or wrap (a thread may put what another got); only the modular sum
-// of all slots plus the shared atomic means anything, and computing that sum needs every thread
-// to stop touching its slot. So percpu mode cannot notice the count reaching zero. That is why
-// the owner holds an *initial reference* and shutdown has two stages:
+// In percpu ("live") mode gets and puts go to a counter that no other CPU (rseq) or thread
+// (per-thread) writes: no lock prefix and no shared cache line on the fast path. A counter may go
+// negative or wrap (a reference may be dropped on another CPU or thread than it was taken on);
+// only the modular sum of all counters plus the shared atomic means anything, and computing that
+// sum needs every writer to stop. So percpu mode cannot notice the count reaching zero. That is
+// why the owner holds an *initial reference* and shutdown has two stages:
 //
-//   1. kill(): mark the ref DEAD (which implies ATOMIC), wait until no thread is still in the
-//      middle of a percpu operation, fold every thread's slot into the shared atomic, run the
-//      confirm callback, and drop the initial reference.
+//   1. kill(): mark the ref DEAD (which implies ATOMIC), make sure no operation that read the
+//      percpu word can still commit (a process-wide barrier), fold every counter into the shared
+//      atomic, run the confirm callback, and drop the initial reference.
 //   2. The last put() in atomic mode sees the count reach zero and runs `release` exactly once.
 //
 // There is no implied grace period between kill and release: release may run inside kill()
 // (if nothing else was held) or later on whichever thread drops the last reference.
 //
-// ---- The bias ----------------------------------------------------------------------------------
+// ---- The word and the bias ---------------------------------------------------------------------
 //
-// While percpu, the shared atomic holds kBias plus whatever was counted there directly (threads
-// without a slot: exiting threads, or refs that ran out of slots). The fold adds `sum - kBias` in
-// one atomic operation, so the shared count never transiently reads zero during the switch, and
-// slow-path operations can always use zero-checking atomics regardless of the mode they saw.
+// The hot word packs the counter location and the mode, so one load gives both (the kernel's
+// percpu_count_ptr): rseq: the address of the ref's CPU-0 counter | ATOMIC | DEAD; per-thread:
+// slot index << 3 | PER_THREAD | ATOMIC | DEAD. While percpu, the shared atomic holds kBias plus
+// whatever was counted there directly (operations that found no percpu counter: threads after
+// their exit hook, translation units built without the rseq fast path). The fold adds the sum of
+// the counters with the bias still in and only then subtracts the bias, so the shared count never
+// transiently reads zero during the switch, and slow-path operations can always use zero-checking
+// atomics whatever mode they saw.
 //
-// ---- How the switch knows that no thread is mid-operation --------------------------------------
+// ---- How the switch knows that no operation is mid-flight --------------------------------------
 //
-// A fast-path operation is: set my thread's `active` flag; read the mode word; if percpu, update
-// my slot; clear `active` (release). The switch stores the new mode, then issues a process-wide
-// memory barrier (membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED), with an mprotect-IPI fallback):
-// afterwards, every thread either read the mode after the barrier (and sees ATOMIC) or has its
-// `active` store visible. The switch waits for each visible `active` to clear, then reads the
-// slots. The reader pays only plain stores to its own cache line: no lock prefix, no fence.
+// The switch stores the new mode (ATOMIC set), then issues a process-wide barrier:
+//   rseq: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ), which aborts the rseq critical
+//     section of every thread of the process that is in one. An aborted section restarts, re-reads
+//     the word and sees ATOMIC; one that committed before the barrier is visible to the fold. So
+//     the fold that follows is exact without any reader-side flag.
+//   per-thread: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (mprotect-IPI fallback). A thread's
+//     operation is: set `active`; read the word; if percpu, update the slot; clear `active`
+//     (release). After the barrier every thread either read the word after it (and sees ATOMIC) or
+//     has its `active` store visible; the switch waits for each visible `active` to clear before
+//     reading the slots.
 //
 // After kill() (or kill_and_confirm()) returns, tryget_live() fails on every thread; a
 // tryget_live() that was already past its check when kill started may still succeed, and its
 // reference is counted like any other.
 //
-// ---- Threads and slots -------------------------------------------------------------------------
+// ---- Counters and slots ------------------------------------------------------------------------
 //
-// Each thread gets a counter block (one slot per live PercpuRef) on its first operation. A block
-// is never freed: when its thread exits, it is parked and later adopted by a new thread as is, so
-// references taken on one thread and dropped on another, or dropped after the taker exited, are
-// never lost or counted twice. After a thread's exit hook ran, its operations go to the shared
-// atomic. There are kMaxPercpuRefs slots; a ref created when none is free runs in atomic mode for
-// its whole life (is_percpu() tells), which is slower but equally correct.
+// Each live ref owns one slot index (kMaxPercpuRefs of them). rseq: one block of 8-byte counters
+// per possible CPU, a slot being the same index in every block (8 bytes per CPU per ref; a block
+// is written only by its CPU). per-thread: each thread gets a counter block on its first
+// operation; a block is never freed: when its thread exits, it is parked and later adopted by a
+// new thread as is, so references taken on one thread and dropped on another, or dropped after
+// the taker exited, are never lost or counted twice. A ref created when no slot is free runs in
+// atomic mode for its whole life (is_percpu() tells), which is slower but equally correct.
 //
 // ---- Misuse ------------------------------------------------------------------------------------
 //
@@ -77,7 +104,9 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <string_view>
 
+#include "pgmap/core/detail/rseq_percpu.h"
 #include "pgmap/core/error.h"
 
 namespace pgmap {
@@ -96,7 +125,12 @@ struct ThreadCounters {
 // wrapper (no check for a dynamic initializer on every operation). It also avoids a GCC 12
 // -fsanitize=null miscompile of that wrapper check (a stale flag made UBSan report "load of null
 // pointer of type 'ThreadCounters *'" at `t_counters` in percpu_add).
-extern constinit thread_local ThreadCounters* t_counters;
+// initial-exec: one %fs-relative load even when pgmap is a shared library.
+extern constinit thread_local ThreadCounters* t_counters __attribute__((tls_model("initial-exec")));
+
+// Word encoding shared with the implementation (see "The word and the bias").
+inline constexpr std::uintptr_t kPercpuWordPerThread = 4;
+inline constexpr unsigned kPercpuWordSlotShift = 3;
 
 inline void compiler_barrier() noexcept {
   asm volatile("" ::: "memory");
@@ -169,6 +203,9 @@ class PercpuRef {
   Errc reinit() noexcept;
 
   // ---- queries ----
+  // "rseq" or "per-thread" (see the file comment); fixed for the life of the process.
+  static std::string_view implementation() noexcept;
+
   bool is_zero() const noexcept;    // atomic mode and count == 0
   bool is_dying() const noexcept {  // killed (DEAD set)
     return (mode_.load(std::memory_order_acquire) & kDead) != 0;
@@ -180,24 +217,28 @@ class PercpuRef {
  private:
   static constexpr std::uintptr_t kAtomic = 1;
   static constexpr std::uintptr_t kDead = 2;
+  static constexpr std::uintptr_t kPerThread = detail::kPercpuWordPerThread;  // + slot index << 3
   static constexpr std::uintptr_t kModeMask = kAtomic | kDead;
-  static constexpr unsigned kSlotShift = 2;
+  static constexpr std::uintptr_t kFlagMask = kAtomic | kDead | kPerThread;
+  static constexpr unsigned kSlotShift = detail::kPercpuWordSlotShift;
 
   struct Data;
 
-  // The fast path: adds `delta` (mod 2^64) to this thread's slot and returns true if the ref is
-  // in percpu mode; returns false, having changed nothing, otherwise.
+  // The fast path: adds `delta` (mod 2^64) to this CPU's or this thread's counter and returns true
+  // if the ref is in percpu mode; returns false, having changed nothing, otherwise.
   inline bool percpu_add(std::uint64_t delta) noexcept;
-  Errc get_slow(std::uint64_t n) noexcept;
-  Errc put_slow(std::uint64_t n) noexcept;
+  inline bool thread_add(std::uint64_t delta) noexcept;
+  bool thread_add_first(std::uint64_t delta) noexcept;  // registers the thread's counter block
+  Errc put_atomic(std::uint64_t n) noexcept;
   Errc get_undo(std::int64_t add) noexcept;                       // the get found a released ref
   Errc put_reached(std::int64_t now, std::int64_t sub) noexcept;  // zero (release) or below
 
   bool tryget_slow(bool live) noexcept;
+  std::int64_t fold_locked(std::uintptr_t m, std::uintptr_t flags) noexcept;
   void go_live_locked() noexcept;
   static bool ensure_thread_counters() noexcept;
 
-  // Hot word: slot << kSlotShift | kAtomic | kDead. The cold state lives behind data_, so a user
+  // Hot word (see "The word and the bias"). The cold state lives behind data_, so a user
   // embedding a PercpuRef pays 24 bytes in its hot cache line (Ming Lei's split in the kernel).
   std::atomic<std::uintptr_t> mode_;
   // The shared count: kBias + direct counts while percpu, the exact count in atomic mode. It sits
@@ -209,16 +250,32 @@ class PercpuRef {
 // ---- fast paths -------------------------------------------------------------------------------
 
 inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
+#if PGMAP_PERCPU_RSEQ_INLINE
+  std::uintptr_t w = detail::rseq_percpu_add(&mode_, delta);
+  if (w == 0) [[likely]]
+    return true;
+#else
+  std::uintptr_t w = mode_.load(std::memory_order_relaxed);
+#endif
+  // Live per-thread words have only PER_THREAD set; a live rseq word seen by a translation unit
+  // without the rseq fast path takes the shared atomic, which is always correct (the bias).
+  if ((w & kFlagMask) != kPerThread) return false;
+  return thread_add(delta);
+}
+
+inline bool PercpuRef::thread_add(std::uint64_t delta) noexcept {
   detail::ThreadCounters* t = detail::t_counters;
-  // A first look without the flag keeps atomic mode free of the flag stores.
-  if (t == nullptr || (mode_.load(std::memory_order_relaxed) & kModeMask) != 0) [[unlikely]] {
-    return false;
-  }
+  if (t == nullptr) [[unlikely]]
+    return thread_add_first(delta);
   t->active.store(1, std::memory_order_relaxed);
-  detail::compiler_barrier();  // the flag store stays before the mode load (membarrier pairs)
+  detail::compiler_barrier();  // the flag store stays before the word load (membarrier pairs)
   std::uintptr_t m = mode_.load(std::memory_order_relaxed);
-  bool percpu = (m & kModeMask) == 0;  // percpu implies not dead
+  bool percpu = (m & kFlagMask) == kPerThread;
   if (percpu) [[likely]] {
+#ifdef PGMAP_YIELD_POINTS
+    for (std::uint32_t i = detail::g_rseq_widen_spins.load(std::memory_order_relaxed); i > 0; --i)
+      detail::compiler_barrier();  // test-only: widen the window between the check and the add
+#endif
     std::atomic<std::uint64_t>& c = t->counts[m >> kSlotShift];
     c.store(c.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
   }
@@ -229,8 +286,6 @@ inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
 inline Errc PercpuRef::get_many(std::uint64_t n) noexcept {
   if (percpu_add(n)) [[likely]]
     return Errc::ok;
-  if (detail::t_counters == nullptr) [[unlikely]]
-    return get_slow(n);
   // Atomic mode. While percpu the count carries kBias, so the check cannot fire by mistake.
   auto add = static_cast<std::int64_t>(n);
   if (count_.fetch_add(add, std::memory_order_acq_rel) > 0) [[likely]]
@@ -241,8 +296,6 @@ inline Errc PercpuRef::get_many(std::uint64_t n) noexcept {
 inline Errc PercpuRef::put_many(std::uint64_t n) noexcept {
   if (percpu_add(0 - n)) [[likely]]
     return Errc::ok;
-  if (detail::t_counters == nullptr) [[unlikely]]
-    return put_slow(n);
   auto sub = static_cast<std::int64_t>(n);
   std::int64_t now = count_.fetch_sub(sub, std::memory_order_acq_rel) - sub;
   if (now > 0) [[likely]]
