@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,7 @@
 #include "pgmap/core/error.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/yield_point.h"
 
 namespace pgmap {
 namespace {
@@ -59,7 +61,8 @@ class PercpuRefStressTest : public ::testing::Test {
     g_misuse_calls = 0;
     g_op_failures = 0;
     previous_ = set_misuse_handler(&counting_handler);
-    std::printf("heavy barrier: %s\n", detail::heavy_barrier_name());
+    std::printf("implementation: %s, heavy barrier (per-thread): %s\n",
+                std::string(PercpuRef::implementation()).c_str(), detail::heavy_barrier_name());
   }
   void TearDown() override {
     EXPECT_EQ(g_misuse_calls.load(), 0) << "no operation in a stress test is misuse";
@@ -415,6 +418,118 @@ TEST_F(PercpuRefStressTest, ThreadsExitWhileRefsOutstanding) {
     if (::testing::Test::HasFailure()) break;
   }
   std::printf("ThreadsExitWhileRefsOutstanding: %d rounds, %d threads\n", rounds, threads_run);
+}
+
+// ---- the critical section widened ---------------------------------------------------------------
+//
+// With yield points compiled in (debug, asan, tsan presets), every get/put spins inside its
+// critical section (rseq: between reading the word and the committing add; per-thread: between
+// the word check and the slot store), and the kill's windows yield now and then. A kill whose
+// barrier did not abort (rseq) or wait for (per-thread) an operation caught in that window would
+// let its add land after the fold: the count would go wrong, which this test sees exactly, with
+// the workers still running, over many kill/resurrect rounds. Without yield points it still runs,
+// unwidened.
+
+#ifdef PGMAP_YIELD_POINTS
+std::atomic<std::uint32_t> g_yield_rng{1};
+void kill_window_hook(const char* name) noexcept {
+  if (std::strncmp(name, "percpu.", 7) != 0) return;
+  std::uint32_t x = g_yield_rng.fetch_add(0x9e3779b9u, std::memory_order_relaxed);
+  if ((x >> 28) < 6) std::this_thread::yield();
+}
+#endif
+
+TEST_F(PercpuRefStressTest, WidenedCriticalSectionStaysExactOverKillRounds) {
+#ifdef PGMAP_YIELD_POINTS
+  constexpr std::uint32_t kSpins = 300;
+  detail::g_rseq_widen_spins.store(kSpins);
+  YieldHook previous_hook = set_yield_hook(&kill_window_hook);
+  std::printf("widened: %u spins inside every critical section\n", kSpins);
+#else
+  std::printf("not widened: yield points are not compiled in\n");
+#endif
+  const auto budget = stress_budget(1.0);
+  const int max_rounds = kSlowBuild ? 400 : 100000;
+  const auto start = Clock::now();
+  std::mt19937 rng(4242);
+  int rounds = 0;
+  int kills = 0;
+  std::uint64_t total_ops = 0;
+
+  while (rounds < max_rounds && (rounds < 10 || Clock::now() - start < budget)) {
+    ++rounds;
+    std::atomic<int> releases{0};
+    std::array<Held, 2> held;
+    std::atomic<bool> stop{false};
+    std::atomic<std::uint64_t> ops{0};
+    PercpuRef ref([&] { releases.fetch_add(1); }, PercpuRef::kAllowReinit);
+
+    // Each worker keeps up to 8 references, taking them with tryget_live (which fails while the
+    // ref is dead) and dropping them at random; `held` counts them: incremented after a get,
+    // decremented before a put, so once the workers stop it is exactly what they hold.
+    auto worker = [&](int id) {
+      std::atomic<std::int64_t>& mine = held[static_cast<std::size_t>(id)].n;
+      std::mt19937 r(static_cast<unsigned>(rounds * 7 + id));
+      std::uint64_t local = 0;
+      while (!stop.load(std::memory_order_relaxed)) {
+        if (mine.load() < 8 && r() % 2 == 0) {
+          if (ref.tryget_live()) mine.fetch_add(1);
+        } else if (mine.load() > 0) {
+          mine.fetch_sub(1);
+          must(ref.put() == Errc::ok);
+        }
+        if (mine.load() > 0) {  // while holding, get/put can never fail
+          std::uint64_t n = 1 + r() % 4;
+          must(ref.get_many(n) == Errc::ok);
+          must(ref.put_many(n) == Errc::ok);
+        }
+        local += 2;
+        if ((local & 1023) == 0) std::this_thread::yield();
+      }
+      ops.fetch_add(local);
+    };
+    std::thread w0(worker, 0);
+    std::thread w1(worker, 1);
+
+    // Several kill -> resurrect cycles per ref, with the workers running throughout. The main
+    // thread holds one reference across them, so the ref cannot be released in between.
+    must(ref.get() == Errc::ok);
+    for (int cycle = 0; cycle < 4; ++cycle) {
+      const auto spin_end = Clock::now() + std::chrono::microseconds(rng() % 300);
+      while (Clock::now() < spin_end)
+        std::this_thread::yield();
+      EXPECT_EQ(ref.kill(), Errc::ok) << "round " << rounds << " cycle " << cycle;
+      ++kills;
+      // Atomic and exact now; the workers keep running, but can only drop references or get
+      // within what they hold (tryget_live fails), until the resurrect.
+      std::this_thread::yield();
+      EXPECT_EQ(releases.load(), 0) << "released while the main thread holds a reference";
+      if (cycle < 3) {
+        EXPECT_EQ(ref.resurrect(), Errc::ok);
+        EXPECT_TRUE(ref.is_percpu());
+      }
+    }
+    stop.store(true);
+    w0.join();
+    w1.join();
+    total_ops += ops.load();
+    const std::int64_t still = held[0].n.load() + held[1].n.load() + 1;  // + main's
+    EXPECT_EQ(ref.approx_count(), still) << "round " << rounds << ": the count is off";
+    for (std::int64_t i = 0; i < still; ++i) {
+      EXPECT_EQ(releases.load(), 0) << "released early, " << still - i << " still held";
+      EXPECT_EQ(ref.put(), Errc::ok);
+    }
+    EXPECT_EQ(releases.load(), 1) << "round " << rounds;
+    EXPECT_TRUE(ref.is_zero());
+    if (::testing::Test::HasFailure()) break;
+  }
+#ifdef PGMAP_YIELD_POINTS
+  detail::g_rseq_widen_spins.store(0);
+  set_yield_hook(previous_hook);
+#endif
+  std::printf("WidenedCriticalSectionStaysExactOverKillRounds: %d rounds, %d kills, %llu ops\n",
+              rounds, kills, static_cast<unsigned long long>(total_ops));
+  EXPECT_GE(kills, 10);
 }
 
 }  // namespace
