@@ -1,9 +1,18 @@
-// Microbenchmarks of the core reference counting primitives against the usual alternatives.
+// Microbenchmarks of the core reference counting primitives against the usual alternatives and
+// against the machine's floors, measured in the same run:
 //
-//   percpu_ref_benchmark --benchmark_min_time=0.1
+//   percpu_ref_benchmark --benchmark_repetitions=5 --benchmark_enable_random_interleaving=true
+//       --benchmark_report_aggregates_only=true --benchmark_min_time=0.1   (one command line)
 //
+// (PGMAP_PERCPU_IMPL=per-thread measures the fallback implementation.)
+//
+// Floors: BM_RelaxedPairFloor: two relaxed increments (load+store) of a thread-local counter, the
+// least a get+put can cost. BM_LockPair: fetch_add+fetch_sub on a thread-private atomic (the
+// uncontended bare atomic pair).
 // BM_PercpuRefLive / BM_PercpuRefAtomic: one get+put pair on a shared PercpuRef in percpu (live)
-// and atomic mode. BM_SharedAtomic: fetch_add+fetch_sub on one shared std::atomic.
+// and atomic mode; BM_PercpuRefLiveAfterResurrect: live mode on a kAllowReinit ref that was
+// killed and resurrected (must cost what BM_PercpuRefLive costs). The label names the
+// implementation. BM_SharedAtomic: fetch_add+fetch_sub on one shared std::atomic.
 // BM_SharedPtrCopy: copy and destroy a shared std::shared_ptr. BM_UrcuRef: liburcu's
 // urcu_ref_get/urcu_ref_put. Each runs on 1 and 2 threads sharing the same object. BM_KillConfirm:
 // create + kill + destroy a PercpuRef (the process-wide barrier dominates), with and without
@@ -16,6 +25,8 @@
 #include <cstdint>
 #include <memory>
 #include <thread>
+
+#include <string>
 
 #include "core/heavy_barrier.h"
 #include "pgmap/core/percpu_ref.h"
@@ -41,8 +52,46 @@ PercpuRef& atomic_ref() {
   return *ref;
 }
 
-void BM_PercpuRefLive(benchmark::State& state) {
-  PercpuRef& ref = live_ref();
+PercpuRef& resurrected_ref() {
+  static PercpuRef* ref = [] {
+    auto* r = new PercpuRef(nullptr, PercpuRef::kAllowReinit);
+    if (r->get() != Errc::ok || r->kill() != Errc::ok || r->resurrect() != Errc::ok ||
+        r->put() != Errc::ok) {
+      std::abort();
+    }
+    return r;
+  }();
+  return *ref;
+}
+
+std::string impl_label() {
+  return std::string(PercpuRef::implementation());
+}
+
+void BM_RelaxedPairFloor(benchmark::State& state) {
+  alignas(64) std::atomic<std::uint64_t> counter{0};  // this thread's own
+  for (auto _ : state) {
+    counter.store(counter.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+    benchmark::ClobberMemory();
+    counter.store(counter.load(std::memory_order_relaxed) - 1, std::memory_order_relaxed);
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_RelaxedPairFloor)->ThreadRange(1, 2)->UseRealTime();
+
+void BM_LockPair(benchmark::State& state) {
+  alignas(64) std::atomic<std::int64_t> counter{1};  // this thread's own: uncontended
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(counter.fetch_add(1, std::memory_order_acq_rel));
+    benchmark::DoNotOptimize(counter.fetch_sub(1, std::memory_order_acq_rel));
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations());
+}
+BENCHMARK(BM_LockPair)->ThreadRange(1, 2)->UseRealTime();
+
+void live_pairs(benchmark::State& state, PercpuRef& ref) {
   if (!ref.is_percpu()) state.SkipWithError("ref is not percpu");
   for (auto _ : state) {
     benchmark::DoNotOptimize(ref.get());
@@ -50,8 +99,18 @@ void BM_PercpuRefLive(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(state.iterations());
+  state.SetLabel(impl_label());
+}
+
+void BM_PercpuRefLive(benchmark::State& state) {
+  live_pairs(state, live_ref());
 }
 BENCHMARK(BM_PercpuRefLive)->ThreadRange(1, 2)->UseRealTime();
+
+void BM_PercpuRefLiveAfterResurrect(benchmark::State& state) {
+  live_pairs(state, resurrected_ref());
+}
+BENCHMARK(BM_PercpuRefLiveAfterResurrect)->ThreadRange(1, 2)->UseRealTime();
 
 void BM_PercpuRefAtomic(benchmark::State& state) {
   PercpuRef& ref = atomic_ref();
@@ -62,6 +121,7 @@ void BM_PercpuRefAtomic(benchmark::State& state) {
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(state.iterations());
+  state.SetLabel(impl_label());
 }
 BENCHMARK(BM_PercpuRefAtomic)->ThreadRange(1, 2)->UseRealTime();
 
@@ -150,7 +210,8 @@ void BM_KillConfirm(benchmark::State& state) {
   }
   if (confirms != static_cast<std::uint64_t>(state.iterations())) state.SkipWithError("confirm");
   state.counters["reader_ops"] = static_cast<double>(hammer.ops());
-  state.SetLabel(detail::heavy_barrier_name());
+  state.SetLabel(PercpuRef::implementation() == "rseq" ? "rseq membarrier"
+                                                       : detail::heavy_barrier_name());
 }
 BENCHMARK(BM_KillConfirm)->ArgName("reader")->Arg(0)->Arg(1)->UseRealTime();
 

@@ -136,6 +136,31 @@ inline void compiler_barrier() noexcept {
   asm volatile("" ::: "memory");
 }
 
+enum class ThreadAddResult { done, not_percpu, no_block };
+
+// The per-thread fast path (see "How the switch knows that no operation is mid-flight").
+[[gnu::always_inline]] inline ThreadAddResult thread_slot_add(
+    const std::atomic<std::uintptr_t>& word, std::uint64_t delta) noexcept {
+  constexpr std::uintptr_t kFlags = 7;  // ATOMIC | DEAD | PER_THREAD
+  ThreadCounters* t = t_counters;
+  if (t == nullptr) [[unlikely]]
+    return ThreadAddResult::no_block;
+  t->active.store(1, std::memory_order_relaxed);
+  compiler_barrier();  // the flag store stays before the word load (membarrier pairs)
+  std::uintptr_t m = word.load(std::memory_order_relaxed);
+  bool percpu = (m & kFlags) == kPercpuWordPerThread;
+  if (percpu) [[likely]] {
+#ifdef PGMAP_YIELD_POINTS
+    for (std::uint32_t i = g_rseq_widen_spins.load(std::memory_order_relaxed); i > 0; --i)
+      compiler_barrier();  // test-only: widen the window between the check and the add
+#endif
+    std::atomic<std::uint64_t>& c = t->counts[m >> kPercpuWordSlotShift];
+    c.store(c.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
+  }
+  t->active.store(0, std::memory_order_release);
+  return percpu ? ThreadAddResult::done : ThreadAddResult::not_percpu;
+}
+
 }  // namespace detail
 
 class PercpuRef {
@@ -160,14 +185,16 @@ class PercpuRef {
   PercpuRef& operator=(const PercpuRef&) = delete;
 
   // ---- hot path: never block ----
-  Errc get() noexcept { return get_many(1); }
-  Errc put() noexcept { return put_many(1); }
-  inline Errc get_many(std::uint64_t n) noexcept;
-  inline Errc put_many(std::uint64_t n) noexcept;
+  // Always inlined: the compiler's size estimate for the rseq asm would otherwise keep them out
+  // of line, and the call would cost as much as the operation.
+  [[gnu::always_inline]] Errc get() noexcept { return get_many(1); }
+  [[gnu::always_inline]] Errc put() noexcept { return put_many(1); }
+  [[gnu::always_inline]] inline Errc get_many(std::uint64_t n) noexcept;
+  [[gnu::always_inline]] inline Errc put_many(std::uint64_t n) noexcept;
   // Succeeds unless the count is zero (fails only after release).
-  inline bool tryget() noexcept;
+  [[gnu::always_inline]] inline bool tryget() noexcept;
   // Succeeds unless the ref was killed. Guaranteed to fail once kill() has returned.
-  inline bool tryget_live() noexcept;
+  [[gnu::always_inline]] inline bool tryget_live() noexcept;
 
   // ---- mode changes: may block for a process-wide barrier (µs), serialized per ref ----
 
@@ -226,8 +253,14 @@ class PercpuRef {
 
   // The fast path: adds `delta` (mod 2^64) to this CPU's or this thread's counter and returns true
   // if the ref is in percpu mode; returns false, having changed nothing, otherwise.
-  inline bool percpu_add(std::uint64_t delta) noexcept;
-  inline bool thread_add(std::uint64_t delta) noexcept;
+  [[gnu::always_inline]] inline bool percpu_add(std::uint64_t delta) noexcept;
+  // The per-thread fast path; out of line where the rseq one is compiled in (it is then only the
+  // fallback, and keeping it out keeps the inlined rseq path small).
+#if PGMAP_PERCPU_RSEQ_INLINE
+  bool thread_add(std::uint64_t delta) noexcept;
+#else
+  [[gnu::always_inline]] inline bool thread_add(std::uint64_t delta) noexcept;
+#endif
   bool thread_add_first(std::uint64_t delta) noexcept;  // registers the thread's counter block
   Errc put_atomic(std::uint64_t n) noexcept;
   Errc get_undo(std::int64_t add) noexcept;                       // the get found a released ref
@@ -251,37 +284,24 @@ class PercpuRef {
 
 inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
 #if PGMAP_PERCPU_RSEQ_INLINE
-  std::uintptr_t w = detail::rseq_percpu_add(&mode_, delta);
-  if (w == 0) [[likely]]
+  if (detail::rseq_percpu_add(&mode_, delta)) [[likely]]
     return true;
-#else
-  std::uintptr_t w = mode_.load(std::memory_order_relaxed);
 #endif
+  std::uintptr_t w = mode_.load(std::memory_order_relaxed);
   // Live per-thread words have only PER_THREAD set; a live rseq word seen by a translation unit
   // without the rseq fast path takes the shared atomic, which is always correct (the bias).
   if ((w & kFlagMask) != kPerThread) return false;
   return thread_add(delta);
 }
 
+#if !PGMAP_PERCPU_RSEQ_INLINE
 inline bool PercpuRef::thread_add(std::uint64_t delta) noexcept {
-  detail::ThreadCounters* t = detail::t_counters;
-  if (t == nullptr) [[unlikely]]
+  detail::ThreadAddResult r = detail::thread_slot_add(mode_, delta);
+  if (r == detail::ThreadAddResult::no_block) [[unlikely]]
     return thread_add_first(delta);
-  t->active.store(1, std::memory_order_relaxed);
-  detail::compiler_barrier();  // the flag store stays before the word load (membarrier pairs)
-  std::uintptr_t m = mode_.load(std::memory_order_relaxed);
-  bool percpu = (m & kFlagMask) == kPerThread;
-  if (percpu) [[likely]] {
-#ifdef PGMAP_YIELD_POINTS
-    for (std::uint32_t i = detail::g_rseq_widen_spins.load(std::memory_order_relaxed); i > 0; --i)
-      detail::compiler_barrier();  // test-only: widen the window between the check and the add
-#endif
-    std::atomic<std::uint64_t>& c = t->counts[m >> kSlotShift];
-    c.store(c.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
-  }
-  t->active.store(0, std::memory_order_release);
-  return percpu;
+  return r == detail::ThreadAddResult::done;
 }
+#endif
 
 inline Errc PercpuRef::get_many(std::uint64_t n) noexcept {
   if (percpu_add(n)) [[likely]]

@@ -11,10 +11,10 @@
 //   0: rseq->rseq_cs = &descriptor            (arms the section; outside it)
 //   1: cpu  = rseq->cpu_id                    (start_ip)
 //      word = *ref_word
-//      if (word & 7) leave, returning word    (not percpu-by-CPU: the caller takes another path)
+//      if (word & 7) leave, returning false   (not percpu-by-CPU: the caller takes another path)
 //      [debug builds only: spin g_rseq_widen_spins times, to widen the window for stress tests]
 //      *(word + (cpu << kCpuShift)) += delta  (the commit: one non-locked add to memory)
-//   2: return 0                               (post_commit_ip)
+//   2: return true                            (post_commit_ip)
 //
 // If the thread is preempted, migrated or signalled, or the process issues
 // membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ), while its instruction pointer is in [1, 2),
@@ -74,10 +74,10 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
 
 #if PGMAP_PERCPU_RSEQ_INLINE
 
-// Returns 0 when `delta` was added to this CPU's counter; otherwise the word it read (non-zero low
-// bits), having changed nothing.
-inline std::uintptr_t rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
-                                      std::uint64_t delta) noexcept {
+// Adds `delta` to this CPU's counter and returns true, or returns false, having changed nothing,
+// when the word has a flag set (not percpu-by-CPU).
+[[gnu::always_inline]] inline bool rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
+                                                   std::uint64_t delta) noexcept {
   std::uintptr_t w;
   std::uint64_t cpu;
 #ifdef PGMAP_YIELD_POINTS
@@ -99,7 +99,10 @@ inline std::uintptr_t rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
 #define PGMAP_RSEQ_WIDEN_OUT
 #define PGMAP_RSEQ_WIDEN_IN
 #endif
-  asm volatile(
+  // asm goto (volatile spelled out: GCC 12 drops an output-carrying asm goto whose outputs are
+  // unused): leaving for the caller's slow path is a jump straight out of the section (which is
+  // allowed: the kernel only looks at sections the instruction pointer is inside).
+  asm volatile goto(
       ".pushsection __rseq_cs, \"aw\"\n\t"
       ".balign 32\n\t"
       "3:\n\t"
@@ -113,26 +116,27 @@ inline std::uintptr_t rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
       "movl %%fs:%c[cpu_off](%[area]), %k[cpu]\n\t"
       "movq %[word], %[w]\n\t"
       "testq $7, %[w]\n\t"
-      "jnz 5f\n\t"
+      "jnz %l[flagged]\n\t"
       "shlq %[shift], %[cpu]\n\t" PGMAP_RSEQ_WIDEN
       "addq %[delta], (%[w], %[cpu])\n\t"
       "2:\n\t"
-      "xorl %k[w], %k[w]\n\t"
       ".pushsection __rseq_failure, \"ax\"\n\t"
       ".long %c[sig]\n\t"
       "4:\n\t"
       "jmp 0b\n\t"
       ".popsection\n\t"
-      "5:\n\t"
       : [w] "=&r"(w), [cpu] "=&r"(cpu)PGMAP_RSEQ_WIDEN_OUT
       : [word] "m"(*word), [delta] "r"(delta), [area] "r"(__rseq_offset),
         [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
         [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)PGMAP_RSEQ_WIDEN_IN
-      : "memory", "cc");
+      : "memory", "cc"
+      : flagged);
 #undef PGMAP_RSEQ_WIDEN
 #undef PGMAP_RSEQ_WIDEN_OUT
 #undef PGMAP_RSEQ_WIDEN_IN
-  return w;
+  return true;
+flagged:
+  return false;
 }
 
 #endif  // PGMAP_PERCPU_RSEQ_INLINE
