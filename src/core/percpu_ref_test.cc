@@ -1,6 +1,8 @@
 #include "pgmap/core/percpu_ref.h"
 
 #include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
@@ -76,6 +78,35 @@ TEST_F(PercpuRefTest, ImplementationIsChosenOnceAndCanBeForced) {
   Counted c;
   EXPECT_EQ(PercpuRef::implementation(), impl);  // fixed for the life of the process
   EXPECT_EQ(c.ref.kill(), Errc::ok);
+  expect_no_misuse();
+}
+
+// membarrier registration belongs to the process's mm: a forked child must still be able to kill
+// (with both implementations' barriers), including a ref that was live percpu at the fork.
+TEST_F(PercpuRefTest, KillWorksInAForkedChild) {
+  Counted before;  // makes sure the implementation was chosen (and registered) before the fork
+  ASSERT_EQ(before.ref.get(), Errc::ok);
+  pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    int bad = 0;
+    PercpuRef ref(nullptr);
+    bad += ref.get() != Errc::ok;
+    bad += ref.kill() != Errc::ok;
+    bad += ref.approx_count() != 1;
+    bad += ref.put() != Errc::ok;
+    bad += !ref.is_zero();
+    bad += before.ref.kill() != Errc::ok;  // a ref made before the fork, live percpu in the child
+    bad += before.ref.approx_count() != 1;
+    _exit(bad);
+  }
+  int status = 0;
+  ASSERT_EQ(waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status)) << "the child died (signal " << WTERMSIG(status) << ")";
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  ASSERT_EQ(before.ref.put(), Errc::ok);
+  ASSERT_EQ(before.ref.kill(), Errc::ok);
+  EXPECT_EQ(before.releases.load(), 1);
   expect_no_misuse();
 }
 

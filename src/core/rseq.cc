@@ -5,9 +5,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 
 #include "pgmap/core/detail/rseq_percpu.h"
 #include "pgmap/core/percpu_ref.h"
@@ -117,6 +117,13 @@ unsigned possible_cpus() noexcept {
 
 void barrier() noexcept {
   if (syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) == 0) return;
+  // Registration belongs to the mm; should it not be in force (this kernel carries it over fork,
+  // percpu_ref_test KillWorksInAForkedChild), register again and retry.
+  if (errno == EPERM &&
+      syscall(__NR_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_RSEQ, 0, 0) == 0 &&
+      syscall(__NR_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ, 0, 0) == 0) {
+    return;
+  }
   std::fprintf(stderr, "pgmap: membarrier(PRIVATE_EXPEDITED_RSEQ) failed after registration\n");
   std::abort();
 }

@@ -34,8 +34,9 @@ unsigned possible_cpus() noexcept;
 // registered membarrier fails (it cannot, once registration succeeded).
 void barrier() noexcept;
 
-// Sums the slot over all CPUs and zeroes it (racy unless no section can commit, i.e. after the
-// word went atomic and barrier() returned). zero_only_if_set keeps untouched pages untouched.
+// Sums the slot over all CPUs and, if `zero`, resets it (exact only when no section can commit,
+// i.e. after the word went atomic and barrier() returned). Counters that are already zero are not
+// written, so pages of CPUs that never ran a section stay untouched.
 std::uint64_t collect(std::uint32_t slot, bool zero) noexcept;
 
 }  // namespace pgmap::detail::rseq

@@ -1,4 +1,4 @@
-// PercpuRef: a reference count that costs a thread-local increment while the object is live and
+// PercpuRef: a reference count that costs a CPU-local increment while the object is live and
 // becomes an ordinary atomic counter, with zero detection, once it is being torn down. It is the
 // user-space twin of the kernel's percpu_ref (lib/percpu-refcount.c), and it is what a pagemap
 // uses as its liveness reference.
@@ -19,7 +19,9 @@
 // was compiled in (x86-64, glibc >= 2.35), the thread has rseq registered and the kernel offers
 // MEMBARRIER_CMD_PRIVATE_EXPEDITED_RSEQ; "per-thread" otherwise, always under ThreadSanitizer
 // (TSan cannot see the asm's memory accesses), and when the environment variable
-// PGMAP_PERCPU_IMPL=per-thread is set (tests run every PercpuRef test under both).
+// PGMAP_PERCPU_IMPL=per-thread is set (tests run every PercpuRef test under both). Translation
+// units must agree on the build flags (all with or all without ThreadSanitizer); one without the
+// rseq fast path still counts correctly, through the shared atomic.
 //
 // ---- Modes and why zero cannot be seen in percpu mode ------------------------------------------
 //
@@ -87,7 +89,7 @@
 // ---- Example -----------------------------------------------------------------------------------
 //
 //   PercpuRef ref([&] { done.set(); });    // live, count 1 (the initial reference)
-//   if (ref.tryget_live()) { use(); ref.put(); }   // hot path: thread-local
+//   if (ref.tryget_live()) { use(); ref.put(); }   // hot path: CPU-local
 //   ref.kill();                             // no new tryget_live; initial ref dropped
 //   done.wait();                            // release ran: all users are gone
 //
