@@ -1,7 +1,8 @@
 // Process-wide memory barrier (private to core): after heavy_barrier() returns, every thread of
 // the process has executed a full memory barrier since the call began, so their earlier stores
 // are visible to the caller and their later loads see the caller's earlier stores. This is what
-// lets PercpuRef's readers use plain stores (asymmetric fences, as in liburcu-memb and folly).
+// lets the per-thread implementation of PercpuRef use plain stores in its readers (asymmetric
+// fences, as in liburcu-memb and folly; the rseq implementation uses its own barrier, core/rseq.h).
 //
 // Implementation: membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) (Linux >= 4.14, IPIs only the CPUs
 // running this process; 1.6-5 us measured here). Fallback when membarrier is unavailable or

@@ -20,7 +20,7 @@ static_assert(kMaxPercpuRefs * sizeof(std::uint64_t) == kCpuStride,
               "one block of counters per CPU, kCpuStride apart");
 
 // Highest possible CPU id + 1, from a list like "0-3,8-11"; 0 if unreadable.
-unsigned read_possible_cpus() {
+[[maybe_unused]] unsigned read_possible_cpus() {
   std::FILE* f = std::fopen("/sys/devices/system/cpu/possible", "r");
   if (f == nullptr) return 0;
   char buf[256] = {};
