@@ -612,4 +612,11 @@ std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::
   return impl_->pt.zap(start, end);
 }
 
+void AddressSpace::for_each_entry(const std::function<void(const PtEntry&, const Vma*)>& fn) const {
+  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  impl_->pt.for_each_present([&](const PageTable::Leaf& l) {
+    fn(PtEntry{l.addr, l.pfn, l.level, l.writable, l.pgmap}, impl_->find(l.addr));
+  });
+}
+
 }  // namespace pgmap::mm

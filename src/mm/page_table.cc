@@ -256,4 +256,22 @@ void PageTable::write_protect(std::uint64_t start, std::uint64_t end) noexcept {
   for_each_leaf(root_, kDepths - 1, 0, start, std::min(end, kSpan), fn);
 }
 
+void PageTable::for_each_present(const std::function<void(const Leaf&)>& fn) const {
+  rcu::ReadGuard guard;  // as lookup(): the leaf and its pagemap pointer read consistently
+  auto walk = [&](auto& self, const Table* t, unsigned depth, std::uint64_t base) -> void {
+    for (std::uint64_t i = 0; i < kEntries; ++i) {
+      const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+      if (!pte::present(e)) continue;  // empty, or locked by an install/zap in progress
+      const std::uint64_t addr = base + (i << shift_of(depth));
+      if (pte::leaf(e)) {
+        fn(Leaf{addr, pte::pfn(e), pte::level(e), pte::writable(e),
+                t->pgmap[i].load(std::memory_order_acquire)});
+      } else if (depth > 0) {
+        self(self, reinterpret_cast<const Table*>(e & pte::kFrameMask), depth - 1, addr);
+      }
+    }
+  };
+  walk(walk, root_, kDepths - 1, 0);
+}
+
 }  // namespace pgmap::mm

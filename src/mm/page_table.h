@@ -25,6 +25,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <optional>
 
 #include "pgmap/memory/dev_pagemap.h"
@@ -128,6 +129,8 @@ class PageTable {
   std::uint64_t zap(std::uint64_t start, std::uint64_t end) noexcept;
 
   std::uint64_t nr_entries() const noexcept { return nr_entries_.load(std::memory_order_relaxed); }
+  // Diagnostics: calls fn for every present leaf, in address order (lockless, like lookup()).
+  void for_each_present(const std::function<void(const Leaf&)>& fn) const;
 
  private:
   struct Table;

@@ -235,6 +235,10 @@ class DevPagemap {
     return late_accesses_.load(std::memory_order_relaxed);
   }
   std::string describe() const;
+  // Diagnostics (the invariant checker, pgmap::debug): the pagemap reference's count — exact in
+  // atomic mode (after kill), a racy snapshot of the per-CPU sum while live; exact at quiescent
+  // points either way. Read-only.
+  std::int64_t ref_count_snapshot() const noexcept { return ref_.approx_count(); }
 
  private:
   friend Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);

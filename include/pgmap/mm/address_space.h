@@ -28,6 +28,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -119,6 +120,10 @@ class AddressSpace {
   std::uint64_t zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end);
 
   std::shared_mutex& mmap_lock() const noexcept { return mmap_lock_; }
+  // Diagnostics (the invariant checker, pgmap::debug): calls fn for every present page-table
+  // entry, in address order, with the VMA covering its address (nullptr if none: a stale entry).
+  // Takes mmap_lock shared; fn must not call back into this address space. Read-only.
+  void for_each_entry(const std::function<void(const PtEntry&, const Vma*)>& fn) const;
 
  private:
   friend struct detail::GupAccess;
