@@ -47,8 +47,17 @@ tsan: deps
 	ctest --preset tsan -j $(JOBS) --label-exclude long
 
 # Longer stress runs, outside `make test` (which runs a bounded version of each).
+# `make stress DURATION=600` runs pgmap-stress for that many seconds over every strategy (pass
+# SEED=... to replay a run, STRESS_PRESET=asan|tsan|debug for a build with yield points, after
+# `make asan` / `make tsan` / `make debug` built it).
+DURATION ?= 120
+STRESS_THREADS ?= 3
+STRESS_PRESET ?= release
+SEED ?= 0
 stress: build
-	PGMAP_STRESS_SECONDS=60 ctest --preset release -L 'stress|property|long' --output-on-failure
+	./build/$(STRESS_PRESET)/tools/pgmap-stress/pgmap-stress --duration $(DURATION) \
+	  --threads $(STRESS_THREADS) --seed $(SEED)
+	PGMAP_STRESS_SECONDS=60 ctest --preset release -L 'property|long' --output-on-failure
 
 install-test: build
 	./tests/install/run.sh build/release

@@ -9,7 +9,11 @@
 // expected and only counted), 1 otherwise, 2 for a usage error.
 #include <fmt/format.h>
 
+#include <execinfo.h>
+#include <unistd.h>
+
 #include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -17,8 +21,29 @@
 #include <string>
 #include <vector>
 
+#include "pgmap/core/sanitizer.h"
 #include "pgmap/core/yield_point.h"
 #include "stress.h"
+
+namespace {
+
+std::uint64_t g_seed = 0;
+
+// A crash (SIGSEGV on torn-down metadata in a release build, for example) is a finding too: say
+// which seed, print the stack, then die of the same signal. Sanitizer builds report it themselves.
+[[noreturn]] void on_fatal_signal(int sig) {
+  char msg[96];
+  const int n = std::snprintf(msg, sizeof msg, "pgmap-stress: FATAL signal %d (seed %llu)\n", sig,
+                              static_cast<unsigned long long>(g_seed));
+  if (n > 0) (void)!write(STDERR_FILENO, msg, static_cast<std::size_t>(n));
+  void* frames[64];
+  backtrace_symbols_fd(frames, backtrace(frames, 64), STDERR_FILENO);
+  std::signal(sig, SIG_DFL);
+  std::raise(sig);
+  std::_Exit(128 + sig);
+}
+
+}  // namespace
 
 int main(int argc, char** argv) {
   using namespace pgmap;
@@ -89,6 +114,11 @@ int main(int argc, char** argv) {
       o.quick ? " --quick" : "");
   std::fflush(stdout);
   stress::install_yield_hook(seed);
+  g_seed = seed;
+  if (!pgmap::sanitizer::kAddress && !pgmap::sanitizer::kThread) {
+    std::signal(SIGSEGV, on_fatal_signal);
+    std::signal(SIGBUS, on_fatal_signal);
+  }
 
   bool failed = false;
   for (Strategy s : strategies) {
