@@ -579,10 +579,17 @@ void World::op_raw_get(unsigned t, Rng& rng, std::vector<RawHold>& holds) {
   h.dev = d;
   h.pfn = d->pgmap->range(0).start + rng() % d->pgmap->total_pages();
   h.pin = rng() % 2 == 0;
+  // Nothing may look at an idle folio's metadata without something keeping the pagemap alive
+  // (I1): an allocation under alloc_event, else a pagemap reference for the duration of the get
+  // (the folio reference keeps it alive from then on). A concurrent memunmap makes either fail.
+  PagemapRef lookup;
   if (s_ == Strategy::alloc_event) {
     auto a = d->pgmap->request(h.pfn, 1);
     if (!a) return;  // dying
     h.alloc = std::move(a).value();
+  } else {
+    lookup = get_dev_pagemap(h.pfn);
+    if (lookup.get() != d->pgmap.get()) return;  // dying, or already replaced
   }
   if (h.pin) {
     auto r = Pin::pin(*d->pgmap, h.pfn);
