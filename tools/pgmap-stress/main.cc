@@ -143,6 +143,11 @@ int main(int argc, char** argv) {
       for (const std::string& r : f.first_reports)
         std::printf("            %s\n", r.c_str());
     }
+    for (const auto& [k, n] : f.known)
+      std::printf("            known defect (not counted as a violation): %s=%llu\n", k.c_str(),
+                  static_cast<unsigned long long>(n));
+    for (const std::string& r : f.known_first)
+      std::printf("            %s\n", r.c_str());
     if (o.verbose) {
       std::string ops;
       for (const auto& [k, n] : f.op_counts)
