@@ -67,7 +67,7 @@ struct World {
   FakeDevice dev;
   AddressSpace as;
   std::uint64_t base = 0;
-  std::vector<mm::GupPage> pins;
+  mm::PinnedPages pins;
 };
 
 class InvariantsTest : public ::testing::TestWithParam<Strategy> {};

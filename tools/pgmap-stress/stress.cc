@@ -170,7 +170,7 @@ struct Proc {
 };
 
 struct PinSet {
-  std::vector<mm::GupPage> pages;
+  mm::PinnedPages pages;
 };
 
 struct RawHold {
