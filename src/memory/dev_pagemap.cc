@@ -8,9 +8,11 @@
 #include <thread>
 
 #include "memory/pagemap_registry.h"
+#include "memory/strategy/strategy_ops.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/yield_point.h"
 
 namespace pgmap {
 namespace {
@@ -59,7 +61,9 @@ DevPagemap::DevPagemap(const MemremapParams& params, std::vector<Range> ranges)
       quarantine_(params.quarantine.value_or(kQuarantineDefault)),
       name_(params.name),
       ranges_(std::move(ranges)),
-      ref_([this] { on_release(); }) {
+      // kAllowReinit: a refused or timed-out memunmap resurrects the ref into percpu mode, so the
+      // pagemap is live again at the same cost as before (issue 7 item 3).
+      ref_([this] { on_release(); }, PercpuRef::kAllowReinit) {
   first_array_ = ranges_.front().array.get();
   if (name_.empty()) {
     name_ =
@@ -68,6 +72,17 @@ DevPagemap::DevPagemap(const MemremapParams& params, std::vector<Range> ranges)
 }
 
 Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
+  if (rcu::in_read_section()) {
+    // Publishing waits for a grace period (to free the registry's old snapshot).
+    report_misuse(Errc::invalid_argument, "memremap inside an RCU read section");
+    return Error(Errc::invalid_argument,
+                 "memremap inside an RCU read section (it waits for a grace period)");
+  }
+  if (params.strategy != Strategy::none && params.strategy != Strategy::per_lookup &&
+      params.strategy != Strategy::transition && params.strategy != Strategy::sweep &&
+      params.strategy != Strategy::alloc_event) {
+    return Error(Errc::invalid_argument, "memremap: unknown strategy");
+  }
   if (params.ranges.empty()) return Error(Errc::invalid_argument, "memremap: no ranges");
   if (params.base_order != 0 && params.base_order != kPmdOrder && params.base_order != kPudOrder) {
     return Error(Errc::invalid_argument,
@@ -108,15 +123,15 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
     }
     pfns.push_back(r);
   }
-  {
-    rcu::ReadGuard guard;  // cheap early check; insert() re-checks under the writer lock
-    for (const PfnRange& r : pfns) {
-      if (PagemapRegistry::global().lookup(r.start) != nullptr ||
-          PagemapRegistry::global().lookup(r.end() - 1) != nullptr) {
-        return Error(Errc::overlap,
-                     fmt::format("memremap: pfns {:#x}-{:#x} already mapped", r.start, r.end()));
-      }
-    }
+  auto overlap_error = [](const PfnRange& r, const PagemapRegistry::Conflict& c, const char* how) {
+    return Error(Errc::overlap,
+                 fmt::format("memremap: pfns {:#x}-{:#x} overlap {} (pfns {:#x}-{:#x}){}", r.start,
+                             r.end(), c.name, c.range.start, c.range.end(), how));
+  };
+  // Early check (a real interval query, not a probe of the ends); insert() re-checks under the
+  // registry's writer lock.
+  for (const PfnRange& r : pfns) {
+    if (auto c = PagemapRegistry::global().find_overlap(r)) return overlap_error(r, *c, "");
   }
   std::vector<DevPagemap::Range> ranges;
   for (std::size_t i = 0; i < params.ranges.size(); ++i) {
@@ -126,9 +141,16 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
         {pfns[i], params.ranges[i].backing, params.ranges[i].offset, std::move(array).value()});
   }
   std::shared_ptr<DevPagemap> pgmap(new DevPagemap(params, std::move(ranges)));
-  if (PagemapRegistry::global().insert(pgmap.get(), pfns) != Errc::ok) {
+  PagemapRegistry::Conflict conflict;
+  if (Errc e = PagemapRegistry::global().insert(pgmap.get(), pfns, &conflict); e != Errc::ok) {
     pgmap->state_.store(DevPagemap::State::dead, std::memory_order_release);  // never published
-    return Error(Errc::overlap, "memremap: pfns already mapped by a concurrent memremap");
+    if (e != Errc::overlap) return Error(e, "memremap: publishing the pagemap failed");
+    for (const PfnRange& r : pfns) {
+      if (r.overlaps(conflict.range)) {
+        return overlap_error(r, conflict, ", published by a concurrent memremap");
+      }
+    }
+    return Error(Errc::overlap, "memremap: pfns already mapped");
   }
   for (const DevPagemap::Range& r : pgmap->ranges_) {
     (void)r.backing->restore(r.offset, r.pfns.bytes());  // a previous memunmap may have revoked it
@@ -137,13 +159,13 @@ Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params) {
 }
 
 DevPagemap::~DevPagemap() {
-  // A pagemap that lost a memremap race was never published and is already dead; its reference
-  // was never shared and the PercpuRef destructor folds it.
-  // Killed (kill()) but never unmapped counts too: it is still published in the registry.
+  // Already torn down, or never published (lost a memremap race): nothing to do; the PercpuRef
+  // destructor folds a reference that was never shared.
   if (state() == State::dead) return;
-  // The owner gave up its last handle while something may still hold the pagemap: the teardown
-  // must wait (freeing under a holder is the bug this library exists to prevent), but never
-  // silently — say every few seconds who is being waited for.
+  // Still published: live, or killed (kill()) but never unmapped. The owner gave up its last
+  // handle while something may still hold the pagemap, so the teardown must wait (freeing under
+  // a holder is the bug this library exists to prevent), but never silently: every 5 s it says
+  // who is being waited for.
   MemunmapOptions opts;
   opts.progress_every = std::chrono::seconds(5);
   opts.progress = [this](const DrainProgress& p) {
@@ -151,7 +173,20 @@ DevPagemap::~DevPagemap() {
                  name_.c_str(), std::chrono::duration<double>(p.elapsed).count(),
                  holders().to_string().c_str());
   };
-  (void)memunmap(opts);
+  // A stray put_ref makes the kill refuse (Errc::underflow) and reset the reference to the holders
+  // the fold found; the next attempt then completes.
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    auto r = memunmap(opts);
+    if (r || r.code() != Errc::underflow) {
+      if (!r && r.code() != Errc::already_dead) {
+        std::fprintf(stderr, "pgmap: destroying %s: %s\n", name_.c_str(),
+                     r.error().to_string().c_str());
+      }
+      return;
+    }
+  }
+  std::fprintf(stderr, "pgmap: destroying %s: its pagemap reference keeps underflowing\n",
+               name_.c_str());
 }
 
 // ---- lookups ----------------------------------------------------------------------------------
@@ -204,118 +239,45 @@ std::size_t pagemap_count() noexcept {
 
 // ---- folio references -------------------------------------------------------------------------
 
-Errc DevPagemap::late_access(PageArray* a, std::uint64_t head, std::uint32_t undo_add,
-                             std::uint32_t undo_sub) noexcept {
-  // Restore the value so the entry keeps reading as retired, then report.
-  if (undo_add != 0) a->ref(head).fetch_add(undo_add, std::memory_order_relaxed);
-  if (undo_sub != 0) a->ref(head).fetch_sub(undo_sub, std::memory_order_relaxed);
+Errc DevPagemap::late_access() noexcept {
   late_accesses_.fetch_add(1, std::memory_order_relaxed);
   return Errc::use_after_teardown;
 }
 
+Errc DevPagemap::torn_down_access(Pfn pfn) noexcept {
+  // The ranges (not the metadata) answer whether the pfn is ours: they are never torn down.
+  return contains(pfn) ? late_access() : Errc::out_of_range;
+}
+
+// Every folio operation first checks the torn-down flag, so that a late access never touches
+// retired metadata (whatever retire made of it); the strategies check again after their atomic
+// for a teardown that raced it. One dispatch point (strategy_ops.h) picks the strategy's inline
+// get/put.
 Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
+  if (torn_down()) [[unlikely]]
+    return torn_down_access(pfn);
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
-  std::atomic<std::uint32_t>& r = l.array->ref(l.head);
-  std::uint32_t old = 0;
-  switch (strategy_) {
-    case Strategy::none:
-      // Nothing vouches for the pagemap.
-      old = r.fetch_add(refs, std::memory_order_acq_rel);
-      break;
-
-    case Strategy::per_lookup:
-      if (!ref_.tryget_live()) return Errc::dead;
-      if (refs > 1) (void)ref_.get_many(refs - 1);
-      old = r.fetch_add(refs, std::memory_order_acq_rel);
-      break;
-
-    case Strategy::transition:
-      // A busy folio already carries the pagemap reference of its busy period.
-      old = r.load(std::memory_order_relaxed);
-      while (old != 0 && old <= PageArray::kMaxRef) {
-        if (r.compare_exchange_weak(old, old + refs, std::memory_order_acq_rel,
-                                    std::memory_order_relaxed)) {
-          return Errc::ok;
-        }
-      }
-      // 0 -> refs: take the reference before the folio can be seen busy.
-      if (!ref_.tryget_live()) return Errc::dead;
-      old = r.fetch_add(refs, std::memory_order_acq_rel);
-      // Lost the race to another 0 -> 1; theirs covers the folio. Our get succeeded, so this put
-      // cannot underflow.
-      if (old != 0) (void)ref_.put();
-      break;
-
-    case Strategy::sweep:
-    case Strategy::alloc_event:
-      old = r.fetch_add(refs, std::memory_order_seq_cst);
-      // Pairs with memunmap's store of alive_ = false before its scan: either we see the kill
-      // and back out, or the scan sees our reference and waits for it. Under alloc_event the
-      // caller's allocation keeps the pagemap, but no folio may become busy after the kill either.
-      if (!alive_.load(std::memory_order_seq_cst)) [[unlikely]] {
-        if (old > PageArray::kMaxRef) return late_access(l.array, l.head, 0, refs);
-        if (r.fetch_sub(refs, std::memory_order_seq_cst) == refs) wake_up_var(&r);
-        return Errc::dead;
-      }
-      break;
-  }
-  if (old > PageArray::kMaxRef - refs) [[unlikely]] {
-    if (strategy_ == Strategy::per_lookup) (void)ref_.put_many(refs);  // undoes our own get
-    return late_access(l.array, l.head, 0, refs);
-  }
-  return Errc::ok;
-}
-
-Errc DevPagemap::put_refcount(PageArray* a, std::uint64_t head, std::uint32_t refs) noexcept {
-  std::atomic<std::uint32_t>& r = a->ref(head);
-  std::uint32_t old = r.load(std::memory_order_relaxed);
-  // Under sweep nothing but the folio's refcount keeps the pagemap, and memunmap's scan sees it
-  // idle as soon as the last put lands, while folio_freed (page_free, the wake-up) still uses the
-  // pagemap. So the last put and its free path run in a read section, entered before the
-  // refcount can reach zero: memunmap's grace period, after the scan, waits for it.
-  std::optional<rcu::ReadGuard> freeing;
-  do {
-    if (old < refs) [[unlikely]] {
-      report_misuse(Errc::underflow, "DevPagemap::put_folio below zero");
-      return Errc::underflow;
-    }
-    if (old > PageArray::kMaxRef) [[unlikely]]
-      return late_access(a, head, 0, 0);
-    if (old == refs && strategy_ == Strategy::sweep && !freeing) freeing.emplace();
-  } while (!r.compare_exchange_weak(old, old - refs, std::memory_order_seq_cst,
-                                    std::memory_order_relaxed));
-  if (old == refs) folio_freed(a, head);
-  return Errc::ok;
+  return strategy_impl::dispatch(
+      strategy_, [&](auto s) { return decltype(s)::get(*this, *l.array, l.head, refs); });
 }
 
 Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
+  if (torn_down()) [[unlikely]]
+    return torn_down_access(pfn);
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
-  // Read before the put: once the last reference is gone (transition: inside folio_freed) the
-  // pagemap may be freed by its owner.
-  const bool per_lookup = strategy_ == Strategy::per_lookup;
-  Errc e = put_refcount(l.array, l.head, refs);
-  // The folio references being dropped each carried a pagemap reference (per_lookup); an
-  // underflow here is already reported by the ref.
-  if (e == Errc::ok && per_lookup) (void)ref_.put_many(refs);
-  return e;
-}
-
-void DevPagemap::folio_freed(PageArray* a, std::uint64_t head) noexcept {
-  if (ops_.page_free) ops_.page_free(*this, a->pfn_of(head), a->order(head));
-  // Wake before dropping the pagemap reference: the wake-up touches this pagemap's metadata,
-  // which must still exist.
-  if (type_ == PagemapType::fs_dax || dying_.load(std::memory_order_seq_cst)) {
-    wake_up_var(&a->ref(head));
-  }
-  // The busy period's reference, taken at 0 -> 1 (an underflow is reported by the ref itself).
-  if (strategy_ == Strategy::transition) (void)ref_.put();
+  // Nothing of this pagemap may be touched after the strategy's put returns: it may have dropped
+  // what kept the pagemap alive.
+  return strategy_impl::dispatch(
+      strategy_, [&](auto s) { return decltype(s)::put(*this, *l.array, l.head, refs); });
 }
 
 Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {
+  if (torn_down()) [[unlikely]]
+    return torn_down_access(pfn);
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
@@ -332,6 +294,8 @@ Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {
 }
 
 Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
+  if (torn_down()) [[unlikely]]
+    return torn_down_access(pfn);
   Loc l = locate(pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
@@ -339,7 +303,10 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   if (npages == 0 || npages > folio_end - pfn) [[unlikely]]
     return Errc::invalid_argument;
   if (l.array->uses_pin_bias(l.head)) {
-    if (l.array->ref(l.head).load(std::memory_order_acquire) < PageArray::kPinBias) {
+    const std::uint32_t r = l.array->ref(l.head).load(std::memory_order_acquire);
+    if (r < PageArray::kPinBias || r > PageArray::kMaxRef) {
+      if (torn_down()) return late_access();
+      if (r > PageArray::kMaxRef && r != strategy_impl::kFreeingRef) return late_access();
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
       return Errc::underflow;
     }
@@ -349,6 +316,7 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   std::uint32_t old = pc.load(std::memory_order_relaxed);
   do {
     if (old < npages) {
+      if (torn_down()) return late_access();
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
       return Errc::underflow;
     }
@@ -358,13 +326,13 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
 }
 
 std::uint32_t DevPagemap::folio_ref_count(Pfn pfn) const noexcept {
-  if (state() == State::dead && !quarantine_) return 0;  // the metadata is gone
+  if (torn_down() && !quarantine_) return 0;  // the metadata is retired
   Loc l = locate(pfn);
   return l.array == nullptr ? 0 : l.array->ref(l.head).load(std::memory_order_acquire);
 }
 
 bool DevPagemap::folio_maybe_dma_pinned(Pfn pfn) const noexcept {
-  if (state() == State::dead && !quarantine_) return false;
+  if (torn_down() && !quarantine_) return false;
   Loc l = locate(pfn);
   if (l.array == nullptr) return false;
   if (l.array->uses_pin_bias(l.head)) {
@@ -392,31 +360,46 @@ Result<DevPagemap::Allocation> DevPagemap::request(Pfn first, std::uint64_t nr) 
 
 void DevPagemap::on_release() noexcept {
   release_gen_.fetch_add(1, std::memory_order_seq_cst);
-  wake_up_var(&release_gen_);
+  wake_up_var(&release_gen_);  // the key is only an address: the pagemap may be gone by now
 }
 
 bool DevPagemap::released_since(std::uint64_t gen0) const noexcept {
   return release_gen_.load(std::memory_order_acquire) != gen0;
 }
 
-// Undoes a kill whose wait timed out or was refused: the pagemap is live again, as before the
-// memunmap call. If the last holder let go in the meantime, its put already ran (or is running)
-// release; wait for that to finish, so no stale release can be mistaken for a later one, and start
-// the reference afresh.
-void DevPagemap::revive(std::uint64_t gen0) noexcept {
+// Undoes a kill: the pagemap is live again, as before, with its reference back in percpu mode
+// (kAllowReinit kept its slot). `kill_dropped_initial` is false when the kill itself refused (the
+// fold found more puts than gets): the initial reference is still counted and no release will
+// come. Otherwise, if the last holder let go meanwhile, its put ran (or is running) release: wait
+// for that to finish, so that no stale release is taken for a later one, and start afresh. Every
+// wait here is bounded; nothing here can hang.
+void DevPagemap::revive(std::uint64_t gen0, bool kill_dropped_initial) noexcept {
   if (ref_.resurrect() == Errc::released) {
-    (void)wait_var_event(&release_gen_, [&] { return released_since(gen0); });
+    if (kill_dropped_initial) {
+      // release() follows the final put by a few instructions; 10 s is "never" for it.
+      WaitOptions w;
+      w.deadline = Clock::now() + std::chrono::seconds(10);
+      if (wait_var_event(
+              &release_gen_, [&] { return released_since(gen0); }, w) != Errc::ok) {
+        report_misuse(Errc::timed_out, "DevPagemap: the pagemap reference's release never ran");
+      }
+    }
+    // At zero: back to one initial reference. A fold that found the count below zero (more than
+    // one stray put) leaves it there; reinit then refuses and reports, and the ref stays killed.
     (void)ref_.reinit();
   }
-  alive_.store(true, std::memory_order_seq_cst);
-  dying_.store(false, std::memory_order_seq_cst);
+  if (ref_.is_dying()) {
+    state_.store(State::dying, std::memory_order_release);  // could not be brought back
+    return;
+  }
+  life_.fetch_and(static_cast<std::uint8_t>(~kKilled), std::memory_order_seq_cst);
   state_.store(State::live, std::memory_order_release);
 }
 
 bool DevPagemap::anything_held(bool initial_ref_held) const noexcept {
   // After the kill, ref_ is atomic and exact: every holder, plus the initial reference while the
   // kill has not dropped it yet.
-  if (const_cast<PercpuRef&>(ref_).approx_count() > (initial_ref_held ? 1 : 0)) return true;
+  if (ref_.approx_count() > (initial_ref_held ? 1 : 0)) return true;
   for (const Range& r : ranges_) {
     if (r.array->find_busy(0, r.array->entries()) != r.array->entries()) return true;
   }
@@ -432,7 +415,7 @@ Error DevPagemap::holders_error(Errc code, const char* why) const {
 HolderReport DevPagemap::holders() const {
   HolderReport rep;
   rep.object = describe();
-  rep.pagemap_refs = const_cast<PercpuRef&>(ref_).approx_count();
+  rep.pagemap_refs = ref_.approx_count();
   if (state() == State::live) rep.pagemap_refs -= 1;  // the initial reference is not a holder
   for (const Range& r : ranges_) {
     PageArray& a = *r.array;
@@ -461,31 +444,86 @@ std::string DevPagemap::describe() const {
                      strategy_name(strategy_), total_pages(), base_order_);
 }
 
-Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownStats& stats) {
-  std::atomic<std::uint64_t> waited{0};
-  std::atomic<bool> timed_out{false};
+DrainProgress DevPagemap::drain_progress(Clock::time_point start) const {
+  DrainProgress p;
+  for (const Range& r : ranges_) {
+    if (!r.array->retired()) p.busy_folios += r.array->count_busy();
+  }
+  p.pagemap_refs = ref_.approx_count();
+  p.elapsed = Clock::now() - start;
+  return p;
+}
+
+Errc DevPagemap::wait_folios_idle(Deadline deadline, const WaitProgress& progress,
+                                  std::uint64_t* waited, UnmapPolicy policy,
+                                  unsigned scan_threads) {
+  if (rcu::in_read_section()) {
+    report_misuse(Errc::invalid_argument, "DevPagemap::wait_folios_idle inside a read section");
+    return Errc::invalid_argument;
+  }
+  const State st = state();
+  if (st == State::dead || torn_down()) return Errc::already_dead;
+  if (st == State::live) return Errc::invalid_argument;  // folios could become busy meanwhile
+  return scan_and_wait(deadline, progress, waited, policy, scan_threads);
+}
+
+// Scans every folio once and waits until each reads 0. The busy-to-0 transition wakes us (the
+// putter saw the kill: wakes_on_idle); a folio first seen FREEING is re-checked by polling, since
+// its putter may have decided before the kill not to wake (docs/strategies.md). The re-check
+// interval is short for FREEING (a page_free in progress) and a safety net otherwise.
+Errc DevPagemap::scan_and_wait(Deadline deadline, const WaitProgress& progress,
+                               std::uint64_t* waited, UnmapPolicy policy, unsigned scan_threads) {
+  std::atomic<std::uint64_t> busy_seen{0};
+  std::atomic<Errc> failed{Errc::ok};
+  std::mutex progress_mu;  // one report at a time, from whichever scanning thread is due
+  Clock::time_point next_report = Clock::now() + progress.every;
+  auto maybe_report = [&] {
+    if (!progress.report) return;
+    std::unique_lock<std::mutex> lock(progress_mu, std::try_to_lock);
+    if (!lock.owns_lock() || Clock::now() < next_report) return;
+    progress.report(drain_progress(progress.start));
+    next_report = Clock::now() + progress.every;
+  };
+  auto wait_idle = [&](std::atomic<std::uint32_t>& r) -> Errc {
+    for (;;) {
+      const std::uint32_t v = r.load(std::memory_order_acquire);
+      if (v == 0) return Errc::ok;
+      const auto now = Clock::now();
+      if (deadline && now >= *deadline) return Errc::timed_out;
+      WaitOptions w;
+      w.deadline = now + (v == strategy_impl::kFreeingRef ? std::chrono::microseconds(100)
+                                                          : std::chrono::microseconds(10000));
+      if (progress.report && next_report < *w.deadline) w.deadline = next_report;
+      if (deadline && *deadline < *w.deadline) w.deadline = deadline;
+      (void)wait_var_event(
+          &r, [&] { return r.load(std::memory_order_acquire) == 0; }, w);
+      maybe_report();  // a timed-out slice is not a failure: the loop re-checks the deadline
+    }
+  };
   auto scan = [&](PageArray& a, std::uint64_t from, std::uint64_t to) {
     for (std::uint64_t e = a.find_busy(from, to); e < to; e = a.find_busy(e + 1, to)) {
-      waited.fetch_add(1, std::memory_order_relaxed);
-      std::atomic<std::uint32_t>& r = a.ref(e);
-      WaitOptions w;
-      w.deadline = deadline;
-      if (wait_var_event(
-              &r, [&] { return r.load(std::memory_order_acquire) == 0; }, w) != Errc::ok) {
-        timed_out.store(true, std::memory_order_relaxed);
+      if (failed.load(std::memory_order_relaxed) != Errc::ok) return;
+      PGMAP_YIELD_POINT("sweep.scan_entry");
+      busy_seen.fetch_add(1, std::memory_order_relaxed);
+      if (policy == UnmapPolicy::refuse) {
+        failed.store(Errc::busy, std::memory_order_relaxed);
+        return;
+      }
+      if (Errc e2 = wait_idle(a.ref(e)); e2 != Errc::ok) {
+        failed.store(e2, std::memory_order_relaxed);
         return;
       }
     }
   };
-  unsigned threads = std::max(1u, opts.scan_threads);
+  const unsigned threads = std::max(1u, scan_threads);
   for (const Range& range : ranges_) {
     PageArray& a = *range.array;
-    std::uint64_t n = a.entries();
+    const std::uint64_t n = a.entries();
     if (threads == 1 || n < (1u << 20)) {
       scan(a, 0, n);
     } else {
       std::vector<std::thread> workers;
-      std::uint64_t chunk = align_up(n / threads + 1, 4096);
+      const std::uint64_t chunk = align_up(n / threads + 1, 4096);
       for (unsigned t = 1; t < threads && t * chunk < n; ++t) {
         workers.emplace_back(scan, std::ref(a), t * chunk, std::min(n, (t + 1) * chunk));
       }
@@ -493,10 +531,10 @@ Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownS
       for (std::thread& w : workers)
         w.join();
     }
-    if (timed_out.load()) break;
+    if (failed.load() != Errc::ok) break;
   }
-  stats.waited_folios = waited.load();
-  return timed_out.load() ? Errc::timed_out : Errc::ok;
+  if (waited != nullptr) *waited = busy_seen.load();
+  return failed.load();
 }
 
 // The kill stage (memunmap step 1), with teardown_mu_ held and the pagemap live. If `refused`
@@ -504,8 +542,8 @@ Errc DevPagemap::sweep(const MemunmapOptions& opts, Deadline deadline, TeardownS
 // still keeps the count above zero, so a refused memunmap can always resurrect — and sets it.
 Errc DevPagemap::kill_locked(bool* refused) noexcept {
   kill_gen_ = release_gen_.load(std::memory_order_acquire);
-  dying_.store(true, std::memory_order_seq_cst);
-  alive_.store(false, std::memory_order_seq_cst);
+  // Before the ref's kill: a sweep get that loads life_ after its add backs out from here on.
+  life_.fetch_or(kKilled, std::memory_order_seq_cst);
   Errc killed = ref_.kill_and_confirm([&] {
     if (refused != nullptr) *refused = anything_held(/*initial_ref_held=*/true);
   });
@@ -522,11 +560,19 @@ Errc DevPagemap::kill() noexcept {
     return Errc::already_dead;
   }
   Errc e = kill_locked(nullptr);
-  if (e != Errc::ok) revive(kill_gen_);  // the fold found an underflow: stay live, say so
+  // The fold found a put without a get (reported by the ref): stay live, say so.
+  if (e != Errc::ok) revive(kill_gen_, /*kill_dropped_initial=*/false);
   return e;
 }
 
 Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
+  if (rcu::in_read_section()) {
+    report_misuse(Errc::invalid_argument, "DevPagemap::memunmap inside an RCU read section");
+    return Error(Errc::invalid_argument,
+                 fmt::format("memunmap of {} inside an RCU read section (it waits for a grace "
+                             "period)",
+                             name_));
+  }
   std::lock_guard<std::mutex> lock(teardown_mu_);
   const State entry_state = state();
   if (entry_state == State::dead) {
@@ -535,11 +581,13 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
   // A pagemap killed beforehand (kill(), e.g. by kill_dax under alloc_event) stays killed when
   // this call gives up; one that was live is made live again.
   const bool killed_before = entry_state == State::dying;
+  const strategy_impl::Teardown plan =
+      strategy_impl::dispatch(strategy_, [](auto s) { return decltype(s)::teardown; });
   TeardownStats stats;
   const auto t0 = Clock::now();
   const Deadline deadline = deadline_after(opts.timeout);
   auto give_up = [&](Errc code, const char* why) -> Result<TeardownStats> {
-    if (!killed_before) revive(kill_gen_);
+    if (!killed_before) revive(kill_gen_, /*kill_dropped_initial=*/code != Errc::underflow);
     return holders_error(code, why);
   };
 
@@ -547,27 +595,27 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
   if (!killed_before) {
     bool refused = false;
     Errc killed = kill_locked(opts.policy == UnmapPolicy::refuse ? &refused : nullptr);
-    if (refused) return give_up(Errc::busy, "refused: still in use");
     // The fold found a put without a get: keep the pagemap rather than tear down memory whose
-    // accounting is wrong.
+    // accounting is wrong (the ref reported the misuse).
     if (killed != Errc::ok) return give_up(Errc::underflow, "found more pagemap puts than gets");
+    if (refused) return give_up(Errc::busy, "refused: still in use");
   } else if (opts.policy == UnmapPolicy::refuse && anything_held(/*initial_ref_held=*/false)) {
     return give_up(Errc::busy, "refused: still in use");
   }
+  PGMAP_YIELD_POINT("memunmap.after_kill");
   const std::uint64_t gen0 = kill_gen_;
   stats.kill_seconds = seconds_since(t0);
 
-  // 2. wait.
-  if (strategy_ != Strategy::none) {
+  // 2. wait for what the strategy counts.
+  WaitProgress progress;
+  progress.report = opts.progress;
+  progress.every = opts.progress_every;
+  progress.start = t0;
+  if (plan.drain_ref) {
     WaitOptions w;
     w.deadline = deadline;
     if (opts.progress) {
-      w.progress = [&] {
-        DrainProgress p;
-        p.pagemap_refs = ref_.approx_count();
-        p.elapsed = Clock::now() - t0;
-        opts.progress(p);
-      };
+      w.progress = [&] { opts.progress(drain_progress(t0)); };
       w.progress_every = opts.progress_every;
     }
     auto t1 = Clock::now();
@@ -576,22 +624,30 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
       return give_up(Errc::timed_out, "timed out waiting for pagemap references");
     }
     stats.drain_seconds = seconds_since(t1);
-    if (strategy_ == Strategy::sweep) {
-      auto t2 = Clock::now();
-      sanitizer::full_fence();  // alive_ store before the scan loads
-      if (sweep(opts, deadline, stats) != Errc::ok) {
-        return give_up(Errc::timed_out, "timed out waiting for busy folios");
-      }
-      stats.sweep_seconds = seconds_since(t2);
-    }
   }
-  // 3 and 4: unpublish, grace period, retire. The grace period also waits for the free path of
-  // a last put that the sweep saw land (put_refcount).
+  if (plan.scan_folios) {
+    PGMAP_YIELD_POINT("memunmap.before_scan");
+    auto t2 = Clock::now();
+    sanitizer::full_fence();  // the kill's life_ store before the scan's loads
+    Errc e = scan_and_wait(deadline, progress, &stats.waited_folios, UnmapPolicy::wait,
+                           opts.scan_threads);
+    if (e != Errc::ok) return give_up(Errc::timed_out, "timed out waiting for busy folios");
+    stats.sweep_seconds = seconds_since(t2);
+  }
+
+  // 3 and 4: unpublish, grace period, retire. No free path can still be running: under the
+  // drain_ref strategies the pagemap reference covers it, under sweep the scan saw every folio
+  // read 0, which its putter stores after page_free.
   auto t3 = Clock::now();
-  PagemapRegistry::global().remove(this);
+  PGMAP_YIELD_POINT("memunmap.before_grace_period");
+  // Cannot refuse: we checked for a read section above.
+  (void)PagemapRegistry::global().remove(this);
+  PGMAP_YIELD_POINT("memunmap.after_grace_period");
+  // From here every folio operation returns use_after_teardown before touching the metadata.
+  life_.fetch_or(kTornDown, std::memory_order_seq_cst);
   for (Range& r : ranges_) {
     r.array->retire(quarantine_ ? PageArray::RetireMode::quarantine : PageArray::RetireMode::unmap);
-    (void)r.backing->revoke(r.offset, r.pfns.bytes());
+    (void)r.backing->revoke(r.offset, r.pfns.bytes());  // ASan poisoning only; cannot matter
   }
   state_.store(State::dead, std::memory_order_release);
   stats.teardown_seconds = seconds_since(t3);

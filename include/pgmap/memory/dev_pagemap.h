@@ -13,30 +13,39 @@
 //   memunmap(opts)      1. kill: lookups (get_dev_pagemap, tryget_live, request) fail from now on,
 //                          and no idle folio can become busy.           State: dying.
 //                       2. wait for what the strategy counts (see strategy.h), bounded by
-//                          opts.timeout; the refuse policy instead returns Errc::busy at once if
-//                          anything is held.
+//                          opts.timeout, reporting progress every opts.progress_every; the
+//                          refuse policy instead returns Errc::busy at once if anything is held.
 //                       3. unpublish from the registry and wait for an RCU grace period.
-//                       4. retire the metadata (poisoned under ASan, quarantined, or unmapped) and
-//                          revoke the device bytes (ASan).                  State: dead.
-//                       If step 2 times out or refuses, the kill is undone (the ref is resurrected)
-//                       and the pagemap is live again, exactly as before the call; the Error
-//                       carries a HolderReport of who holds what.
+//                       4. mark the pagemap torn down (later folio operations return
+//                          Errc::use_after_teardown without touching the metadata), retire the
+//                          metadata and revoke the device bytes (ASan).     State: dead.
+//                       If step 2 times out or refuses, the kill is undone and the pagemap is
+//                       live again, exactly as before the call, its reference back in percpu
+//                       mode (ref_is_percpu()); the Error carries a HolderReport of who holds
+//                       what. If the kill finds more pagemap puts than gets (a stray put_ref),
+//                       it is refused: Errc::underflow and a misuse report, nothing torn down.
 //   ~DevPagemap         memunmap with no timeout unless already dead; while it waits it reports
 //                       the holders on stderr every 5 s (it never hangs silently).
 //
 // ---- Folio references (hot path, never block) --------------------------------------------------
 //
 // get_folio / put_folio / pin_folio / unpin_folio take any pfn of a folio and act on its head.
-// The caller must either already hold a reference on that folio, or hold a pagemap reference
-// (get_dev_pagemap) or be the pagemap's owner: nothing may look at an idle folio's pagemap
-// otherwise (I1). Errors: Errc::out_of_range (pfn not in this pagemap), Errc::dead (the pagemap is
-// dying and the strategy refuses the reference; nothing changed), Errc::underflow (put below
-// zero; nothing changed), Errc::use_after_teardown (quarantined metadata reached: the caller held
-// nothing that kept the pagemap alive — only possible under `none` or by misuse).
+// They never block, take no lock and may be called inside any read section. The caller must
+// either already hold a reference on that folio, or hold a pagemap reference (get_dev_pagemap) or
+// be the pagemap's owner: nothing may look at an idle folio's pagemap otherwise (I1). Errors:
+// Errc::out_of_range (pfn not in this pagemap), Errc::dead (the pagemap is dying and the strategy
+// refuses the reference; nothing changed), Errc::underflow (put below zero; misuse reported,
+// nothing changed), Errc::busy (sweep / alloc_event: a get on a folio whose last put is running
+// its free path; misuse reported, nothing changed), Errc::use_after_teardown (the pagemap was
+// already torn down, or quarantined metadata was reached: the caller held nothing that kept the
+// pagemap alive — only possible under `none` or by misuse; counted in late_accesses(), never a
+// crash, nothing changed).
 //
-// When a folio's refcount reaches zero, ops.page_free runs (on the putting thread), then under
-// `transition` the folio's pagemap reference is dropped, and waiters keyed on the folio's refcount
-// are woken (always for FS_DAX, I16; for other types while the pagemap is dying).
+// When a folio's refcount reaches zero, ops.page_free runs on the putting thread, then waiters
+// keyed on the folio's refcount are woken (always for FS_DAX, I16; for other types while the
+// pagemap is dying); under `transition` the folio's pagemap reference is dropped last. Under
+// sweep and alloc_event page_free runs while the refcount reads FREEING (busy to memunmap's scan),
+// so the pagemap exists throughout; no read section is involved (docs/strategies.md).
 //
 // Thread safety: every member is thread-safe. memunmap may run concurrently with any folio
 // operation; concurrent memunmaps of one pagemap: one wins, the others get Errc::already_dead.
@@ -65,10 +74,14 @@
 namespace pgmap {
 
 class DevPagemap;
+namespace strategy_impl {
+struct Access;
+}
 
 struct PagemapOps {
-  // A folio's refcount reached zero. Runs on the thread that dropped the last reference; must not
-  // block or take references on this pagemap.
+  // A folio's refcount reached zero. Runs on the thread that dropped the last reference, while
+  // the pagemap still exists (under sweep / alloc_event memunmap's scan waits for it); must not
+  // block, take references on this pagemap, or call memunmap.
   std::function<void(DevPagemap& pgmap, Pfn head, unsigned order)> page_free;
   // Memory failure on [pfn, pfn + nr_pages) (used by the upper layers; Errc::not_supported makes
   // the caller fall back to the generic handler).
@@ -100,7 +113,7 @@ enum class UnmapPolicy {
 };
 
 struct DrainProgress {
-  std::uint64_t busy_folios = 0;  // still busy at the last look (sweep) or -1 if not counted
+  std::uint64_t busy_folios = 0;  // folios with a non-zero refcount at this report
   std::int64_t pagemap_refs = 0;  // outstanding pagemap references
   std::chrono::nanoseconds elapsed{0};
 };
@@ -111,6 +124,13 @@ struct MemunmapOptions {
   unsigned scan_threads = 1;                        // sweep: threads that scan the metadata
   std::function<void(const DrainProgress&)> progress;
   std::chrono::milliseconds progress_every{500};
+};
+
+// Progress reporting of a wait on folios (DevPagemap::wait_folios_idle).
+struct WaitProgress {
+  std::function<void(const DrainProgress&)> report;  // optional; runs on the waiting thread
+  std::chrono::milliseconds every{500};
+  Clock::time_point start = Clock::now();  // DrainProgress::elapsed counts from here
 };
 
 struct TeardownStats {
@@ -174,10 +194,17 @@ class DevPagemap {
   std::byte* address_of(Pfn pfn) const noexcept;
 
   // ---- pagemap references (get_dev_pagemap / put_dev_pagemap) ----
+  // Never block. tryget_live fails once the pagemap is killed. put_ref without a matching get is
+  // misuse: in percpu mode it is found only at the kill, which then refuses (Errc::underflow).
+  // Prefer the RAII PagemapRef (get_dev_pagemap).
   bool tryget_live() noexcept { return ref_.tryget_live(); }
   Errc put_ref() noexcept { return ref_.put(); }
+  // Whether the pagemap reference is in percpu (cheap) mode: true while live, including after a
+  // refused or timed-out memunmap (diagnostics and tests).
+  bool ref_is_percpu() const noexcept { return ref_.is_percpu(); }
 
-  // ---- folio references: hot path ----
+  // ---- folio references: hot path (never block, no locks; see "Folio references" above) ----
+  // Prefer the RAII handles PageRef and Pin (page_ref.h).
   Errc get_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
   Errc put_folio(Pfn pfn, std::uint32_t refs = 1) noexcept;
   // FOLL_PIN of `npages` consecutive pages starting at pfn, all inside one folio: the pin bias
@@ -218,16 +245,42 @@ class DevPagemap {
     Pfn first_ = 0;
     std::uint64_t nr_ = 0;
   };
+  // Never blocks.
   Result<Allocation> request(Pfn first, std::uint64_t nr) noexcept;
 
   // ---- teardown ----
   // The first stage of memunmap on its own (the kernel's percpu_ref_kill of pgmap->ref): from its
   // return, get_dev_pagemap / tryget_live / request() fail and no idle folio can become busy;
   // state() is dying. A later memunmap() completes the teardown; if that call times out or
-  // refuses, the pagemap stays killed (as it was before the call). Errc::already_dead if the
-  // pagemap is not live. Used by kill_dax when the DAX device and the pagemap share liveness.
+  // refuses, the pagemap stays killed (as it was before the call). Used by kill_dax when the DAX
+  // device and the pagemap share liveness.
+  // Blocks for a process-wide barrier (microseconds) and takes teardown_mu_ (lock 1 of
+  // docs/lock-order.md); needs no grace period. Errc::already_dead if the pagemap is not live;
+  // Errc::underflow (misuse reported; the pagemap stays live, its reference reset to the
+  // holders the fold found) if the fold found more pagemap puts than gets. Always returns within
+  // a bounded time.
   Errc kill() noexcept;
+  // Tears the pagemap down (see Lifecycle). May block: for the holders (bounded by opts.timeout,
+  // reporting progress), for a process-wide barrier, and for an RCU grace period. Must not be
+  // called inside an RCU read section (Errc::invalid_argument, misuse reported, nothing changed),
+  // nor while holding a reference on this pagemap or one of its folios, nor from page_free.
+  // After it returns ok: no folio is referenced, no page_free of this pagemap is running, no
+  // lookup can find it, and its folio operations return Errc::use_after_teardown. Errors:
+  // Errc::already_dead, Errc::busy (refuse), Errc::timed_out, Errc::underflow (a stray put_ref;
+  // nothing torn down); on each the pagemap is as before the call.
   Result<TeardownStats> memunmap(const MemunmapOptions& opts = {});
+  // The one scan-and-wait for busy folios (sweep's teardown; devdax's unbind under alloc_event):
+  // scans every folio once and waits until each reads idle (0; a folio whose last put is running
+  // page_free counts as busy), bounded by `deadline`, calling progress.report every
+  // progress.every with the number of busy folios. *waited (if given) receives the number of
+  // folios found busy. policy refuse: Errc::busy at the first busy folio, without waiting.
+  // Precondition: the pagemap is killed (state dying), so no idle folio becomes busy meanwhile
+  // (Errc::invalid_argument if live; Errc::already_dead once torn down). May block; holds no lock;
+  // must not be called inside a read section or while holding a folio reference of this
+  // pagemap (it would wait for itself until the deadline). Errc::timed_out when the deadline
+  // passes; nothing changes either way.
+  Errc wait_folios_idle(Deadline deadline, const WaitProgress& progress, std::uint64_t* waited,
+                        UnmapPolicy policy, unsigned scan_threads = 1);
   // Who holds what right now (a scan of every folio; cold path).
   HolderReport holders() const;
   // Late accesses detected on quarantined metadata (only `none` or misuse produce them).
@@ -242,6 +295,11 @@ class DevPagemap {
 
  private:
   friend Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);
+  friend struct strategy_impl::Access;
+
+  // Bits of life_.
+  static constexpr std::uint8_t kKilled = 1;    // set at kill, cleared by revive
+  static constexpr std::uint8_t kTornDown = 2;  // set before the metadata is retired; final
 
   struct Range {
     PfnRange pfns;
@@ -256,14 +314,17 @@ class DevPagemap {
 
   DevPagemap(const MemremapParams& params, std::vector<Range> ranges);
   Loc locate(Pfn pfn) const noexcept;
-  Errc late_access(PageArray* a, std::uint64_t head, std::uint32_t undo_add,
-                   std::uint32_t undo_sub) noexcept;
-  void folio_freed(PageArray* a, std::uint64_t head) noexcept;
-  Errc put_refcount(PageArray* a, std::uint64_t head, std::uint32_t refs) noexcept;
+  bool torn_down() const noexcept {
+    return (life_.load(std::memory_order_relaxed) & kTornDown) != 0;
+  }
+  Errc late_access() noexcept;
+  Errc torn_down_access(Pfn pfn) noexcept;  // out_of_range or late_access
   void on_release() noexcept;
   bool released_since(std::uint64_t gen0) const noexcept;
-  void revive(std::uint64_t gen0) noexcept;
-  Errc sweep(const MemunmapOptions& opts, Deadline deadline, TeardownStats& stats);
+  void revive(std::uint64_t gen0, bool kill_dropped_initial) noexcept;
+  Errc scan_and_wait(Deadline deadline, const WaitProgress& progress, std::uint64_t* waited,
+                     UnmapPolicy policy, unsigned scan_threads);
+  DrainProgress drain_progress(Clock::time_point start) const;
   bool anything_held(bool initial_ref_held) const noexcept;
   Errc kill_locked(bool* refused) noexcept;
   Error holders_error(Errc code, const char* why) const;
@@ -278,8 +339,9 @@ class DevPagemap {
   std::vector<Range> ranges_;
   // Hot: read on every folio operation.
   PageArray* first_array_ = nullptr;  // ranges_[0].array, for the common single-range case
-  std::atomic<bool> alive_{true};     // cleared at kill; sweep checks it after every get
-  std::atomic<bool> dying_{false};    // set at kill; folio frees then wake waiters
+  // kKilled | kTornDown. Sweep's gets load it after their add; every folio operation checks
+  // kTornDown before touching the metadata; folio frees wake waiters once kKilled is set.
+  std::atomic<std::uint8_t> life_{0};
   PercpuRef ref_;
   // Cold.
   std::atomic<State> state_{State::live};
@@ -289,16 +351,19 @@ class DevPagemap {
   std::mutex teardown_mu_;  // one memunmap at a time
 };
 
-// Creates a pagemap. Errors: Errc::invalid_argument (no ranges, null backing, bad base order,
-// PRIVATE without page_free), Errc::unaligned (offset/size not multiples of the base folio size or
+// Creates a pagemap. May block (an RCU grace period, to free the registry's previous snapshot);
+// must not be called inside an RCU read section (Errc::invalid_argument, misuse reported). Errors:
+// Errc::invalid_argument (no ranges, null backing, bad base order, PRIVATE without page_free, or
+// inside a read section), Errc::unaligned (offset/size not multiples of the base folio size or
 // of the backing's alignment), Errc::out_of_range (range past the end of the backing),
-// Errc::overlap (range overlaps a live pagemap or another range of the same request),
+// Errc::overlap (range overlaps a live pagemap — the message names it and its pfns — or another
+// range of the same request),
 // Errc::no_memory. Nothing is published on error.
 Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);
 
 // The live pagemap covering pfn with a reference held, or an empty PagemapRef. If `cached`
 // already covers pfn it is returned as is (no new reference); otherwise its reference is dropped.
-// Safe against concurrent memunmap (RCU).
+// Safe against concurrent memunmap (RCU). Never blocks; may be called inside a read section.
 PagemapRef get_dev_pagemap(Pfn pfn, PagemapRef cached = {}) noexcept;
 
 // Number of published pagemaps (diagnostics).

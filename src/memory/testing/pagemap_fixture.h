@@ -9,6 +9,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -221,6 +224,26 @@ bool eventually(Cond&& cond, std::chrono::milliseconds limit = std::chrono::seco
     std::this_thread::yield();
   }
   return true;
+}
+
+// Runs `fn` on another thread and waits for it at most `limit`. A call that has not returned by
+// then is a hang: it is reported and the test process ends with a failure, so that ctest sees a
+// failed test instead of blocking until its own timeout.
+template <typename Fn>
+auto bounded_call(const char* what, Fn fn,
+                  std::chrono::milliseconds limit = std::chrono::seconds(20)) -> decltype(fn()) {
+  using R = decltype(fn());
+  std::packaged_task<R()> task(std::move(fn));
+  std::future<R> done = task.get_future();
+  std::thread t(std::move(task));
+  if (done.wait_for(limit) != std::future_status::ready) {
+    std::fprintf(stderr, "FAILED: %s did not return within %lld ms (hang)\n", what,
+                 static_cast<long long>(limit.count()));
+    std::fflush(stderr);
+    std::_Exit(1);
+  }
+  t.join();
+  return done.get();
 }
 
 }  // namespace pgmap::testutil

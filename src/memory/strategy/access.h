@@ -1,0 +1,46 @@
+// What a strategy file may use of DevPagemap (private; see strategy_ops.h).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+#include "pgmap/core/error.h"
+#include "pgmap/core/percpu_ref.h"
+#include "pgmap/memory/dev_pagemap.h"
+#include "pgmap/memory/page_array.h"
+#include "pgmap/memory/strategy.h"
+
+namespace pgmap::strategy_impl {
+
+// What memunmap does between the kill and the unpublish.
+struct Teardown {
+  bool drain_ref;    // wait for the pagemap reference to be released
+  bool scan_folios;  // then scan every folio and wait until each reads idle
+};
+
+// The pagemap internals a strategy may use (DevPagemap befriends this struct only).
+struct Access {
+  static constexpr std::uint8_t kKilled = DevPagemap::kKilled;
+  static constexpr std::uint8_t kTornDown = DevPagemap::kTornDown;
+
+  static PercpuRef& ref(DevPagemap& p) noexcept { return p.ref_; }
+  static std::uint8_t life(const DevPagemap& p) noexcept {
+    return p.life_.load(std::memory_order_seq_cst);
+  }
+  static bool torn_down(const DevPagemap& p) noexcept {
+    return (p.life_.load(std::memory_order_relaxed) & kTornDown) != 0;
+  }
+  // Counts a late access and returns its error.
+  static Errc late(DevPagemap& p) noexcept { return p.late_access(); }
+  // Whether a folio going idle must wake waiters: always for FS_DAX (I16), and for every type
+  // once the pagemap is killed (memunmap's scan and devdax's unbind wait on folios).
+  static bool wakes_on_idle(const DevPagemap& p) noexcept {
+    return p.type_ == PagemapType::fs_dax || (life(p) & kKilled) != 0;
+  }
+  // ops.page_free for the folio at `head`.
+  static void page_free(DevPagemap& p, PageArray& a, std::uint64_t head) noexcept {
+    if (p.ops_.page_free) p.ops_.page_free(p, a.pfn_of(head), a.order(head));
+  }
+};
+
+}  // namespace pgmap::strategy_impl

@@ -1,0 +1,28 @@
+// Strategy `none`: the bare refcount, nothing vouches for the pagemap. Unsafe on purpose: it is
+// the founding bug (memunmap returns while folios are held), kept as the baseline.
+//
+//   0 -> 1   fetch_add
+//   1 -> 0   CAS, then page_free and the wake-up
+//   teardown nothing waits
+#pragma once
+
+#include "memory/strategy/folio_refcount.h"
+
+namespace pgmap::strategy_impl {
+
+struct NoneStrategy {
+  static constexpr Strategy kind = Strategy::none;
+  static constexpr Teardown teardown{.drain_ref = false, .scan_folios = false};
+
+  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+    return plain_get(pg, a.ref(head), refs);
+  }
+  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+    bool last = false;
+    Errc e = plain_put(pg, a.ref(head), refs, &last);
+    if (last) free_after_put(pg, a, head);
+    return e;
+  }
+};
+
+}  // namespace pgmap::strategy_impl
