@@ -191,16 +191,14 @@ DevPagemap::~DevPagemap() {
 
 // ---- lookups ----------------------------------------------------------------------------------
 
-DevPagemap::Loc DevPagemap::locate(Pfn pfn) const noexcept {
-  PageArray* a = first_array_;
-  if (!a->contains(pfn)) [[unlikely]] {
-    a = nullptr;
-    for (const Range& r : ranges_) {
-      if (r.pfns.contains(pfn)) a = r.array.get();
+DevPagemap::Loc DevPagemap::locate_slow(Pfn pfn) const noexcept {
+  for (const Range& r : ranges_) {
+    if (r.pfns.contains(pfn)) {
+      PageArray* a = r.array.get();
+      return {a, a->head_of(a->index_of(pfn))};
     }
-    if (a == nullptr) return {};
   }
-  return {a, a->head_of(a->index_of(pfn))};
+  return {};
 }
 
 bool DevPagemap::contains(Pfn pfn) const noexcept {
@@ -239,12 +237,12 @@ std::size_t pagemap_count() noexcept {
 
 // ---- folio references -------------------------------------------------------------------------
 
-Errc DevPagemap::late_access() noexcept {
+[[gnu::cold]] Errc DevPagemap::late_access() noexcept {
   late_accesses_.fetch_add(1, std::memory_order_relaxed);
   return Errc::use_after_teardown;
 }
 
-Errc DevPagemap::torn_down_access(Pfn pfn) noexcept {
+[[gnu::cold]] Errc DevPagemap::torn_down_access(Pfn pfn) noexcept {
   // The ranges (not the metadata) answer whether the pfn is ours: they are never torn down.
   return contains(pfn) ? late_access() : Errc::out_of_range;
 }

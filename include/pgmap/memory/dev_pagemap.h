@@ -313,12 +313,19 @@ class DevPagemap {
   };
 
   DevPagemap(const MemremapParams& params, std::vector<Range> ranges);
-  Loc locate(Pfn pfn) const noexcept;
+  // Hot: the first range inline, the others out of line.
+  Loc locate(Pfn pfn) const noexcept {
+    PageArray* a = first_array_;
+    if (!a->contains(pfn)) [[unlikely]]
+      return locate_slow(pfn);
+    return {a, a->head_of(a->index_of(pfn))};
+  }
+  Loc locate_slow(Pfn pfn) const noexcept;
   bool torn_down() const noexcept {
     return (life_.load(std::memory_order_relaxed) & kTornDown) != 0;
   }
-  Errc late_access() noexcept;
-  Errc torn_down_access(Pfn pfn) noexcept;  // out_of_range or late_access
+  [[gnu::cold, gnu::noinline]] Errc late_access() noexcept;
+  [[gnu::cold, gnu::noinline]] Errc torn_down_access(Pfn pfn) noexcept;  // out_of_range or late
   void on_release() noexcept;
   bool released_since(std::uint64_t gen0) const noexcept;
   void revive(std::uint64_t gen0, bool kill_dropped_initial) noexcept;

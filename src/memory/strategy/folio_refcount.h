@@ -26,7 +26,7 @@ inline constexpr std::uint32_t kFreeingRef = 0xFEEE0000u;
 static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRetiredRef);
 
 // A get whose refcount was not a reference count (FREEING, retired, or about to overflow).
-inline Errc refused_get(DevPagemap& pg, std::uint32_t old) noexcept {
+[[gnu::cold, gnu::noinline]] inline Errc refused_get(DevPagemap& pg, std::uint32_t old) noexcept {
   if (old == kFreeingRef && !Access::torn_down(pg)) {
     // Nobody holds the folio and its free path is running: the get raced the folio's final put
     // and lost. Nothing changed; the owner hands the folio out again once page_free has run.
@@ -37,7 +37,7 @@ inline Errc refused_get(DevPagemap& pg, std::uint32_t old) noexcept {
 }
 
 // A put that found no reference to drop (underflow), or metadata that is not live.
-inline Errc refused_put(DevPagemap& pg, std::uint32_t old) noexcept {
+[[gnu::cold, gnu::noinline]] inline Errc refused_put(DevPagemap& pg, std::uint32_t old) noexcept {
   if (Access::torn_down(pg) || (old > PageArray::kMaxRef && old != kFreeingRef)) {
     return Access::late(pg);
   }
@@ -111,8 +111,9 @@ inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
 // folio was idle before the add, this was no busy period: straight back to 0 (no page_free) and
 // wake a scan that may have seen the transient reference. Otherwise it is an ordinary put, which
 // may be the last of the folio's busy period.
-inline Errc back_out(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs,
-                     std::uint32_t old, std::uint8_t life) noexcept {
+[[gnu::cold, gnu::noinline]] inline Errc back_out(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                                  std::uint32_t refs, std::uint32_t old,
+                                                  std::uint8_t life) noexcept {
   // Decided before letting go: after it the pagemap may be gone.
   const Errc result = (life & Access::kTornDown) != 0 ? Access::late(pg) : Errc::dead;
   std::atomic<std::uint32_t>& r = a.ref(head);
