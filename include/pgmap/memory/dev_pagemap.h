@@ -120,15 +120,15 @@ struct DrainProgress {
 
 struct MemunmapOptions {
   UnmapPolicy policy = UnmapPolicy::wait;
-  std::optional<std::chrono::nanoseconds> timeout;  // none: wait as long as it takes
-  unsigned scan_threads = 1;                        // sweep: threads that scan the metadata
-  std::function<void(const DrainProgress&)> progress;
+  std::optional<std::chrono::nanoseconds> timeout{};     // none: wait as long as it takes
+  unsigned scan_threads = 1;                             // sweep: threads that scan the metadata
+  std::function<void(const DrainProgress&)> progress{};  // optional; runs on the waiting thread
   std::chrono::milliseconds progress_every{500};
 };
 
 // Progress reporting of a wait on folios (DevPagemap::wait_folios_idle).
 struct WaitProgress {
-  std::function<void(const DrainProgress&)> report;  // optional; runs on the waiting thread
+  std::function<void(const DrainProgress&)> report{};  // optional; runs on the waiting thread
   std::chrono::milliseconds every{500};
   Clock::time_point start = Clock::now();  // DrainProgress::elapsed counts from here
 };
@@ -158,6 +158,7 @@ class PagemapRef {
   ~PagemapRef() { reset(); }
   DevPagemap* get() const noexcept { return p_; }
   DevPagemap* operator->() const noexcept { return p_; }
+  DevPagemap& operator*() const noexcept { return *p_; }
   explicit operator bool() const noexcept { return p_ != nullptr; }
   void reset() noexcept;
   DevPagemap* release() noexcept { return std::exchange(p_, nullptr); }
