@@ -372,7 +372,12 @@ bool DevPagemap::released_since(std::uint64_t gen0) const noexcept {
 // for that to finish, so that no stale release is taken for a later one, and start afresh. Every
 // wait here is bounded; nothing here can hang.
 void DevPagemap::revive(std::uint64_t gen0, bool kill_dropped_initial) noexcept {
-  if (ref_.resurrect() == Errc::released) {
+  if (!kill_dropped_initial && !ref_.is_dying()) {
+    // The ref undid the refused kill itself (live, same mode, its count as the fold found it:
+    // the stray put consumed the initial reference). Give the initial reference back, so the
+    // pagemap's own reference is counted again and the next kill balances.
+    (void)ref_.get();  // on a live ref: cannot fail
+  } else if (ref_.is_dying() && ref_.resurrect() == Errc::released) {
     if (kill_dropped_initial) {
       // release() follows the final put by a few instructions; 10 s is "never" for it.
       WaitOptions w;
