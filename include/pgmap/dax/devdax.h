@@ -11,8 +11,10 @@
 //   fault      (dev_dax_huge_fault) inside DaxDevice::ReadLock: SIGBUS if dead or the VMA fails
 //              check_vma; SIGBUS if the fault level is smaller than the alignment, FALLBACK if
 //              larger; SIGBUS if the aligned range leaves the VMA or the device
-//              (dax_pgoff_to_phys); else the pfn from DaxDevice::direct_access, with the folio's
-//              mapping/index recorded on its head (dax_set_mapping).
+//              (dax_pgoff_to_phys); SIGBUS BUS_MCEERR_AR for a poisoned folio; else a folio
+//              reference (PageRef) on the pfn from DaxDevice::direct_access, taken inside the read
+//              lock (mm/mapping.h, fault contract), with the folio's mapping/index recorded on its
+//              head (dax_set_mapping).
 //   max_level  the alignment's level (dev_dax_pagesize).
 //   may_split  (dev_dax_may_split) Errc::invalid_argument for a cut not aligned to the alignment:
 //              munmap/mprotect/mremap of a piece fail and change nothing.
