@@ -72,3 +72,15 @@ format:
 
 clean:
 	rm -rf build out
+
+# The API-sequence fuzzer (fuzz/, clang + libFuzzer + ASan/UBSan). Runs FUZZ_SECONDS on a working
+# corpus under build/fuzz/corpus seeded from fuzz/corpus/; crashes land in build/fuzz/artifacts/.
+FUZZ_SECONDS ?= 60
+.PHONY: fuzz
+fuzz: deps
+	cmake --preset fuzz >/dev/null
+	cmake --build --preset fuzz -j $(JOBS) --target pgmap_api_fuzzer
+	mkdir -p build/fuzz/corpus build/fuzz/artifacts
+	./build/fuzz/fuzz/pgmap_api_fuzzer -max_total_time=$(FUZZ_SECONDS) -timeout=60 \
+	  -rss_limit_mb=4096 -print_final_stats=1 -artifact_prefix=build/fuzz/artifacts/ \
+	  build/fuzz/corpus fuzz/corpus

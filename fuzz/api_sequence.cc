@@ -235,6 +235,7 @@ class World {
   int rcu_depth_ = 0;
   // Set for one call whose error is documented to change state (see op_percpu).
   bool exempt_next_error_ = false;
+  const char* last_call_ = "start";
   std::string failure_;
   std::uint64_t calls_ = 0;
   std::uint64_t errors_ = 0;
@@ -266,7 +267,7 @@ void World::call(const char* what, Fn&& fn, bool expect_error) {
     fail(std::string(what) + " succeeded on input it must refuse");
   }
   exempt_next_error_ = false;
-  check_consistency(what);
+  last_call_ = what;
 }
 
 std::uint64_t World::digest() {
@@ -1110,6 +1111,8 @@ SequenceResult World::run(Input& in) {
   constexpr std::size_t kNumOps = sizeof(kOps) / sizeof(kOps[0]);
   for (std::size_t n = 0; n < kMaxCalls && !in.empty() && failure_.empty(); ++n) {
     (this->*kOps[in.u8() % kNumOps])(in);
+    // After the op has recorded what it now holds (a call's handles are stored after it returns).
+    check_consistency(last_call_);
   }
   teardown();
   return SequenceResult{failure_, calls_, errors_};

@@ -10,6 +10,7 @@ packages=(
   liburcu-dev libcli11-dev nlohmann-json3-dev libfmt-dev
   gnuplot-nox clang-format
   spin
+  clang libclang-rt-14-dev
 )
 
 missing=()
