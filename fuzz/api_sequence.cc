@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
@@ -159,9 +160,13 @@ struct Dev {
   unsigned order = 0;
 };
 
+// One GUP result: the typed set of whichever kind the call returned.
 struct HeldGup {
-  std::vector<mm::GupPage> pages;
+  mm::ReferencedPages refs;
+  mm::PinnedPages pins;
   bool pinned = false;
+  std::span<const mm::GupPage> pages() const { return pinned ? pins.pages() : refs.pages(); }
+  Errc release() { return pinned ? pins.release() : refs.release(); }
 };
 
 struct PercpuModel {
@@ -375,7 +380,7 @@ void World::check_consistency(const char* after) {
       if (p.pagemap() == d.pg.get()) account(p.pfn(), true, 1);
     }
     for (const auto& g : gups_) {
-      for (const auto& pg : g.pages) {
+      for (const auto& pg : g.pages()) {
         if (pg.pgmap == d.pg.get()) account(pg.pfn, g.pinned, 1);
       }
     }
@@ -753,14 +758,24 @@ void World::op_gup(Input& in) {
   if (in.u8() % 8 == 0) nr = ~std::uint64_t{0} >> (in.u8() % 16);  // past the end of memory
   const std::uint32_t flags = in.u8() % 16;
   HeldGup g;
-  g.pinned = (flags & mm::kFollPin) != 0;
-  call("get_user_pages", [&] {
-    auto r = mm::get_user_pages(*as, start, nr, flags);
-    if (!r) return r.code();
-    g.pages = std::move(r).value();
-    return Errc::ok;
-  });
-  if (!g.pages.empty()) gups_.push_back(std::move(g));
+  // Mostly the call that fits the flags; sometimes get_user_pages with kFollPin (refused).
+  g.pinned = (flags & mm::kFollPin) != 0 && in.u8() % 4 != 0;
+  if (g.pinned) {
+    call("pin_user_pages", [&] {
+      auto r = mm::pin_user_pages(*as, start, nr, flags);
+      if (!r) return r.code();
+      g.pins = std::move(r).value();
+      return Errc::ok;
+    });
+  } else {
+    call("get_user_pages", [&] {
+      auto r = mm::get_user_pages(*as, start, nr, flags);
+      if (!r) return r.code();
+      g.refs = std::move(r).value();
+      return Errc::ok;
+    });
+  }
+  if (!g.pages().empty()) gups_.push_back(std::move(g));
 }
 
 void World::op_gup_release(Input& in) {
@@ -768,11 +783,7 @@ void World::op_gup_release(Input& in) {
   const std::size_t i = in.u8() % gups_.size();
   HeldGup g = std::move(gups_[i]);
   gups_.erase(gups_.begin() + static_cast<std::ptrdiff_t>(i));
-  if (g.pinned) {
-    call("unpin_user_pages", [&] { return mm::unpin_user_pages(g.pages); });
-  } else {
-    call("put_pages", [&] { return mm::put_pages(g.pages); });
-  }
+  call(g.pinned ? "unpin_user_pages" : "put_pages", [&] { return g.release(); });
 }
 
 void World::op_page_ref(Input& in) {
@@ -857,7 +868,7 @@ void World::op_alloc(Input& in) {
     // the raw references and pins taken on that pagemap.
     std::size_t same = 0;
     for (const auto& a : allocs_)
-      same += a.pagemap() == pg ? 1 : 0;
+      same += a.pagemap() == pg ? 1u : 0u;
     bool raw = false;
     for (const auto& r : refs_)
       raw = raw || r.pagemap() == pg;
@@ -1039,7 +1050,7 @@ void World::teardown() {
     --rcu_depth_;
   }
   for (auto& g : gups_) {
-    Errc e = g.pinned ? mm::unpin_user_pages(g.pages) : mm::put_pages(g.pages);
+    Errc e = g.release();
     if (e != Errc::ok) fail(std::string("teardown: releasing a GUP set: ") + errc_name(e));
   }
   gups_.clear();
