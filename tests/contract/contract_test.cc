@@ -536,7 +536,9 @@ TEST(ContractPagemap, DISABLED_MemunmapInsideReadSectionIsRefused) {
   }
   EXPECT_EQ(e, Errc::invalid_argument);
   EXPECT_EQ(snap(pg.get()), before);
-  if (pg->state() != DevPagemap::State::dead) ASSERT_TRUE(pg->memunmap());
+  if (pg->state() != DevPagemap::State::dead) {
+    ASSERT_TRUE(pg->memunmap());
+  }
 }
 
 }  // namespace
