@@ -949,9 +949,10 @@ void World::op_percpu(Input& in) {
       });
       break;
     case 1:
-      if (r.is_percpu() && (m.count <= 0 || (!m.dead && m.count <= 1))) {
-        // Below zero (or the owner's initial reference) cannot be seen in percpu mode; kill's
-        // fold reports it. Issued sometimes, and the model stops predicting the count.
+      if ((r.is_percpu() && m.count <= 0) || (!m.dead && m.count <= 1)) {
+        // Below zero cannot be seen in percpu mode, nor the owner's initial reference being put
+        // while live in either mode; kill reports it. Issued sometimes, and the model stops
+        // predicting the count.
         if (!in.flag()) break;
         m.exact = false;
       }
