@@ -3,7 +3,6 @@
 #include <sys/mman.h>
 
 #include <atomic>
-#include <cstring>
 #include <new>
 #include <type_traits>
 
@@ -19,14 +18,32 @@
 namespace pgmap {
 namespace {
 
-// Maps `len` bytes of zeroed, lazily committed memory; huge pages where the kernel allows, so a
-// 1 GiB array costs 512 faults and 512 TLB entries instead of 262144.
-void* map_zeroed(std::size_t len) {
+// Maps `len` bytes of zeroed, lazily committed memory. With `huge`, transparent huge pages where
+// the kernel allows: the hot array is read whole by every removal sweep, and with huge pages that
+// read of an untouched 1 GiB array is 512 faults on the huge zero page instead of 262144, and a
+// densely used array costs 512 TLB entries. The cold arrays are touched sparsely by upper layers,
+// so they keep base pages: a touched entry commits 4 KiB of each, not 2 MiB.
+void* map_zeroed(std::size_t len, bool huge) {
   void* p = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
                  -1, 0);
   if (p == MAP_FAILED) return nullptr;
-  if (len >= kPmdSize) madvise(p, len, MADV_HUGEPAGE);
+  // Advice only: without it the array works the same on base pages.
+  if (huge && len >= kPmdSize) (void)madvise(p, len, MADV_HUGEPAGE);
   return p;
+}
+
+// Returns the memory of [p, p + len) to the system and leaves the range mapped, reading zero: a
+// fresh anonymous mapping replaces the old one in one step, so a concurrent access touches either
+// the old pages or the new ones and never faults. O(resident pages), independent of `len`.
+void discard(void* p, std::size_t len) noexcept {
+  if (p == nullptr || len == 0) return;
+  void* q = mmap(p, len, PROT_READ | PROT_WRITE,
+                 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (q != MAP_FAILED) return;
+  // mmap can only fail here for lack of memory for the new mapping's bookkeeping; dropping the
+  // pages in place gives the same result (zero-filled on the next access) without a new mapping.
+  // If even that failed the old contents would stay, which is still safe to access.
+  (void)madvise(p, len, MADV_DONTNEED);  // nothing more to do if it fails: see above
 }
 
 // Views fresh zero-filled anonymous memory as an array of atomics holding zero, without writing
@@ -62,7 +79,7 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
       n * sizeof(std::atomic<std::uint8_t>),  n * sizeof(std::atomic<const void*>),
       n * sizeof(std::atomic<std::uint64_t>)};
   for (int i = 0; i < 7; ++i) {
-    void* p = map_zeroed(sizes[i]);
+    void* p = map_zeroed(sizes[i], /*huge=*/i == 0);
     if (p == nullptr) {
       return Error(Errc::no_memory, "cannot map " + std::to_string(sizes[i]) +
                                         " bytes of page metadata");  // ~PageArray unmaps the rest
@@ -80,15 +97,12 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
   a->cold_->flags = zeroed_atomics<std::uint8_t>(a->regions_[4].base);
   a->cold_->mapping = zeroed_atomics<const void*>(a->regions_[5].base);
   a->cold_->index_or_share = zeroed_atomics<std::uint64_t>(a->regions_[6].base);
-  // memmap_init_zone_device: write every refcount so the hot array is resident, and mark every
-  // base folio a head. The explicit writes are what commit these two arrays.
-  std::memset(static_cast<void*>(a->ref_), 0, sizes[0]);
-  std::memset(static_cast<void*>(a->cold_->flags), kPageHead, sizes[4]);
+  // Nothing is written: an all-zero entry is a free base folio (see the header), so the
+  // metadata commits memory only where an upper layer touches it.
   return a;
 }
 
 PageArray::~PageArray() {
-  if (unmapped_) return;
   for (Region& r : regions_) {
     if (r.base == nullptr) continue;
     sanitizer::unpoison(r.base, r.len);
@@ -126,11 +140,6 @@ Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
   auto rel = static_cast<std::uint8_t>(order - base_order_);
   for (std::uint64_t e = head; e < head + span; ++e) {
     cold_->order[e].store(order == base_order_ ? 0 : rel, std::memory_order_release);
-    std::uint8_t f = cold_->flags[e].load(std::memory_order_relaxed);
-    bool is_head = order == base_order_ || e == head;
-    f = is_head ? static_cast<std::uint8_t>(f | kPageHead)
-                : static_cast<std::uint8_t>(f & ~kPageHead);
-    cold_->flags[e].store(f, std::memory_order_release);
   }
   return Errc::ok;
 }
@@ -183,25 +192,20 @@ std::uint64_t PageArray::count_busy() const noexcept {
 }
 
 void PageArray::retire(RetireMode mode) noexcept {
-  if (retired_) return;
-  retired_ = true;
+  if (retired_.exchange(true, std::memory_order_acq_rel)) return;
   if (mode == RetireMode::quarantine) {
     for (std::uint64_t e = 0; e < entries_; ++e) {
       ref_[e].store(kRetiredRef, std::memory_order_release);
     }
-    return;
+    return;  // stays readable (and unpoisoned) so that late accesses are detected by value
   }
+  for (Region& r : regions_)
+    discard(r.base, r.len);
   if constexpr (sanitizer::kAddress) {
-    // Keep the mapping so the address range cannot be reused, and let ASan report any access.
+    // The mapping stays; let ASan report any access to it.
     for (Region& r : regions_)
       sanitizer::poison(r.base, r.len);
-    return;
   }
-  for (Region& r : regions_) {
-    munmap(r.base, r.len);
-    r.base = nullptr;
-  }
-  unmapped_ = true;
 }
 
 }  // namespace pgmap

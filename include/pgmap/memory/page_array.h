@@ -8,6 +8,13 @@
 // touches them: mapcount, exact pincount (large folios), folio order, flags, and the
 // mapping/index/share fields of fsdax.
 //
+// Free pages are all-zero. A base folio that nobody uses has every field zero (refcount 0, order
+// relative to the base 0, no flags), which is exactly what fresh MAP_NORESERVE anonymous memory
+// reads as, so create() writes nothing: memremap of 1 TiB of 4 KiB pages commits no metadata at
+// all, and a touched entry commits only the metadata pages it lands on (the kernel's
+// memmap_init_zone_device writes every struct page; pgmap derives what that write would store).
+// Whether an entry is a folio head is derived from the order (is_head()), not stored.
+//
 // Folios. A folio of order o >= base order spans 2^(o - base) entries; its references live in
 // the head entry and every entry of the folio records the order, so the head of any pfn is found
 // by aligning down. Tail entries keep refcount 0. set_folio_order() builds or splits folios and
@@ -20,10 +27,17 @@
 // Concurrency. All fields are atomics; PageArray imposes no protocol on its own. The pagemap's
 // liveness strategy decides what a 0 -> 1 and 1 -> 0 refcount transition means (dev_pagemap.h).
 //
-// Teardown. retire() makes the metadata unusable: in ASan builds it is poisoned (any access is
-// reported); with quarantine it is kept mapped and every refcount is set to kRetiredRef, so a late
-// put or get is detected (Errc::use_after_teardown) instead of corrupting memory; otherwise the
-// memory is unmapped, as the kernel frees the memmap.
+// Teardown. retire() makes the metadata unusable without ever making its addresses fault: a late
+// get, put, pin or unpin on a removed device (a caller bug, or the deferred unpin the `none`
+// strategy allows) must be caught by the pagemap, not crash the process.
+//  - discard (the default): the contents are replaced in O(1) by fresh anonymous memory mapped
+//    over the same addresses (MAP_FIXED). The memory is returned to the system, every entry reads
+//    zero again, and a stray write lands harmlessly in a private page. The address range stays
+//    reserved until the PageArray is destroyed, so nothing else can be mapped there meanwhile.
+//  - quarantine (debug): every refcount is set to kRetiredRef, so a late put or get finds a value
+//    above kMaxRef and is reported (Errc::use_after_teardown). O(entries); memory stays resident.
+//  In ASan builds the metadata is also poisoned after either mode, so any late access is reported
+//  with its stack.
 #pragma once
 
 #include <atomic>
@@ -37,8 +51,8 @@
 namespace pgmap {
 
 // Per-entry flag bits (PageArray::flags()).
+// Zero is a free, healthy entry. (A folio head is derived from the order: PageArray::is_head.)
 enum PageFlag : std::uint8_t {
-  kPageHead = 1u << 0,      // first entry of a folio
   kPagePoisoned = 1u << 1,  // memory failure recorded (PG_hwpoison)
   kPageShared = 1u << 2,    // fsdax: folio associated with several mappings (share counts them)
 };
@@ -52,9 +66,10 @@ class PageArray {
   static constexpr std::uint32_t kRetiredRef = 0xDEAD0000u;
   static constexpr std::uint32_t kMaxRef = kRetiredRef - 1;
 
-  // Allocates and initialises the metadata for `range` at `base_order` (0, 9 or 18). The range
-  // must be aligned to the base folio. Every refcount is written (like memmap_init_zone_device),
-  // so the hot array is really resident afterwards. Errc::unaligned, Errc::no_memory.
+  // Reserves the metadata for `range` at `base_order` (0, 9 or 18): every entry is a free base
+  // folio, read as zero from lazily committed memory. Writes nothing, so it costs O(1) time and
+  // no resident memory whatever the size. The range must be aligned to the base folio.
+  // Errc::invalid_argument, Errc::unaligned, Errc::no_memory.
   static Result<std::unique_ptr<PageArray>> create(PfnRange range, unsigned base_order);
   ~PageArray();
   PageArray(const PageArray&) = delete;
@@ -85,6 +100,8 @@ class PageArray {
     unsigned rel = cold_->order[e].load(std::memory_order_acquire);
     return e & ~((std::uint64_t{1} << rel) - 1);
   }
+  // True if entry e is the first entry of its folio (every base folio is its own head).
+  bool is_head(std::uint64_t e) const noexcept { return head_of(e) == e; }
   // Entries per folio of entry e's folio.
   std::uint64_t folio_entries(std::uint64_t e) const noexcept {
     return std::uint64_t{1} << cold_->order[e].load(std::memory_order_acquire);
@@ -105,9 +122,14 @@ class PageArray {
   std::uint64_t count_busy() const noexcept;
 
   // ---- teardown ----
-  enum class RetireMode { unmap, quarantine };
+  // See "Teardown" above. `unmap` is the former name of `discard` (the memory is returned, the
+  // addresses stay mapped). Idempotent; the first call's mode wins. Not concurrent with itself.
+  enum class RetireMode { discard, quarantine, unmap = discard };
   void retire(RetireMode mode) noexcept;
-  bool retired() const noexcept { return retired_; }
+  // True once retire() has started. One acquire load (a plain load on x86), cheap enough for a hot
+  // path; an access that raced with retire() and saw false touched either the old or the new
+  // memory, both harmless to the process.
+  bool retired() const noexcept { return retired_.load(std::memory_order_acquire); }
 
   // Memory actually used by the hot array, and virtual size of everything.
   std::uint64_t hot_bytes() const noexcept { return entries_ * sizeof(std::uint32_t); }
@@ -134,8 +156,7 @@ class PageArray {
     std::size_t len = 0;
   };
   Region regions_[7];
-  bool retired_ = false;
-  bool unmapped_ = false;
+  std::atomic<bool> retired_{false};
 };
 
 }  // namespace pgmap
