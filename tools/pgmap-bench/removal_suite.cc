@@ -19,8 +19,16 @@
 // The cases run one after the other (not interleaved: each is an absolute figure, with no ratio
 // target); a case is marked `disturbed` when other processes took more than kMaxOtherCpuShare of
 // the CPUs over its repetitions (compare.h).
+//
+// Case `memremap` (one per page size and device size, default strategy): the time of memremap
+// alone and the growth of the process's resident set it causes (`rss_bytes`, before any page is
+// used), then what the resident set kept after memunmap and destroying the pagemap
+// (`rss_retained_bytes`). A free page's metadata is all-zero, so neither should depend on size.
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
 #include <memory>
 #include <random>
 #include <thread>
@@ -185,10 +193,90 @@ Result<Row> run_removal(const Config& cfg, const RemovalSpec& spec) {
   return row;
 }
 
+// ---- case memremap -------------------------------------------------------------------------
+
+// Resident set of this process in bytes (/proc/self/statm), 0 if unreadable.
+std::uint64_t resident_bytes() {
+  std::FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return 0;
+  unsigned long long size = 0;
+  unsigned long long resident = 0;
+  const int got = std::fscanf(f, "%llu %llu", &size, &resident);
+  std::fclose(f);
+  if (got != 2) return 0;
+  return resident * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE));
+}
+
+std::string memremap_label(unsigned base_order, std::uint64_t bytes) {
+  return fmt::format("removal memremap {} @{}", format_bytes(bytes),
+                     format_page_size(order_bytes(base_order)));
+}
+
+Result<Row> run_memremap(const Config& cfg, unsigned base_order, std::uint64_t bytes) {
+  BackingOptions bo;
+  bo.size = bytes;
+  bo.align = kPmdSize;
+  bo.name = "pgmap-bench memremap";
+  auto made = make_anonymous_backing(bo);
+  if (!made) return made.error();
+  const std::shared_ptr<Backing> backing = std::move(made).value();
+  std::vector<double> seconds, rss, retained;
+  Strategy strategy = Strategy::transition;
+  const CpuShare cpu_share;  // over the whole case, as for memunmap
+  for (unsigned rep = 0; rep < cfg.removal_reps; ++rep) {
+    MemremapParams params;
+    params.type = PagemapType::generic;
+    params.base_order = base_order;
+    params.ranges.push_back(PagemapRangeSpec{backing});
+    params.name = "pgmap-bench memremap";
+    strategy = params.strategy;
+    const std::uint64_t rss0 = resident_bytes();
+    const auto t0 = SteadyClock::now();
+    auto mapped = memremap(std::move(params));
+    const double s = seconds_since(t0);
+    if (!mapped) return mapped.error();
+    const std::uint64_t rss1 = resident_bytes();
+    std::shared_ptr<DevPagemap> pgmap = std::move(mapped).value();
+    auto stats = pgmap->memunmap();
+    if (!stats) {
+      return Error(stats.code(),
+                   fmt::format("{}: memunmap failed: {}", memremap_label(base_order, bytes),
+                               stats.error().to_string()));
+    }
+    pgmap.reset();
+    const std::uint64_t rss2 = resident_bytes();
+    seconds.push_back(s);
+    rss.push_back(static_cast<double>(rss1 > rss0 ? rss1 - rss0 : 0));
+    retained.push_back(static_cast<double>(rss2 > rss0 ? rss2 - rss0 : 0));
+  }
+  Row row;
+  row.suite = "removal";
+  row.name = "memremap";
+  row.strategy = std::string(strategy_name(strategy));
+  row.page_size = order_bytes(base_order);
+  row.bytes = bytes;
+  row.metric = Metric::seconds;
+  row.summary = summarize(seconds);
+  row.extra["rss_bytes"] = static_cast<std::uint64_t>(summarize(rss).median);
+  row.extra["rss_retained_bytes"] = static_cast<std::uint64_t>(summarize(retained).median);
+  const double other_cpu = cpu_share.other();
+  row.extra["other_cpu_share"] = other_cpu;
+  row.extra["disturbed"] = other_cpu > kMaxOtherCpuShare;
+  row.note =
+      fmt::format("rss +{}", format_bytes(static_cast<std::uint64_t>(summarize(rss).median)));
+  return row;
+}
+
 }  // namespace
 
 std::vector<Case> removal_cases(const Config& cfg) {
   std::vector<Case> cases;
+  for (unsigned order : {0u, kPmdOrder}) {
+    for (std::uint64_t bytes : cfg.removal_bytes) {
+      cases.push_back({memremap_label(order, bytes),
+                       [&cfg, order, bytes] { return run_memremap(cfg, order, bytes); }});
+    }
+  }
   for (unsigned order : {0u, kPmdOrder}) {
     for (std::uint64_t bytes : cfg.removal_bytes) {
       for (Strategy s : cfg.strategies) {

@@ -340,7 +340,7 @@ Status write_removal_plot(const std::string& gnuplot, const std::string& path,
   std::map<std::uint64_t, std::vector<Series>> panels;  // by busy_pages
   std::vector<std::uint64_t> sizes;
   for (const Row& r : rows) {
-    if (r.suite != "removal") continue;
+    if (r.suite != "removal" || r.name != "memunmap") continue;
     const unsigned scan = r.extra.value("scan_threads", 1u);
     std::string title = fmt::format("{} {}", r.strategy, format_page_size(r.page_size));
     if (scan > 1) title += fmt::format(" ({} scan threads)", scan);
