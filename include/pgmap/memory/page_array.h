@@ -34,10 +34,11 @@
 //    over the same addresses (MAP_FIXED). The memory is returned to the system, every entry reads
 //    zero again, and a stray write lands harmlessly in a private page. The address range stays
 //    reserved until the PageArray is destroyed, so nothing else can be mapped there meanwhile.
-//  - quarantine (debug): every refcount is set to kRetiredRef, so a late put or get finds a value
-//    above kMaxRef and is reported (Errc::use_after_teardown). O(entries); memory stays resident.
-//  In ASan builds the metadata is also poisoned after either mode, so any late access is reported
-//  with its stack.
+//  - quarantine (the default of debug builds): every refcount is set to kRetiredRef, so a late
+//    put or get finds a value above kMaxRef and is reported (Errc::use_after_teardown).
+//    O(entries); the memory stays resident.
+//  In ASan builds discarded metadata is also poisoned, so any late access is reported with its
+//  stack (quarantined metadata stays readable: there the value is the report).
 #pragma once
 
 #include <atomic>
@@ -123,7 +124,7 @@ class PageArray {
 
   // ---- teardown ----
   // See "Teardown" above. `unmap` is the former name of `discard` (the memory is returned, the
-  // addresses stay mapped). Idempotent; the first call's mode wins. Not concurrent with itself.
+  // addresses stay mapped). Idempotent, also when called concurrently; the first call's mode wins.
   enum class RetireMode { discard, quarantine, unmap = discard };
   void retire(RetireMode mode) noexcept;
   // True once retire() has started. One acquire load (a plain load on x86), cheap enough for a hot
