@@ -2,9 +2,9 @@
 // busy folios that another thread releases 5 ms into the memunmap.
 //
 // A case is (strategy, page size, device bytes, busy folios[, scan threads]). Its backing is an
-// anonymous MAP_NORESERVE mapping, so a 1 TiB device costs only its metadata; every repetition
-// memremaps it afresh (timed: metadata init, ~1 GiB of refcounts for 1 TiB at 4 KiB), takes the
-// busy references, starts the releaser, times memunmap, and joins the releaser.
+// anonymous MAP_NORESERVE mapping, so a 1 TiB device costs only the metadata pages it touches;
+// every repetition memremaps it afresh (timed, as memremap_seconds), takes the busy references,
+// starts the releaser, times memunmap, and joins the releaser.
 //
 // The busy folios are spread evenly over the device: one in each of 16 equal slots, at an offset
 // inside its slot drawn from --seed. Under alloc_event the bench also holds an Allocation over
