@@ -45,6 +45,8 @@ class Category final : public std::error_category {
         return std::errc::no_such_file_or_directory;
       case Errc::system_error:
         return std::errc::io_error;
+      case Errc::interrupted:
+        return std::errc::interrupted;
     }
     return {ev, *this};
   }
@@ -102,6 +104,8 @@ const char* errc_name(Errc e) noexcept {
       return "system error";
     case Errc::use_after_teardown:
       return "use after teardown";
+    case Errc::interrupted:
+      return "interrupted";
   }
   return "unknown pgmap error";
 }

@@ -186,8 +186,13 @@ struct AddressSpace::Impl {
     for (;;) {
       if (auto leaf = pt.lookup(addr)) {
         if (!write || leaf->writable) return {};  // spurious: someone else faulted it in
-        if (pt.make_writable(addr)) return {};    // RO -> RW upgrade (after mprotect)
-        continue;                                 // zapped meanwhile: fault it in
+        if (!owner.pfn_mkwrite(
+                *v, FaultRequest{leaf->addr, v->pgoff_of(leaf->addr), leaf->level, true})) {
+          (void)pt.zap(leaf->addr, leaf->addr + level_bytes(leaf->level));  // refault for write
+          continue;
+        }
+        if (pt.make_writable(addr)) return {};  // RO -> RW upgrade (after mprotect)
+        continue;                               // zapped meanwhile: fault it in
       }
       const std::uint64_t seq = owner.mapping_seq();
       bool retry = false;

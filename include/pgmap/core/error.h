@@ -42,6 +42,7 @@ enum class [[nodiscard]] Errc : int{
     not_found,           // no such object (device file, pagemap at pfn, ...)
     system_error,        // an OS call failed; the message carries errno
     use_after_teardown,  // an access reached metadata that was already torn down (quarantine)
+    interrupted,         // EINTR / ERESTARTSYS: an interruptible wait was interrupted
 };
 
 const std::error_category& error_category() noexcept;

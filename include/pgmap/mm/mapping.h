@@ -171,6 +171,15 @@ class MappingOwner {
     return Errc::ok;
   }
   virtual void on_close(const Vma& vma) { (void)vma; }
+  // A write hits a present read-only entry of a writable VMA (vm_ops->pfn_mkwrite). `req` names
+  // the entry (its address, page offset and level). True: the entry may just become writable;
+  // false: the address space zaps it and faults again with a write fault (e.g. the entry maps a
+  // shared zero page that the owner replaces by a real block on write).
+  virtual bool pfn_mkwrite(const Vma& vma, const FaultRequest& req) {
+    (void)vma;
+    (void)req;
+    return true;
+  }
 
   // ---- i_mmap: which VMAs map this owner (maintained by the address spaces) ----
   void link(Vma* vma);
