@@ -1,0 +1,67 @@
+// The page holders besides mappings: direct-I/O requests (dio.h) and pipe buffers (pipe.h).
+#include <cstring>
+#include <utility>
+
+#include "pgmap/core/rcu.h"
+#include "pgmap/fs/dio.h"
+#include "pgmap/fs/pipe.h"
+
+namespace pgmap::fs {
+
+// ---- DioRequest ---------------------------------------------------------------------------------
+
+Result<std::unique_ptr<DioRequest>> DioRequest::submit(mm::AddressSpace& as, std::uint64_t addr,
+                                                       std::uint64_t npages) {
+  auto pages = mm::pin_user_pages(as, addr, npages, mm::kFollWrite);
+  if (!pages) return pages.error();
+  return std::unique_ptr<DioRequest>(new DioRequest(std::move(pages).value()));
+}
+
+DioRequest::~DioRequest() {
+  if (completion_.joinable()) completion_.join();
+  if (in_flight()) (void)complete(std::byte{0});  // unpin errors are reported as misuse
+}
+
+Errc DioRequest::complete(std::byte fill) {
+  // The "DMA": the pins keep every page (and its pagemap) alive.
+  for (const mm::GupPage& p : pages_)
+    std::memset(p.pgmap->address_of(p.pfn), static_cast<int>(fill), kPageSize);
+  Errc e = mm::unpin_user_pages(pages_);
+  pages_.clear();
+  return e;
+}
+
+void DioRequest::complete_async(std::byte fill) {
+  completion_ = std::thread([this, fill] { result_ = complete(fill); });
+}
+
+Errc DioRequest::wait() {
+  if (completion_.joinable()) completion_.join();
+  return result_;
+}
+
+// ---- PipeBuffer ---------------------------------------------------------------------------------
+
+PipeBuffer::~PipeBuffer() {
+  if (!pages_.empty()) (void)mm::put_pages(pages_);  // an underflow is reported as misuse
+}
+
+Result<PipeBuffer> PipeBuffer::vmsplice(mm::AddressSpace& as, std::uint64_t addr,
+                                        std::uint64_t npages) {
+  auto pages = mm::get_user_pages(as, addr, npages, 0);
+  if (!pages) return pages.error();
+  return PipeBuffer(std::move(pages).value());
+}
+
+Result<std::vector<std::byte>> PipeBuffer::consume() {
+  std::vector<std::byte> out(pages_.size() * kPageSize);
+  for (std::size_t i = 0; i < pages_.size(); ++i) {
+    std::memcpy(out.data() + i * kPageSize, pages_[i].pgmap->address_of(pages_[i].pfn), kPageSize);
+  }
+  Errc e = mm::put_pages(pages_);
+  pages_.clear();
+  if (e != Errc::ok) return Error(e, "pipe: dropping the page references");
+  return out;
+}
+
+}  // namespace pgmap::fs
