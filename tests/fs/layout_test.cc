@@ -1,0 +1,288 @@
+// Layout breaking and eviction against every holder a DAX page can have besides mappings
+// (T4, T6, T7; I7, I8, I16; bugs 5.3, 5.4, 5.16): truncate / punch hole / zero range / collapse
+// range wait for pins, GUP references, direct-I/O requests and pipe buffers — whichever drops
+// the last reference wakes them, also when they are already asleep — and no block is freed or
+// reused while anything still holds its page.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "fs/testing/fs_fixture.h"
+#include "pgmap/fs/dio.h"
+#include "pgmap/fs/pipe.h"
+#include "pgmap/mm/gup.h"
+
+namespace pgmap::fs {
+namespace {
+
+using testutil::FsTest;
+
+class LayoutTest : public FsTest {
+ protected:
+  // A file of `pages` written pages, mapped shared read-write and faulted in.
+  void setup_file(std::uint64_t pages) {
+    file_ = must_create("victim");
+    data_ = pattern(pages * kPageSize, 7);
+    ASSERT_TRUE(file_.inode().write(0, data_.data(), data_.size()));
+    as_ = std::make_unique<mm::AddressSpace>();
+    auto a = as_->mmap(0, pages * kPageSize, mm::kProtRead | mm::kProtWrite, mm::kMapShared,
+                       file_.mapping(), 0);
+    ASSERT_TRUE(a);
+    addr_ = *a;
+    std::vector<std::byte> back(data_.size());
+    ASSERT_FALSE(as_->read(addr_, back.data(), back.size()));
+  }
+  void TearDown() override {
+    as_.reset();
+    file_.close();
+    FsTest::TearDown();
+  }
+  Pfn pfn_of_page(std::uint64_t page) { return pfn_of_block(*file_.inode().block_of(page)); }
+
+  File file_;
+  std::vector<std::byte> data_;
+  std::unique_ptr<mm::AddressSpace> as_;
+  std::uint64_t addr_ = 0;
+};
+
+// T4 + T6 (bug 5.4): a DIO pin on a page that is no longer mapped anywhere still blocks truncate;
+// the block is freed only after the asynchronous completion unpins it.
+TEST_P(LayoutTest, TruncateWaitsForPinOnUnmappedPage) {
+  setup_file(2);
+  auto dio = DioRequest::submit(*as_, addr_ + kPageSize, 1);
+  ASSERT_TRUE(dio) << dio.error().to_string();
+  const std::uint64_t block = *file_.inode().block_of(1);
+  const Pfn pfn = pfn_of_page(1);
+  ASSERT_EQ(as_->munmap(addr_, 2 * kPageSize), Errc::ok);  // unmapped, still pinned
+  Status result;
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    result = file_.inode().truncate(0);
+    done.store(true);
+  });
+  ASSERT_TRUE(waiter_asleep(pfn));
+  EXPECT_FALSE(done.load());
+  EXPECT_EQ(fs_->allocator().share_count(block), 1u);  // I7: not freed while pinned
+  EXPECT_EQ(file_.inode().i_size(), 2 * kPageSize);
+  (*dio)->complete_async(std::byte{0xab});
+  EXPECT_EQ((*dio)->wait(), Errc::ok);
+  t.join();
+  EXPECT_TRUE(result) << result.to_string();
+  EXPECT_EQ(file_.inode().i_size(), 0u);
+  EXPECT_EQ(fs_->allocator().share_count(block), 0u);
+  EXPECT_EQ(file_.inode().entries().size(), 0u);
+}
+
+TEST_P(LayoutTest, NowaitReturnsBusyAndChangesNothing) {
+  setup_file(2);
+  auto pins = mm::pin_user_pages(*as_, addr_, 1, 0);
+  ASSERT_TRUE(pins);
+  BreakOptions o;
+  o.nowait = true;
+  Status s = file_.inode().truncate(0, o);
+  EXPECT_EQ(s.code(), Errc::busy);
+  EXPECT_EQ(file_.inode().i_size(), 2 * kPageSize);
+  EXPECT_TRUE(file_.inode().block_of(0));
+  FallocOptions fo;
+  fo.brk.nowait = true;
+  EXPECT_EQ(file_.inode().fallocate(FallocMode::punch_hole, 0, kPageSize, fo).code(), Errc::busy);
+  EXPECT_TRUE(file_.inode().block_of(0));
+  std::vector<std::byte> back(2 * kPageSize);
+  ASSERT_TRUE(file_.inode().read(0, back.data(), back.size()));
+  EXPECT_EQ(back, data_);
+  EXPECT_EQ(mm::unpin_user_pages(*pins), Errc::ok);
+  EXPECT_TRUE(file_.inode().truncate(0, o));
+}
+
+TEST_P(LayoutTest, InterruptibleWaitCanBeInterrupted) {
+  setup_file(1);
+  auto pins = mm::pin_user_pages(*as_, addr_, 1, 0);
+  ASSERT_TRUE(pins);
+  const Pfn pfn = pfn_of_page(0);
+  Interrupt intr;
+  Status result;
+  std::thread t([&] {
+    BreakOptions o;
+    o.interrupt = &intr;
+    result = file_.inode().truncate(0, o);
+  });
+  ASSERT_TRUE(waiter_asleep(pfn));
+  intr.raise();
+  t.join();
+  EXPECT_EQ(result.code(), Errc::interrupted);
+  EXPECT_EQ(file_.inode().i_size(), kPageSize);
+  EXPECT_TRUE(file_.inode().block_of(0));
+  EXPECT_EQ(mm::unpin_user_pages(*pins), Errc::ok);
+}
+
+TEST_P(LayoutTest, BoundedWaitTimesOutWithHolderReport) {
+  setup_file(1);
+  auto pins = mm::pin_user_pages(*as_, addr_, 1, 0);
+  ASSERT_TRUE(pins);
+  BreakOptions o;
+  o.timeout = std::chrono::milliseconds(20);
+  Status s = file_.inode().truncate(0, o);
+  ASSERT_EQ(s.code(), Errc::timed_out);
+  ASSERT_NE(s.error().holders(), nullptr);
+  EXPECT_GE(s.error().holders()->total_busy, 1u);
+  EXPECT_EQ(file_.inode().i_size(), kPageSize);
+  EXPECT_EQ(mm::unpin_user_pages(*pins), Errc::ok);
+}
+
+// I16: whichever holder drops the last reference wakes a break_layout that is already asleep.
+// A lost wake-up makes the bounded wait time out (the test then fails instead of hanging).
+enum class Holder { dio, pipe, gup_ref, gup_pin };
+
+TEST_P(LayoutTest, EveryReleasePathWakesSleepingBreakLayout) {
+  for (Holder h : {Holder::dio, Holder::pipe, Holder::gup_ref, Holder::gup_pin}) {
+    for (FallocMode mode :
+         {FallocMode::punch_hole, FallocMode::zero_range, FallocMode::collapse_range}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "holder " << static_cast<int>(h) << " mode " << static_cast<int>(mode));
+      setup_file(3);
+      const Pfn pfn = pfn_of_page(1);
+      const std::uint64_t block = *file_.inode().block_of(1);
+      std::unique_ptr<DioRequest> dio;
+      std::optional<PipeBuffer> pipe;
+      std::vector<mm::GupPage> gup;
+      switch (h) {
+        case Holder::dio:
+          dio = std::move(DioRequest::submit(*as_, addr_ + kPageSize, 1).value());
+          break;
+        case Holder::pipe:
+          pipe.emplace(std::move(PipeBuffer::vmsplice(*as_, addr_ + kPageSize, 1).value()));
+          break;
+        case Holder::gup_ref:
+          gup = std::move(mm::get_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
+          break;
+        case Holder::gup_pin:
+          gup = std::move(mm::pin_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
+          break;
+      }
+      Status result;
+      std::thread t([&] {
+        FallocOptions o;
+        o.brk.timeout = std::chrono::seconds(120);
+        result = file_.inode().fallocate(mode, kPageSize, kPageSize, o);
+      });
+      ASSERT_TRUE(waiter_asleep(pfn));
+      EXPECT_EQ(fs_->allocator().share_count(block), 1u);
+      switch (h) {
+        case Holder::dio:
+          dio->complete_async(std::byte{1});
+          EXPECT_EQ(dio->wait(), Errc::ok);
+          break;
+        case Holder::pipe: {
+          auto bytes = pipe->consume();
+          ASSERT_TRUE(bytes);
+          EXPECT_EQ(std::memcmp(bytes->data(), data_.data() + kPageSize, kPageSize), 0);
+          break;
+        }
+        case Holder::gup_ref:
+          EXPECT_EQ(mm::put_pages(gup), Errc::ok);
+          break;
+        case Holder::gup_pin:
+          EXPECT_EQ(mm::unpin_user_pages(gup), Errc::ok);
+          break;
+      }
+      t.join();
+      EXPECT_TRUE(result) << result.to_string();
+      EXPECT_EQ(fs_->allocator().share_count(block), 0u);
+      as_.reset();
+      file_.close();
+      ASSERT_EQ(fs_->unlink("victim"), Errc::ok);
+    }
+  }
+}
+
+// ---- eviction (I8, T7, bug 5.3, bug 5.16)
+// ---------------------------------------------------------
+
+class EvictionTest : public LayoutTest {
+ protected:
+  void SetUp() override {
+    MountOptions o;
+    o.evict_report_every = std::chrono::milliseconds(20);
+    o.on_evict_report = [this](const Inode&, const HolderReport& rep) {
+      std::lock_guard<std::mutex> lock(mu_);
+      reports_.push_back(rep);
+    };
+    mount(GetParam(), std::move(o));
+  }
+  std::mutex mu_;
+  std::vector<HolderReport> reports_;
+};
+
+// The blocks of an evicted file are not handed to another file while a pipe still references
+// one: the pipe's reader sees the old file's bytes, never the new file's.
+TEST_P(EvictionTest, EvictionWaitsForPipeAndBlockIsNotReused) {
+  setup_file(2);
+  const Pfn pfn = pfn_of_page(1);
+  const std::uint64_t block = *file_.inode().block_of(1);
+  auto pipe = PipeBuffer::vmsplice(*as_, addr_ + kPageSize, 1);
+  ASSERT_TRUE(pipe);
+  as_.reset();  // every mapping gone
+  ASSERT_EQ(fs_->unlink("victim"), Errc::ok);
+  std::atomic<bool> closed{false};
+  std::thread t([&] {
+    file_.close();  // the final iput: evicts, waiting uninterruptibly
+    closed.store(true);
+  });
+  ASSERT_TRUE(waiter_asleep(pfn));
+  EXPECT_FALSE(closed.load());
+  // Another file takes every free block: never the one the pipe holds.
+  File g = must_create("new");
+  const std::uint64_t free_blocks = fs_->allocator().free_blocks();
+  ASSERT_TRUE(g.inode().fallocate(FallocMode::allocate, 0, free_blocks * kPageSize));
+  auto fm = g.inode().fiemap();
+  ASSERT_TRUE(fm);
+  for (const FiemapExtent& e : *fm) {
+    const std::uint64_t b0 = e.physical >> kPageShift;
+    EXPECT_FALSE(block >= b0 && block < b0 + (e.length >> kPageShift));
+  }
+  auto fill = pattern(kPageSize, 99);
+  for (std::uint64_t off = 0; off < free_blocks * kPageSize; off += kPageSize)
+    ASSERT_TRUE(g.inode().write(off, fill.data(), kPageSize));
+  ASSERT_TRUE(testutil::eventually([&] {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !reports_.empty();
+  }));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    ASSERT_FALSE(reports_.front().busy.empty());
+    EXPECT_EQ(reports_.front().busy.front().pfn, pfn);  // the report names the held page
+  }
+  auto bytes = pipe->consume();
+  ASSERT_TRUE(bytes);
+  EXPECT_EQ(std::memcmp(bytes->data(), data_.data() + kPageSize, kPageSize), 0);
+  t.join();
+  EXPECT_EQ(fs_->allocator().share_count(block), 0u);
+  EXPECT_EQ(fs_->nr_inodes(), 1u);  // only "new"
+}
+
+// The last mapping of an unlinked, closed file going away evicts it (on the eviction worker:
+// munmap holds mmap_lock).
+TEST_P(EvictionTest, LastMunmapEvictsThroughWorker) {
+  setup_file(1);
+  std::shared_ptr<Inode> ino = file_.mapping();
+  file_.close();
+  ASSERT_EQ(fs_->unlink("victim"), Errc::ok);
+  EXPECT_EQ(ino->state(), Inode::State::live);  // still mapped
+  const std::uint64_t free0 = fs_->allocator().free_blocks();
+  ASSERT_EQ(as_->munmap(addr_, kPageSize), Errc::ok);
+  fs_->flush_evictions();
+  EXPECT_EQ(ino->state(), Inode::State::evicted);
+  EXPECT_EQ(fs_->allocator().free_blocks(), free0 + 1);
+}
+
+INSTANTIATE_TEST_SUITE_P(Strategies, LayoutTest, ::testing::ValuesIn(kAllStrategies),
+                         testutil::strategy_name_of);
+INSTANTIATE_TEST_SUITE_P(Strategies, EvictionTest, ::testing::ValuesIn(kAllStrategies),
+                         testutil::strategy_name_of);
+
+}  // namespace
+}  // namespace pgmap::fs
