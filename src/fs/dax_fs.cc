@@ -131,7 +131,10 @@ Errc DaxFs::unmount() {
   if (!dax_->killed()) (void)dax_->clear_holder(this);
   if (zero_pgmap_) {
     // Every zero mapping went with its inode's mappings; nothing holds the zero pages.
-    auto r = zero_pgmap_->memunmap();
+    // Bounded: a GUP reference on a zero page (a pipe over a hole) must not hang unmount.
+    MemunmapOptions mo;
+    mo.timeout = std::chrono::seconds(10);
+    auto r = zero_pgmap_->memunmap(mo);
     if (!r) std::fprintf(stderr, "pgmap fs: zero pages: %s\n", r.error().to_string().c_str());
   }
   return Errc::ok;

@@ -79,6 +79,17 @@ TEST_P(DaxFsTest, BadInputIsRefusedAndChangesNothing) {
   EXPECT_EQ(ino.fallocate(FallocMode::allocate, ~0ull - 10, 100).code(), Errc::invalid_argument);
   EXPECT_EQ(ino.fallocate(FallocMode::collapse_range, 4096, 4096).code(), Errc::invalid_argument);
   EXPECT_EQ(ino.iomap(8192).code(), Errc::out_of_range);  // at EOF
+  FallocOptions pmd;
+  pmd.pmd_aligned = true;
+  EXPECT_EQ(ino.fallocate(FallocMode::allocate, kPageSize, kPmdSize, pmd).code(), Errc::unaligned);
+  EXPECT_EQ(ino.fallocate(FallocMode::allocate, 0, kPmdSize + kPageSize, pmd).code(),
+            Errc::unaligned);
+  EXPECT_EQ(ino.fallocate(FallocMode::punch_hole, 0, kPmdSize, pmd).code(), Errc::invalid_argument);
+  File u = must_create("u");
+  EXPECT_EQ(fs_->unlink("u"), Errc::ok);
+  EXPECT_EQ(fs_->unlink("u"), Errc::not_found);  // already unlinked
+  EXPECT_EQ(fs_->open("u").code(), Errc::not_found);
+  EXPECT_EQ(u.inode().nlink(), 0u);
   EXPECT_EQ(ino.break_layout(5, 5).code(), Errc::invalid_argument);
   EXPECT_EQ(fs_->reflink(ino, ino), Errc::invalid_argument);
   std::vector<std::byte> back(8192);
@@ -261,6 +272,25 @@ TEST_P(DaxFsTest, UnalignedExtentFallsBackToPte) {
   EXPECT_EQ(st.pte(FaultStats::kBlock), 1u);
 }
 
+// A PMD fault whose file index is not 2 MiB aligned (the VMA maps the file from page 1): it falls
+// back to 4 KiB, counted as a PMD fallback.
+TEST_P(DaxFsTest, UnalignedFileIndexPmdFaultFallsBack) {
+  File f = must_create("shift");
+  FallocOptions o;
+  o.pmd_aligned = true;
+  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, 0, 4 * kPmdSize, o));
+  mm::AddressSpace as;
+  auto addr = as.mmap(0, 2 * kPmdSize, mm::kProtRead, mm::kMapShared, f.mapping(), kPageSize);
+  ASSERT_TRUE(addr);
+  std::byte b;
+  ASSERT_FALSE(as.read(*addr, &b, 1));
+  auto e = as.lookup(*addr);
+  ASSERT_TRUE(e);
+  EXPECT_EQ(e->level, mm::Level::pte);
+  EXPECT_EQ(f.inode().fault_stats().pmd(FaultStats::kFallback), 1u);
+  EXPECT_EQ(f.inode().entries().nr_pages(), 1u);
+}
+
 TEST_P(DaxFsTest, HoleMapsZeroPageAndWriteReplacesIt) {
   File f = must_create("sparse");
   ASSERT_TRUE(f.inode().truncate(4 * kPageSize));  // all holes
@@ -349,7 +379,8 @@ TEST_P(DaxFsTest, EntryPagemapReferencesPerStrategy) {
   File f = must_create("refs");
   FallocOptions o;
   o.pmd_aligned = true;
-  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, 0, kPmdSize + kPageSize, o));
+  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, 0, kPmdSize, o));
+  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, kPmdSize, kPageSize));
   mm::AddressSpace as;
   auto addr = as.mmap(0, 2 * kPmdSize, mm::kProtRead, mm::kMapShared, f.mapping(), 0);
   ASSERT_TRUE(addr);

@@ -722,6 +722,13 @@ Status Inode::fallocate(FallocMode mode, std::uint64_t off, std::uint64_t len,
       (!is_aligned(off, kPageSize) || !is_aligned(len, kPageSize))) {
     return Error(Errc::unaligned, "fallocate: offset and length must be 4 KiB aligned");
   }
+  if (opts.pmd_aligned && mode != FallocMode::allocate) {
+    return Error(Errc::invalid_argument, "fallocate: pmd_aligned applies to allocations only");
+  }
+  if (opts.pmd_aligned && (!is_aligned(off, kPmdSize) || !is_aligned(len, kPmdSize))) {
+    return Error(Errc::unaligned,
+                 "fallocate: a 2 MiB-aligned allocation needs a 2 MiB-aligned range");
+  }
   std::unique_lock<std::shared_mutex> inv(invalidate_lock_);
   if (Errc e = check_usable(); e != Errc::ok) return Error(e, name() + " is shut down or evicted");
   const std::uint64_t first = off >> kPageShift;

@@ -87,7 +87,8 @@ TEST_P(ScenarioTest, DeviceRemovalUnderMountedFilesystem) {
   File f = must_create("busy");
   FallocOptions o;
   o.pmd_aligned = true;
-  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, 0, kPmdSize + kPageSize, o));
+  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, 0, kPmdSize, o));
+  ASSERT_TRUE(f.inode().fallocate(FallocMode::allocate, kPmdSize, kPageSize));
   auto as = std::make_unique<mm::AddressSpace>();
   auto addr =
       as->mmap(0, 2 * kPmdSize, mm::kProtRead | mm::kProtWrite, mm::kMapShared, f.mapping(), 0);

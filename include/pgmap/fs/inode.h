@@ -155,7 +155,8 @@ class Inode final : public mm::MappingOwner, public std::enable_shared_from_this
   // allocate: blocks for [off, off + len) (zeroed); punch_hole / zero_range: the range reads as
   // zeros afterwards and its blocks are freed (offsets must be 4 KiB aligned); collapse_range:
   // removes [off, off + len) and shifts the rest down (4 KiB aligned, off + len < size).
-  // Errc::invalid_argument (len 0, range overflow, collapse reaching EOF), Errc::unaligned,
+  // Errc::invalid_argument (len 0, range overflow, collapse reaching EOF, pmd_aligned with another
+  // mode than allocate), Errc::unaligned (also pmd_aligned with a range not 2 MiB aligned),
   // Errc::out_of_range, Errc::no_memory (ENOSPC), and break_layout's errors. Nothing changes on
   // error.
   Status fallocate(FallocMode mode, std::uint64_t off, std::uint64_t len,
