@@ -26,9 +26,7 @@ Errc DioRequest::complete(std::byte fill) {
   // The "DMA": the pins keep every page (and its pagemap) alive.
   for (const mm::GupPage& p : pages_)
     std::memset(p.pgmap->address_of(p.pfn), static_cast<int>(fill), kPageSize);
-  Errc e = mm::unpin_user_pages(pages_);
-  pages_.clear();
-  return e;
+  return mm::unpin_user_pages(pages_);
 }
 
 void DioRequest::complete_async(std::byte fill) {
@@ -41,10 +39,6 @@ Errc DioRequest::wait() {
 }
 
 // ---- PipeBuffer ---------------------------------------------------------------------------------
-
-PipeBuffer::~PipeBuffer() {
-  if (!pages_.empty()) (void)mm::put_pages(pages_);  // an underflow is reported as misuse
-}
 
 Result<PipeBuffer> PipeBuffer::vmsplice(mm::AddressSpace& as, std::uint64_t addr,
                                         std::uint64_t npages) {
@@ -59,7 +53,6 @@ Result<std::vector<std::byte>> PipeBuffer::consume() {
     std::memcpy(out.data() + i * kPageSize, pages_[i].pgmap->address_of(pages_[i].pfn), kPageSize);
   }
   Errc e = mm::put_pages(pages_);
-  pages_.clear();
   if (e != Errc::ok) return Error(e, "pipe: dropping the page references");
   return out;
 }

@@ -46,14 +46,10 @@ bool folio_busy(const Folio& f) {
   return ref > static_cast<std::uint32_t>(std::max(map, 0));
 }
 
-// Until mm's FaultResult carries the PageRef taken under the entry lock, the address space takes
-// its own reference after fault() returns: ours is dropped here, at the last moment. This is the
-// only place to change when the new contract lands.
+// The folio reference taken under the entry lock inside the read section becomes the
+// page-table entry's reference (the address space adopts it).
 mm::FaultResult hand_to_mm(PageRef ref) {
-  const Pfn pfn = ref.pfn();
-  DevPagemap* pg = ref.pagemap();
-  (void)ref.release();  // cannot reach zero while the entry (or zero pagemap) is ours
-  return mm::FaultResult::insert(pfn, pg);
+  return mm::FaultResult::insert(std::move(ref));
 }
 
 }  // namespace

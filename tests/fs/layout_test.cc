@@ -148,7 +148,8 @@ TEST_P(LayoutTest, EveryReleasePathWakesSleepingBreakLayout) {
       const std::uint64_t block = *file_.inode().block_of(1);
       std::unique_ptr<DioRequest> dio;
       std::optional<PipeBuffer> pipe;
-      std::vector<mm::GupPage> gup;
+      mm::ReferencedPages refs;
+      mm::PinnedPages pins;
       switch (h) {
         case Holder::dio:
           dio = std::move(DioRequest::submit(*as_, addr_ + kPageSize, 1).value());
@@ -157,10 +158,10 @@ TEST_P(LayoutTest, EveryReleasePathWakesSleepingBreakLayout) {
           pipe.emplace(std::move(PipeBuffer::vmsplice(*as_, addr_ + kPageSize, 1).value()));
           break;
         case Holder::gup_ref:
-          gup = std::move(mm::get_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
+          refs = std::move(mm::get_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
           break;
         case Holder::gup_pin:
-          gup = std::move(mm::pin_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
+          pins = std::move(mm::pin_user_pages(*as_, addr_ + kPageSize, 1, 0).value());
           break;
       }
       Status result;
@@ -183,10 +184,10 @@ TEST_P(LayoutTest, EveryReleasePathWakesSleepingBreakLayout) {
           break;
         }
         case Holder::gup_ref:
-          EXPECT_EQ(mm::put_pages(gup), Errc::ok);
+          EXPECT_EQ(mm::put_pages(refs), Errc::ok);
           break;
         case Holder::gup_pin:
-          EXPECT_EQ(mm::unpin_user_pages(gup), Errc::ok);
+          EXPECT_EQ(mm::unpin_user_pages(pins), Errc::ok);
           break;
       }
       t.join();

@@ -12,6 +12,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -39,11 +40,11 @@ class DioRequest {
   // Joins an asynchronous completion; returns its unpin status.
   Errc wait();
   bool in_flight() const noexcept { return !pages_.empty(); }
-  const std::vector<mm::GupPage>& pages() const noexcept { return pages_; }
+  std::span<const mm::GupPage> pages() const noexcept { return pages_.pages(); }
 
  private:
-  explicit DioRequest(std::vector<mm::GupPage> pages) : pages_(std::move(pages)) {}
-  std::vector<mm::GupPage> pages_;
+  explicit DioRequest(mm::PinnedPages pages) : pages_(std::move(pages)) {}
+  mm::PinnedPages pages_;
   std::thread completion_;
   Errc result_ = Errc::ok;
 };

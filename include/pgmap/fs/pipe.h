@@ -10,6 +10,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "pgmap/core/error.h"
@@ -21,12 +22,12 @@ namespace pgmap::fs {
 class PipeBuffer {
  public:
   PipeBuffer() = default;
-  PipeBuffer(PipeBuffer&& o) noexcept : pages_(std::move(o.pages_)) { o.pages_.clear(); }
+  PipeBuffer(PipeBuffer&& o) noexcept = default;
   PipeBuffer& operator=(PipeBuffer&&) = delete;
   PipeBuffer(const PipeBuffer&) = delete;
   PipeBuffer& operator=(const PipeBuffer&) = delete;
-  // Drops the references unread.
-  ~PipeBuffer();
+  // Drops the references unread (the page set releases itself).
+  ~PipeBuffer() = default;
 
   // vmsplice: references the pages of [addr, addr + npages * 4 KiB). Errors as
   // mm::get_user_pages (nothing referenced on error).
@@ -35,11 +36,11 @@ class PipeBuffer {
   // The reader: the bytes of every page, in order, then the references are dropped. Empty after.
   Result<std::vector<std::byte>> consume();
   bool empty() const noexcept { return pages_.empty(); }
-  const std::vector<mm::GupPage>& pages() const noexcept { return pages_; }
+  std::span<const mm::GupPage> pages() const noexcept { return pages_.pages(); }
 
  private:
-  explicit PipeBuffer(std::vector<mm::GupPage> pages) : pages_(std::move(pages)) {}
-  std::vector<mm::GupPage> pages_;
+  explicit PipeBuffer(mm::ReferencedPages pages) : pages_(std::move(pages)) {}
+  mm::ReferencedPages pages_;
 };
 
 }  // namespace pgmap::fs
