@@ -636,10 +636,6 @@ void World::op_unbind(Input& in) {
   MemunmapOptions o;
   o.policy = in.flag() ? UnmapPolicy::refuse : UnmapPolicy::wait;
   o.timeout = std::chrono::milliseconds(1 + in.u8() % 50);
-  // Known (reported): after the pagemap was memunmapped behind the DevDax's back, unbind returns
-  // Errc::already_dead yet still kills the dax device, zaps the mappings and marks itself
-  // unbound. Exempt from oracle (b) until it returns ok for that or changes nothing.
-  exempt_next_error_ = !strict() && d->pg->state() == DevPagemap::State::dead && !d->dax->unbound();
   bool partial = false;
   call("DevDax::unbind", [&] {
     Errc e = d->dax->unbind(o).code();

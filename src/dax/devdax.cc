@@ -11,6 +11,8 @@
 #include <vector>
 
 #include "pgmap/core/diagnostics.h"
+#include "pgmap/core/error.h"
+#include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
@@ -299,8 +301,25 @@ void DevDax::on_close(const mm::Vma& vma) {
 // ---- unbind (kill_dev_dax + the devm release of the pagemap) -----------------------------------
 
 Result<TeardownStats> DevDax::unbind(const MemunmapOptions& opts) {
+  // kill_dax and memunmap wait for a grace period, which a read section would never see end:
+  // refuse before anything changes (as DevPagemap::memunmap does).
+  if (rcu::in_read_section()) {
+    report_misuse(Errc::invalid_argument, "DevDax::unbind inside an RCU read section");
+    return Error(Errc::invalid_argument,
+                 fmt::format("unbind of {} inside an RCU read section (it waits for a grace "
+                             "period)",
+                             name_));
+  }
   std::lock_guard<std::mutex> lock(unbind_mu_);
   if (unbound_) return Error(Errc::already_dead, name_ + " was already unbound");
+  // The pagemap was memunmapped directly (behind the device's back): there is nothing left for
+  // unbind to tear down, and an error changes nothing — the device is not killed, no mapping is
+  // zapped and the DevDax does not become unbound.
+  if (pagemap().state() == DevPagemap::State::dead) {
+    return Error(
+        Errc::already_dead,
+        fmt::format("unbind of {}: its pagemap {} was already unmapped", name_, pagemap().name()));
+  }
   auto r = unbind_locked(opts);
   if (r || r.code() == Errc::already_dead) unbound_ = true;
   return r;
@@ -312,7 +331,8 @@ Result<TeardownStats> DevDax::unbind_locked(const MemunmapOptions& opts) {
   DevPagemap& pg = pagemap();
 
   // 1. kill_dax: from here every fault and mmap fails; no fault that saw the device alive is
-  // still running. Errc::already_dead: an earlier unbind got this far.
+  // still running. Errc::already_dead: an earlier unbind got this far (nothing to redo);
+  // Errc::invalid_argument (inside a read section) cannot happen: unbind refused that up front.
   (void)dax_->kill();
   // A fault that left its read section before the kill, holding its folio reference, may be
   // about to install its entry: the zap below (and the fault's sequence check) removes it.

@@ -427,6 +427,32 @@ TEST_P(DevDaxTest, DestroyingTheDeviceUnbindsIt) {
   EXPECT_EQ(pg->state(), DevPagemap::State::dead);
 }
 
+// The pagemap memunmapped directly, behind the device's back: unbind has nothing to tear down and
+// returns Errc::already_dead having changed nothing (device alive, mappings kept, not unbound).
+TEST_P(DevDaxTest, UnbindAfterDirectMemunmapIsAlreadyDeadAndChangesNothing) {
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d_, align());
+  ASSERT_TRUE(d_.pg->memunmap());
+  ASSERT_EQ(d_.pg->state(), DevPagemap::State::dead);
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(d_.dev->unbind().code(), Errc::already_dead);
+    EXPECT_TRUE(d_.dev->dax_device().alive());
+    EXPECT_FALSE(d_.dev->unbound());
+    EXPECT_EQ(as.nr_vmas(), 1u);
+  }
+  // The device is still alive, so a new mapping is still accepted (its faults SIGBUS: the
+  // pagemap is gone).
+  auto b = as.mmap(0, align(), kRW, mm::kMapShared, d_.dev, 0);
+  EXPECT_TRUE(b) << b.error().to_string();
+  std::uint8_t byte = 1;
+  EXPECT_EQ(as.write(a, &byte, 1).signal, Signal::sigbus);
+  EXPECT_EQ(as.munmap(a, align()), Errc::ok);
+  if (b) {
+    EXPECT_EQ(as.munmap(*b, align()), Errc::ok);
+  }
+  d_.dev.reset();  // ~DevDax: its unbind is already_dead again, and changes nothing
+}
+
 INSTANTIATE_TEST_SUITE_P(Align, DevDaxTest, ::testing::Values(0u, kPmdOrder),
                          [](const ::testing::TestParamInfo<unsigned>& i) {
                            return i.param == 0 ? std::string("4K") : std::string("2M");

@@ -510,7 +510,7 @@ TEST_F(Contract, UnbindTwiceIsAlreadyDeadAndMmapAfterUnbindFails) {
 // Known gaps (docs/errors.md): these rows fail today and are disabled until fixed; run them with
 // --gtest_also_run_disabled_tests. DaxDevice::kill refuses inside a read section, but
 // DevDax::unbind ignores that refusal and tears down without a grace period.
-TEST_F(Contract, DISABLED_UnbindInsideReadSectionIsRefused) {
+TEST_F(Contract, UnbindInsideReadSectionIsRefused) {
   const Snapshot before = now();
   MemunmapOptions o;
   o.policy = UnmapPolicy::refuse;

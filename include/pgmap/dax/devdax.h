@@ -83,6 +83,10 @@ class DevDax final : public mm::MappingOwner {
   DevPagemap& pagemap() const noexcept { return dax_->pagemap(); }
 
   // Disable the device (see above). Errc::already_dead once an unbind has completed.
+  // Errc::invalid_argument inside an RCU read section (it waits for grace periods; misuse is
+  // reported) and Errc::already_dead when the pagemap was memunmapped directly rather than through
+  // unbind: both refuse up front and change nothing (the device stays alive, mappings stay, the
+  // DevDax does not become unbound; its faults SIGBUS since the pagemap is gone).
   Result<TeardownStats> unbind(const MemunmapOptions& opts = {});
   bool unbound() const;
 
