@@ -14,7 +14,6 @@
 #include "pgmap/core/error.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
-#include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/page_ref.h"
@@ -357,50 +356,24 @@ Result<TeardownStats> DevDax::unbind_locked(const MemunmapOptions& opts) {
     }
     auto t1 = Clock::now();
     if (pg.state() != DevPagemap::State::dead) {
-      WaitOptions w;
-      w.deadline = deadline;
-      // The wake-up of a folio going idle is the fast path; re-check periodically as well, and
-      // report progress at the caller's pace.
-      w.progress_every = std::chrono::milliseconds(10);
-      auto next_report = Clock::now() + opts.progress_every;
-      w.progress = [&] {
-        if (!opts.progress || Clock::now() < next_report) return;
-        DrainProgress p;
-        for (std::size_t i = 0; i < pg.nr_ranges(); ++i) {
-          if (PageArray* a = pg.array_for(pg.range(i).start)) p.busy_folios += a->count_busy();
-        }
-        p.pagemap_refs = -1;
-        p.elapsed = Clock::now() - t0;
-        opts.progress(p);
-        next_report = Clock::now() + opts.progress_every;
-      };
-      Errc waited = Errc::ok;
-      for (std::size_t i = 0; i < pg.nr_ranges() && waited == Errc::ok; ++i) {
-        PageArray* a = pg.array_for(pg.range(i).start);
-        if (a == nullptr) continue;
-        const std::uint64_t n = a->entries();
-        for (std::uint64_t e = a->find_busy(0, n); e < n; e = a->find_busy(e + 1, n)) {
-          if (opts.policy == UnmapPolicy::refuse) {
-            waited = Errc::busy;
-            break;
-          }
-          ++drain.waited_folios;
-          std::atomic<std::uint32_t>& ref = a->ref(e);
-          if (wait_var_event(
-                  &ref, [&] { return ref.load(std::memory_order_acquire) == 0; }, w) != Errc::ok) {
-            waited = Errc::timed_out;
-            break;
-          }
-        }
-      }
+      // The one scan-and-wait over the pagemap's folios (the pagemap is killed by now): woken by
+      // each folio going idle, bounded by the deadline, reporting progress at the caller's pace.
+      WaitProgress wp;
+      wp.report = opts.progress;
+      wp.every = opts.progress_every;
+      wp.start = t0;
+      std::uint64_t busy_folios = 0;
+      Errc waited = pg.wait_folios_idle(deadline, wp, &busy_folios, opts.policy);
+      // already_dead: the pagemap was memunmapped concurrently; the memunmap below reports it.
+      if (waited == Errc::already_dead) waited = Errc::ok;
+      if (waited == Errc::ok) drain.waited_folios = busy_folios;
       if (waited != Errc::ok) {
         // The allocations stay (lingering) for a later unbind; the device stays dead.
         HolderReport rep = pg.holders();
-        std::string msg =
-            fmt::format("unbind of {} {}: {}", name_,
-                        waited == Errc::busy ? "refused: pages still referenced"
-                                             : "timed out waiting for referenced pages",
-                        rep.to_string());
+        const char* why = waited == Errc::busy        ? "refused: pages still referenced"
+                          : waited == Errc::timed_out ? "timed out waiting for referenced pages"
+                                                      : "could not wait for its pages";
+        std::string msg = fmt::format("unbind of {} {}: {}", name_, why, rep.to_string());
         return Error(waited, std::move(msg), std::make_shared<const HolderReport>(std::move(rep)));
       }
     }
