@@ -50,9 +50,11 @@ runs=(
   "percpu_ref_rseq/fold_before_barrier|percpu_ref_rseq|MUT_FOLD_BEFORE_BARRIER|safety|refute"
   "sweep/no_freeing|sweep|MUT_NO_FREEING|safety|refute"
   "sweep/check_before_add|sweep|MUT_CHECK_BEFORE_ADD|safety|refute"
-  # design alternatives of the FREEING free path, and one property the design does not have
+  "sweep/backout_sub|sweep|MUT_BACKOUT_SUB|safety|refute"
+  "sweep/no_poll|sweep|MUT_NO_POLL|safety|refute"
+  # design alternatives of the FREEING protocol, and one property the as-built code does not have
   "sweep/alt_wake_before_zero|sweep|ALT_WAKE_BEFORE_ZERO|safety|refute"
-  "sweep/alt_store_zero|sweep|ALT_STORE_ZERO|safety|refute"
+  "sweep/alt_blind_add|sweep|ALT_BLIND_ADD|safety|refute"
   "sweep/page_free_owed|sweep|CHECK_PAGE_FREE_OWED|safety|refute"
   # control: without fairness the spin on `active` may starve the store-buffer drain
   "percpu_ref.unfair|percpu_ref|SMALL|unfair|refute"

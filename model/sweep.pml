@@ -1,43 +1,68 @@
 /*
- * Sweep teardown with the FREEING sentinel (issue 9 §2, being rebuilt by the memory helper in
- * src/memory/dev_pagemap.cc: get_folio / put_refcount / folio_freed / sweep / memunmap):
+ * Sweep teardown with the FREEING sentinel, as built (strategies sweep and alloc_event share it):
+ * src/memory/strategy/folio_refcount.h (checked_get, back_out, freeing_put, freeing_to_idle),
+ * src/memory/strategy/access.h (wakes_on_idle), src/memory/dev_pagemap.cc (kill_locked,
+ * memunmap, scan_and_wait). Step labels are the code's:
  *
- *   get   : old = refcount.fetch_add(1); if old is FREEING, undo and retry (the folio is in its
- *           free path); if !alive: fetch_sub(1), wake if that made it 0, fail.
- *   put   : CAS loop; the last put moves 1 -> FREEING (a value the scan treats as busy), runs
- *           page_free (uses the pagemap), moves FREEING -> 0 (fetch_sub FREEING), then wakes; after
- *           the move to 0 it touches nothing of the pagemap (the wake-up hashes the address into
- *           the global wait table only).
- *   unmap : alive = false (seq_cst); scan every folio once, waiting (wait_var_event) until it
- *           reads 0; unpublish the pagemap; grace period; free the pagemap.
+ *   checked_get  G1  CAS old -> old + 1, REFUSED (Errc::busy, nothing changed) when old is FREEING
+ *                    (or retired; not modelled): never a blind add.
+ *                G2  load life_; if killed: back_out:
+ *                      old == 0 (the folio was idle before our add: no busy period)
+ *                          fetch_sub; if that made it 0, wake (address only); no page_free;
+ *                      old != 0: freeing_put of our own add (may be the busy period's last put).
+ *   freeing_put  P1  CAS loop; the last put moves 1 -> FREEING (the scan treats it as busy);
+ *   freeing_to_idle
+ *                P2  wake = wakes_on_idle() (killed; read BEFORE page_free and the store of 0);
+ *                P3  page_free (uses the pagemap);
+ *                P4  store 0 (release): the last touch of the pagemap;
+ *                P5  if wake: wake_up_var (hashes the address into the global wait table only).
+ *   memunmap     kill_locked: life_ |= kKilled (seq_cst), full fence; scan_and_wait: every folio
+ *                once; wait_idle: re-read; 0 -> next; FREEING -> timed wait (100 us) and re-read,
+ *                because its putter may have read P2 before the kill and will not wake; a count ->
+ *                wait_var_event until 0. Then PagemapRegistry::remove (unpublish + grace period),
+ *                then the metadata is retired.
  *
  * Getters find the folio through a lookup: an RCU read section in which the pagemap is still
  * published (lookups counts getters inside it; the grace period waits for it to reach zero). A
  * folio reference, once taken, outlives the lookup: only the refcount and the scan protect it.
- * The model is sequentially consistent: every access named here is seq_cst in the code (the
- * Dekker pairing of the getter's fetch_add/alive load with the unmap's alive store/fence/scan).
+ * The model is sequentially consistent: the accesses that pair are seq_cst in the code (G1's CAS
+ * and G2's life_ load against the kill's fetch_or, full fence and the scan's loads; P1 and P2).
  * The wait table is modelled as in include/pgmap/core/wait_table.h: the waiter registers under
  * the bucket mutex, checks, and sleeps releasing the mutex atomically (condition variable); the
  * waker loads the waiter count after its update and, if non-zero, notifies under the mutex. All
- * folios hash to one bucket here. Waits have no deadline (a lost wake-up is a hang).
+ * folios hash to one bucket. The timed wait on FREEING is modelled as a re-read (a wake-up only
+ * makes it re-read sooner); the wait on a count has NO deadline here (the code's 10 ms slice is a
+ * safety net the model does not rely on: a lost wake-up there is a hang).
+ *
+ * Checked: no touch of the pagemap after it is freed; the refcount never goes below zero or
+ * changes while FREEING except by its putter; no get succeeds after the kill; teardown finds
+ * every folio idle and no page_free running; every busy period that a successful get started
+ * from idle (old == 0) ends with page_free before the folio reads 0 again (`owed`).
  *
  * Mutants (each must be refuted):
- *   MUT_NO_FREEING         the last put moves 1 -> 0 and then runs page_free and the wake-up,
- *                          so the scan does not wait for the free path.
- *   MUT_CHECK_BEFORE_ADD   the get checks alive before its fetch_add.
- * Design questions the model answers (expected to be refuted, see docs/model.md):
- *   ALT_WAKE_BEFORE_ZERO   the free path wakes and then moves FREEING -> 0 (lost wake-up).
- *   ALT_STORE_ZERO         the free path ends with a plain store of 0 instead of a fetch_sub of
- *                          FREEING (a getter's transient increment on FREEING is erased).
- *   CHECK_PAGE_FREE_OWED   every busy period ends in exactly one page_free.
+ *   MUT_NO_FREEING        the last put moves 1 -> 0, then runs page_free and the wake-up: the scan
+ *                         does not wait for the free path (free path after 0).
+ *   MUT_CHECK_BEFORE_ADD  the get checks alive before its add (G2 before G1).
+ *   MUT_BACKOUT_SUB       back_out of a non-idle folio (old != 0) as a bare fetch_sub (+ wake if
+ *                         0) instead of freeing_put: a busy period ends without page_free.
+ *   MUT_NO_POLL           the scan waits on a FREEING folio without a deadline (lost wake-up when
+ *                         the putter read P2 before the kill).
+ * Design alternatives (refuted; docs/model.md):
+ *   ALT_WAKE_BEFORE_ZERO  P5 before P4 (lost wake-up for a scan waiting on a count).
+ *   ALT_BLIND_ADD         G1 as a blind fetch_add, undone on FREEING (the spec's design): P4's
+ *                         store of 0 erases the transient add, whose undo then underflows.
+ * Property the as-built code does not have (refuted; reported in docs/model.md):
+ *   CHECK_PAGE_FREE_OWED  every busy period with a successful get ends with page_free, also one
+ *                         that a successful get joined on another getter's transient add (old 1
+ *                         from a get that then backs out with old == 0 after the holder's put).
  */
 
 #define NP 2           /* folios */
 #define NG 2           /* getter threads */
-#define FREEING 100    /* the sentinel: larger than any real count here */
+#define FREEING 100    /* kFreeingRef: larger than any real count here */
 
 byte r[NP];            /* the folio refcounts (the pagemap's hot array) */
-bit alive = 1;         /* DevPagemap::alive_ */
+bit alive = 1;         /* !(life_ & kKilled) */
 bit published = 1;     /* the pagemap is in the registry */
 byte lookups = 0;      /* getters inside their lookup read section */
 bit freed = 0;         /* the pagemap and its metadata are gone */
@@ -72,8 +97,69 @@ inline page_free(p) {
   atomic { USE; in_free[p] = 0 }
 }
 
+/* freeing_to_idle: P2..P5 (P1 made the refcount FREEING). */
+inline freeing_to_idle(p) {
+  atomic { USE; wk = !alive };           /* P2: wakes_on_idle() */
+  page_free(p);                          /* P3 */
+#if defined(ALT_WAKE_BEFORE_ZERO)
+  if
+  :: wk -> wake()
+  :: else -> skip
+  fi;
+  atomic { USE; assert(r[p] == FREEING); assert(!owed[p]); r[p] = 0 }
+#else
+  atomic { USE; assert(r[p] == FREEING); assert(!owed[p]); r[p] = 0 };   /* P4 */
+  if                                     /* P5: address only */
+  :: wk -> wake()
+  :: else -> skip
+  fi
+#endif
+}
+
+/* freeing_put of one reference (held: a successful get's, else a backing-out get's own add). */
+inline freeing_put(p) {
+  old = r[p];                            /* relaxed load */
+  do
+  :: atomic {                            /* P1: CAS */
+       USE;
+       if
+       :: r[p] == old ->
+         assert(old > 0 && old < FREEING);
+         if
+         :: held -> holders[p]--
+         :: else -> skip
+         fi;
+         if
+#ifndef MUT_NO_FREEING
+         :: old == 1 -> r[p] = FREEING; last = 1
+#else
+         :: old == 1 -> r[p] = 0; last = 1
+#endif
+         :: else -> r[p] = old - 1; last = 0
+         fi;
+         break
+       :: else -> old = r[p]
+       fi
+     }
+  od;
+  if
+  :: last ->
+#ifndef MUT_NO_FREEING
+    freeing_to_idle(p)
+#else
+    atomic { USE; wk = !alive };
+    page_free(p);
+    if
+    :: wk -> wake()
+    :: else -> skip
+    fi
+#endif
+  :: else -> skip
+  fi
+}
+
 proctype getter(byte me) {
-  byte p, old; bit last, t0;
+  byte p, old; bit last, t0, dead, held, wk;
   if
   :: p = 0
   :: p = 1
@@ -91,28 +177,65 @@ proctype getter(byte me) {
   :: else -> skip
   fi;
 #endif
-retry:
-  atomic { USE; old = r[p]; r[p]++ };    /* get_folio: fetch_add (seq_cst) */
-  if
-  :: old >= FREEING ->                   /* in its free path: undo, try again */
-    atomic { USE; assert(r[p] > 0); r[p]-- };   /* the refcount never goes below zero */
-    goto retry
-  :: else -> skip
-  fi;
-#ifndef MUT_CHECK_BEFORE_ADD
-  atomic {
+#ifndef ALT_BLIND_ADD
+  atomic {                               /* G1: CAS loop, refused on FREEING */
+    USE;
+    old = r[p];
     if
-    :: !alive -> last = 1                /* (reusing `last` as "dead") */
-    :: else -> last = 0; holders[p]++; owed[p] = 1
+    :: old >= FREEING -> skip            /* refused_get: Errc::busy, nothing changed */
+    :: else -> r[p]++
     fi
   };
   if
-  :: last ->                             /* back out: fetch_sub, wake if that made it idle */
-    atomic { USE; assert(r[p] > 0); r[p]--; last = (r[p] == 0) };
+  :: old >= FREEING -> lookups--; goto out
+  :: else -> skip
+  fi;
+#else
+  atomic { USE; old = r[p]; r[p]++ };    /* G1 as a blind fetch_add */
+  if
+  :: old >= FREEING ->                   /* undo and fail */
+    atomic { USE; assert(r[p] > 0); r[p]-- };
+    lookups--;
+    goto out
+  :: else -> skip
+  fi;
+#endif
+#ifndef MUT_CHECK_BEFORE_ADD
+  atomic {                               /* G2: life_ load */
+    dead = !alive;
     if
-    :: last -> wake()
+    :: !dead ->
+      holders[p]++;
+#ifdef CHECK_PAGE_FREE_OWED
+      owed[p] = 1
+#else
+      if
+      :: old == 0 -> owed[p] = 1
+      :: else -> skip
+      fi
+#endif
     :: else -> skip
+    fi
+  };
+  if
+  :: dead ->                             /* back_out */
+    held = 0;
+#ifndef MUT_BACKOUT_SUB
+    if
+    :: old != 0 -> freeing_put(p)
+    :: else ->
+#endif
+      atomic {
+        USE; assert(r[p] > 0 && r[p] < FREEING); r[p]--; last = (r[p] == 0);
+        assert(!last || !owed[p])          /* idle again: no busy period is left owing */
+      };
+      if
+      :: last -> wake()
+      :: else -> skip
+      fi
+#ifndef MUT_BACKOUT_SUB
     fi;
+#endif
     lookups--;
     goto out
   :: else -> skip
@@ -125,83 +248,52 @@ retry:
 
   atomic { USE; assert(r[p] > 0 && r[p] < FREEING) };   /* use the folio */
 
-  /* put_refcount: CAS loop */
-  old = r[p];
-  do
-  :: atomic {
-       USE;
-       if
-       :: r[p] == old ->
-         assert(old > 0 && old < FREEING);
-         holders[p]--;
-         if
-#ifndef MUT_NO_FREEING
-         :: old == 1 -> r[p] = FREEING; last = 1
-#else
-         :: old == 1 -> r[p] = 0; last = 1
-#endif
-         :: else -> r[p] = old - 1; last = 0
-         fi;
-         break
-       :: else -> old = r[p]
-       fi
-     }
-  od;
-  if
-  :: last ->                             /* folio_freed */
-    page_free(p);
-#if defined(MUT_NO_FREEING)
-    atomic { USE };                      /* reads dying_/type_ to decide on the wake-up */
-    wake()
-#elif defined(ALT_WAKE_BEFORE_ZERO)
-    wake();
-    atomic { USE; r[p] = r[p] - FREEING }
-#elif defined(ALT_STORE_ZERO)
-    atomic { USE; r[p] = 0 };
-    wake()
-#else
-    atomic { USE; r[p] = r[p] - FREEING };   /* FREEING -> 0: the last touch of the pagemap */
-    wake()                                   /* address only: the global wait table */
-#endif
-  :: else -> skip
-  fi;
+  held = 1;
+  freeing_put(p);                        /* put_folio */
 out:
   done++
 }
 
-/* memunmap under sweep: kill (alive = false), sweep(), unpublish, grace period, free. */
+/* memunmap under sweep: kill, scan_and_wait, unpublish + grace period, retire. */
 proctype unmapper() {
-  byte i;
-  alive = 0;                             /* alive_.store(false, seq_cst) + full fence */
+  byte i, v;
+  alive = 0;                             /* kill_locked: life_.fetch_or(kKilled) + full fence */
   i = 0;
   do
   :: i < NP ->
-    if
-    :: r[i] == 0 -> skip                 /* find_busy skips idle folios (FREEING is busy) */
-    :: else ->                           /* wait_var_event(&r, r == 0) */
-      atomic { wq_mu == 0 -> wq_mu = 1 };
-      waiters++;
-      do
-      :: r[i] == 0 -> break
+    do                                   /* wait_idle */
+    :: v = r[i];
+      if
+      :: v == 0 -> break
+#ifndef MUT_NO_POLL
+      :: v >= FREEING -> skip            /* timed wait (100 us), then re-read */
+      :: v > 0 && v < FREEING ->
+#else
       :: else ->
-        atomic { sleeping = 1; wq_mu = 0 };              /* cv.wait: unlock and sleep */
-        atomic { sleeping == 0 && wq_mu == 0 -> wq_mu = 1 }   /* woken, relock */
-      od;
-      waiters--;
-      wq_mu = 0
-    fi;
+#endif
+        /* wait_var_event(&r, r == 0) */
+        atomic { wq_mu == 0 -> wq_mu = 1 };
+        waiters++;
+        do
+        :: r[i] == 0 -> break
+        :: else ->
+          atomic { sleeping = 1; wq_mu = 0 };              /* cv.wait: unlock and sleep */
+          atomic { sleeping == 0 && wq_mu == 0 -> wq_mu = 1 }   /* woken, relock */
+        od;
+        waiters--;
+        wq_mu = 0
+      fi
+    od;
     i++
   :: else -> break
   od;
   published = 0;                         /* PagemapRegistry::remove */
   (lookups == 0);                        /* the grace period */
   atomic {
-    /* teardown never completes while a folio is busy */
+    /* teardown never completes while a folio is busy or owes its page_free */
     assert(holders[0] == 0 && holders[1] == 0 && !in_free[0] && !in_free[1]);
     assert(r[0] == 0 && r[1] == 0);
-#ifdef CHECK_PAGE_FREE_OWED
     assert(!owed[0] && !owed[1]);
-#endif
     freed = 1
   };
   done++
