@@ -39,6 +39,7 @@ runs=(
   "percpu_ref_atomic.live|percpu_ref|INIT_ATOMIC|live|pass|-O0"
   "percpu_ref_rseq|percpu_ref_rseq||safety|pass"
   "percpu_ref_rseq.live|percpu_ref_rseq|MIGRATIONS=1|live|pass"
+  "percpu_ref_rseq.stray_put|percpu_ref_rseq|STRAY_PUT|safety|pass"
   "sweep|sweep||safety|pass|-O0"
   "sweep.live|sweep||live|pass|-O0"
   # mutants: spin must refute each

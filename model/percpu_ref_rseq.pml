@@ -17,6 +17,18 @@
  * (possibly on the other CPU). The rseq membarrier aborts every in-flight section. The model is sequentially consistent: the barrier's ordering role is played by the
  * abort, which is what the real protocol relies on.
  *
+ * As built (include/pgmap/core/detail/rseq_percpu.h rseq_percpu_add; src/core/percpu_ref.cc
+ * tryget_slow, put_atomic/put_reached, fold_locked, kill_and_confirm): the kill publishes
+ * ATOMIC|DEAD, issues Registry::barrier() (membarrier PRIVATE_EXPEDITED_RSEQ), collects the
+ * counters and adds them to the shared count with the bias still in; only if that finds the
+ * initial reference (>= 1) does the bias come out, confirm run and the initial reference drop.
+ *
+ * STRAY_PUT (a run that must pass): user 1 misuses the ref with a put without a get. If the
+ * fold then finds fewer than 1, kill_and_confirm undoes the kill (mode back to percpu, bias kept,
+ * Errc::underflow); checked: no release ran, the mode is percpu and the logical count (count -
+ * bias + the CPU counters) equals gets - puts + 1 at the end. (When the fold still finds >= 1 the
+ * misuse goes undetected by the kill and later puts may release early; not checked there.)
+ *
  * Mutants (each must be refuted):
  *   MUT_PLAIN_BARRIER        membarrier(PRIVATE_EXPEDITED): a fence that aborts nothing, so a
  *                            section that read "percpu" before the flags can commit after the fold.
@@ -44,15 +56,20 @@ bit abrt[NU];                /* that section has been aborted (it will restart) 
 #endif
 byte migrations = MIGRATIONS;
 
-byte held = 1;
+short held = 1;         /* ghost: the initial reference + gets - puts */
+bit undone = 0;         /* the kill found more puts than gets and was undone */
 bit confirmed = 0;
 byte released = 0;
 byte done = 0;
 
 inline run_release() {
   atomic {
+#ifndef STRAY_PUT
     assert(released == 0);
     assert(held == 0);
+#else
+    assert(!undone);                     /* an undone kill never releases */
+#endif
     assert((mode & M_ATOMIC) != 0);
     released++
   }
@@ -60,9 +77,12 @@ inline run_release() {
 
 inline put_atomic(now) {
   atomic { count--; now = count };
+#ifndef STRAY_PUT
   assert(now >= 0);
+#endif
   if
   :: now == 0 -> run_release()
+  :: now < 0 -> count++                /* put_reached: undone, Errc::underflow */
   :: else -> skip
   fi
 }
@@ -156,7 +176,9 @@ inline get_ref() {
   :: ok -> skip
   :: else ->
     atomic { old = count; count++; held++ };
+#ifndef STRAY_PUT
     assert(old > 0)
+#endif
   fi
 }
 
@@ -164,26 +186,43 @@ inline put_ref() {
   rseq_add(-1, ok, 3);
   if
   :: ok -> skip
-  :: else -> held--; put_atomic(now)
+  :: else ->
+    held--;
+    put_atomic(now);
+    if
+    :: now < 0 -> held++                 /* the put did not happen */
+    :: else -> skip
+    fi
   fi
 }
 
 proctype user(byte me) {
   bit ok, t0, dead; byte m, cpu; short old, now;
+#ifdef STRAY_PUT
+  if
+  :: me == 1 -> put_ref(); goto udone     /* misuse: a put without a get */
+  :: else -> skip
+  fi;
+#endif
   tryget_live(ok);
   if
   :: ok ->
     if
     :: me == 0 ->
       get_ref();
+#ifndef STRAY_PUT
       assert(released == 0);
+#endif
       put_ref()
     :: else -> skip
     fi;
+#ifndef STRAY_PUT
     assert(released == 0);
+#endif
     put_ref()
   :: else -> skip
   fi;
+udone:
   done++
 }
 
@@ -197,38 +236,58 @@ inline rseq_barrier() {
 }
 
 inline fold() {
-  /* rseq::collect(slot, zero): sum and zero every CPU's counter, one CPU at a time */
+  /* fold_locked: rseq::collect(slot): sum and zero every CPU's counter, one CPU at a time; then
+   * one fetch_add of the sum with the bias still in (the count stays far from zero) */
   i = 0;
   do
   :: i < NCPU -> atomic { sum = sum + pc[i]; pc[i] = 0 }; i++
   :: else -> break
   od;
-  atomic { count = count + sum - BIAS; now = count };
-  assert(now >= 1)
+  atomic { count = count + sum; now = count - BIAS }
 }
 
+/* kill_and_confirm of a percpu ref: flags, rseq barrier, fold, then either drop the bias and
+ * go on, or (more puts than gets: the initial reference is gone) undo the kill. */
 proctype killer() {
   byte i; short sum, now;
-  mode = M_ATOMIC | M_DEAD;              /* the word's flags, seq_cst */
+  mode = M_ATOMIC | M_DEAD;              /* mode_.store(m | kAtomic | kDead, seq_cst) */
 #ifndef MUT_FOLD_BEFORE_BARRIER
-  rseq_barrier();
+  rseq_barrier();                        /* Registry::barrier() */
   fold();
 #else
   fold();
   rseq_barrier();
 #endif
-  confirmed = 1;
-  atomic { held--; count--; now = count };
+  if
+  :: now >= 1 -> atomic { count = count - BIAS }   /* the bias comes out */
+  :: else ->
+#ifndef STRAY_PUT
+    assert(0);                           /* without misuse the fold always finds the initial ref */
+#endif
+    /* undo: the mode word goes back to percpu; the count keeps its bias, the counters were
+     * zeroed by the fold; no confirm, no initial put, Errc::underflow */
+    atomic { mode = 0; undone = 1 };
+    goto kdone
+  fi;
+  confirmed = 1;                         /* confirm() */
+  atomic { held--; count--; now = count };   /* put_atomic(1): the initial reference */
   if
   :: now == 0 -> run_release()
   :: else -> skip
   fi;
+kdone:
   done++
 }
 
 active proctype final_check() {
   (done == NU + 1);
+#ifndef STRAY_PUT
   assert(released == 1 && held == 0 && count == 0 && pc[0] == 0 && pc[1] == 0)
+#else
+  /* an undone kill: no release ran, the ref is percpu again and its count is what the gets and
+   * puts made it (the bias still in) */
+  assert(!undone || (released == 0 && mode == 0 && count - BIAS + pc[0] + pc[1] == held))
+#endif
 }
 
 init {
