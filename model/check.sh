@@ -49,6 +49,7 @@ runs=(
   "percpu_ref_atomic/no_live_check|percpu_ref|INIT_ATOMIC MUT_NO_LIVE_CHECK|safety|refute"
   "percpu_ref_rseq/plain_barrier|percpu_ref_rseq|MUT_PLAIN_BARRIER|safety|refute"
   "percpu_ref_rseq/fold_before_barrier|percpu_ref_rseq|MUT_FOLD_BEFORE_BARRIER|safety|refute"
+  "percpu_ref_rseq/unbias_first|percpu_ref_rseq|STRAY_PUT MUT_UNBIAS_FIRST|safety|refute"
   "sweep/no_freeing|sweep|MUT_NO_FREEING|safety|refute"
   "sweep/check_before_add|sweep|MUT_CHECK_BEFORE_ADD|safety|refute"
   "sweep/backout_sub|sweep|MUT_BACKOUT_SUB|safety|refute"

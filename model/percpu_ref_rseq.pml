@@ -33,6 +33,8 @@
  *   MUT_PLAIN_BARRIER        membarrier(PRIVATE_EXPEDITED): a fence that aborts nothing, so a
  *                            section that read "percpu" before the flags can commit after the fold.
  *   MUT_FOLD_BEFORE_BARRIER  the fold reads the counters before the aborting barrier.
+ *   MUT_UNBIAS_FIRST         (with STRAY_PUT) the fold takes the bias out before checking for the
+ *                            initial reference: the undone (percpu again) ref has lost its bias.
  */
 
 #define NU 2
@@ -258,8 +260,15 @@ proctype killer() {
   fold();
   rseq_barrier();
 #endif
+#ifdef MUT_UNBIAS_FIRST
+  atomic { count = count - BIAS };       /* the spec's fold: the bias out before the check */
+#endif
   if
+#ifndef MUT_UNBIAS_FIRST
   :: now >= 1 -> atomic { count = count - BIAS }   /* the bias comes out */
+#else
+  :: now >= 1 -> skip
+#endif
   :: else ->
 #ifndef STRAY_PUT
     assert(0);                           /* without misuse the fold always finds the initial ref */
