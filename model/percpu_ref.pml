@@ -1,9 +1,15 @@
 /*
- * PercpuRef as built today (include/pgmap/core/percpu_ref.h, src/core/percpu_ref.cc):
- * per-thread slots, an `active` in-flight flag per thread, the mode word, kill = store
- * ATOMIC|DEAD, heavy_barrier() (membarrier), wait for every visible `active` to clear, fold the
- * slots into the shared count with the bias, confirm, drop the initial reference; the atomic-mode
- * put that reaches zero runs release.
+ * PercpuRef's per-thread fallback as built (include/pgmap/core/percpu_ref.h: percpu_add's first
+ * look at the word, then detail::thread_slot_add, reached through thread_add, out of line in
+ * src/core/percpu_ref.cc when the rseq fast path is compiled in; src/core/percpu_ref.cc:
+ * tryget_slow, put_atomic/put_reached, fold_locked, Registry::barrier/collect,
+ * kill_and_confirm): per-thread counter blocks, an `active` in-flight flag per thread, the mode
+ * word; kill = store ATOMIC|DEAD, heavy_barrier() (membarrier), collect: wait for every visible
+ * `active` to clear and sum + zero the slots, add the sum to the count with the bias still in,
+ * check that the initial reference is there (the undo when it is not: percpu_ref_rseq.pml,
+ * STRAY_PUT, the same kill_and_confirm), take the bias out, confirm, drop the initial reference;
+ * the atomic-mode put that reaches zero runs release. The thread's first use (thread_add_first:
+ * ensure_thread_counters) is not modelled: each reader's block exists from the start.
  *
  * Memory model. The reader's fast path uses only relaxed stores and a compiler barrier; what
  * orders its `active = 1` store before its mode load is the killer's membarrier. So the readers
@@ -254,12 +260,15 @@ proctype killer() {
       i++
     :: else -> break
     od;
-    atomic { count = count + sum - BIAS; now = count };
-    assert(now >= 1);                     /* the initial reference is still there */
+    atomic { count = count + sum; now = count - BIAS };   /* fold_locked: the bias still in */
 #ifdef MUT_FOLD_BEFORE_BARRIER
-    heavy_barrier()
+    heavy_barrier();
 #endif
-  :: else -> skip
+    assert(now >= 1);                     /* the initial reference is still there (no misuse */
+    atomic { count = count - BIAS }       /* here; the undo is checked in percpu_ref_rseq) */
+  :: else ->
+    now = count;                          /* an atomic-mode ref: count_.load */
+    assert(now >= 1)
   fi;
   confirmed = 1;                          /* confirm() */
   atomic { held--; count--; now = count };   /* put_slow(1): the initial reference */
