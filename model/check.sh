@@ -107,6 +107,9 @@ one_run() {
     verdict="no verdict"
   elif [[ $errors -gt 0 ]]; then
     verdict=$(grep -m1 -E '^pan:[0-9]+:|^pan: ' "$out" | sed 's/^pan:[0-9]*: *//; s/ (at depth.*//')
+    # '|' separates the fields of the result line (and the Markdown table's cells)
+    verdict=${verdict//||/ or }
+    verdict=${verdict//|/ or }
   fi
   ok=FAIL
   if grep -q "max search depth too small" "$out"; then
