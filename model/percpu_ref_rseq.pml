@@ -1,12 +1,13 @@
 /*
- * PercpuRef, rseq variant (per-CPU counters; issue 9 §1, being built in
- * include/pgmap/core/detail/rseq_percpu.h and src/core/rseq.{h,cc}):
+ * PercpuRef, rseq variant (per-CPU counters; include/pgmap/core/detail/rseq_percpu.h,
+ * src/core/rseq.{h,cc}, src/core/percpu_ref.cc):
  *
  *   each get/put is one restartable critical section:
  *     cpu = rseq->cpu_id; word = *ref_word; if (word & flags) leave (slow path);
  *     counter[cpu] += delta   (the commit: a single non-locked add)
  *   kill: word |= ATOMIC|DEAD; membarrier(PRIVATE_EXPEDITED_RSEQ); fold every CPU's counter into
- *   the shared count (with the bias); confirm; drop the initial reference.
+ *   the shared count (bias still in); if the initial reference is there, bias out, confirm, drop
+ *   the initial reference; else undo the kill.
  *
  * Restartable sections. A section that is preempted, migrated, or interrupted by the rseq
  * membarrier does not resume: it restarts from the mode load (the abort is a transition of this
