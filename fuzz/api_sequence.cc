@@ -99,16 +99,6 @@ class CallScope {
   CallScope& operator=(const CallScope&) = delete;
 };
 
-// PGMAP_FUZZ_STRICT=1 also enforces the contract rows that are known to fail today (see
-// docs/errors.md, "Known gaps").
-bool strict() {
-  static const bool s = [] {
-    const char* v = std::getenv("PGMAP_FUZZ_STRICT");
-    return v != nullptr && v[0] == '1';
-  }();
-  return s;
-}
-
 std::atomic<std::uint64_t> g_misuse{0};
 void counting_handler(Errc, const char*) {
   g_misuse.fetch_add(1, std::memory_order_relaxed);
@@ -662,11 +652,9 @@ void World::op_memunmap(Input& in) {
   MemunmapOptions o;
   o.policy = in.flag() ? UnmapPolicy::refuse : UnmapPolicy::wait;
   o.timeout = std::chrono::milliseconds(1 + in.u8() % 50);
-  // Inside a read section the grace period cannot be waited for: memunmap must refuse (known,
-  // being fixed on main; enforced with PGMAP_FUZZ_STRICT=1).
+  // Inside a read section the grace period cannot be waited for: memunmap must refuse.
   call(
-      "DevPagemap::memunmap", [&] { return d->pg->memunmap(o).code(); },
-      rcu_depth_ > 0 && strict());
+      "DevPagemap::memunmap", [&] { return d->pg->memunmap(o).code(); }, rcu_depth_ > 0);
 }
 
 void World::op_mmap(Input& in) {
@@ -960,10 +948,8 @@ void World::op_percpu(Input& in) {
       note_release();
       break;
     case 2:
-      // After a put below zero in percpu mode, kill's fold finds the underflow; percpu_ref.h
-      // documents that the count is then left at what the fold computed (an error that changes
-      // state). Exempt that one case from oracle (b) until kill undoes it.
-      exempt_next_error_ = !strict() && !m.exact;
+      // After a put below zero in percpu mode, kill's fold finds the underflow and undoes the
+      // kill (percpu_ref.h): an error that changes nothing, checked by oracle (b) like any other.
       call("PercpuRef::kill", [&] {
         Errc e = r.kill();
         if (e == Errc::ok) {

@@ -524,7 +524,7 @@ TEST_F(Contract, UnbindInsideReadSectionIsRefused) {
 }
 
 // memunmap's grace period cannot be waited for inside a read section; it must refuse.
-TEST(ContractPagemap, DISABLED_MemunmapInsideReadSectionIsRefused) {
+TEST(ContractPagemap, MemunmapInsideReadSectionIsRefused) {
   testutil::MisuseCounter m;
   auto pg = testutil::must_memremap(
       testutil::make_params(Strategy::sweep, testutil::make_backing(2 * kMiB)));
