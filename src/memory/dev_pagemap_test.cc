@@ -919,6 +919,40 @@ TEST_P(SafeStrategyTest, MemunmapWaitsForAPageFreeInProgress) {
   putter.join();
 }
 
+// A get that lands while another thread's last put is still running the folio's free path (sweep
+// and alloc_event: the refcount reads FREEING) is a legitimate re-use of an idle folio, e.g. a
+// fault racing the zap of the previous mapping: it must succeed once the free path ends, not
+// fail (it used to return Errc::busy, which devdax turned into a SIGBUS on a live device; found
+// by pgmap-stress under ASan).
+TEST_P(SafeStrategyTest, GetDuringAnotherPutsFreePathWaitsAndSucceeds) {
+  std::atomic<bool> in_free{false};
+  std::atomic<int> frees{0};
+  PagemapOps ops;
+  ops.page_free = [&](DevPagemap&, Pfn, unsigned) {
+    if (frees.fetch_add(1) == 0) {
+      in_free = true;
+      std::this_thread::sleep_for(50ms);  // the putting thread preempted inside page_free
+      in_free = false;
+    }
+  };
+  auto pg = map(GetParam(), 4 * kMiB, 0, ops);
+  ASSERT_TRUE(pg);
+  const Pfn pfn = first_pfn(*pg);
+  // Both references are taken the way the strategy's users take them (under alloc_event inside an
+  // allocation), and the pagemap stays live throughout.
+  FolioHold first;
+  ASSERT_EQ(first.take(*pg, pfn), Errc::ok);
+  std::thread putter([&] { EXPECT_EQ(first.release(), Errc::ok); });
+  ASSERT_TRUE(eventually([&] { return in_free.load(); }));
+  FolioHold second;
+  EXPECT_EQ(second.take(*pg, pfn), Errc::ok) << "a get racing a free path must not fail";
+  EXPECT_EQ(pg->folio_ref_count(pfn), 1u);
+  putter.join();
+  EXPECT_EQ(second.release(), Errc::ok);
+  EXPECT_EQ(frees.load(), 2);
+  EXPECT_EQ(pg->folio_ref_count(pfn), 0u);
+}
+
 // `none` is unsafe on purpose: memunmap does not wait for anything.
 TEST_F(DevPagemapTest, NoneMemunmapReturnsAtOnceWithAFolioHeld) {
   auto pg = map(Strategy::none);

@@ -13,6 +13,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <thread>
 
 #include "memory/strategy/access.h"
 #include "pgmap/core/error.h"
@@ -25,15 +26,23 @@ namespace pgmap::strategy_impl {
 inline constexpr std::uint32_t kFreeingRef = 0xFEEE0000u;
 static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRetiredRef);
 
-// A get whose refcount was not a reference count (FREEING, retired, or about to overflow).
-[[gnu::cold, gnu::noinline]] inline Errc refused_get(DevPagemap& pg, std::uint32_t old) noexcept {
-  if (old == kFreeingRef && !Access::torn_down(pg)) {
-    // Nobody holds the folio and its free path is running: the get raced the folio's final put
-    // and lost. Nothing changed; the owner hands the folio out again once page_free has run.
-    // Not reported as misuse: a holder of a pagemap reference may get idle folios (I1).
-    return Errc::busy;
-  }
+// A get whose refcount was not a reference count (retired, or about to overflow), or FREEING on
+// torn-down metadata.
+[[gnu::cold, gnu::noinline]] inline Errc refused_get(DevPagemap& pg) noexcept {
   return Access::late(pg);
+}
+
+// A get that found the folio FREEING: nobody holds it and its last put is running the free path
+// (page_free must not block, so this ends promptly). A holder of a pagemap reference may get an
+// idle folio (I1), so this is not an error: wait until the putter's P4 store leaves FREEING and
+// let the caller retry its CAS on whatever it finds then (0 for an idle folio).
+[[gnu::cold, gnu::noinline]] inline std::uint32_t wait_freeing_done(
+    const std::atomic<std::uint32_t>& r) noexcept {
+  for (unsigned spins = 0;; ++spins) {
+    const std::uint32_t v = r.load(std::memory_order_acquire);
+    if (v != kFreeingRef) return v;
+    if (spins >= 64) std::this_thread::yield();  // the putter may be preempted in page_free
+  }
 }
 
 // A put that found no reference to drop (underflow), or metadata that is not live.
@@ -125,18 +134,25 @@ inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
   return result;
 }
 
-// Sweep's get: CAS (never on a FREEING or retired value), then the liveness check that pairs with
+// Sweep's get: CAS (never on a FREEING or retired value: on FREEING it waits for the free path to
+// end and retries, G0), then the liveness check that pairs with
 // memunmap's kill-then-scan (Dekker): either this get sees the kill and backs out, or the scan
 // sees the reference and waits for it.
 inline Errc checked_get(DevPagemap& pg, PageArray& a, std::uint64_t head,
                         std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
   std::uint32_t old = r.load(std::memory_order_relaxed);
-  do {
-    if (old > PageArray::kMaxRef - refs) [[unlikely]]
-      return refused_get(pg, old);
-  } while (!r.compare_exchange_weak(old, old + refs, std::memory_order_seq_cst,  // G1
-                                    std::memory_order_relaxed));
+  for (;;) {
+    if (old > PageArray::kMaxRef - refs) [[unlikely]] {
+      if (old != kFreeingRef || Access::torn_down(pg)) return refused_get(pg);
+      old = wait_freeing_done(r);  // G0: a racing last put is freeing the folio
+      continue;
+    }
+    if (r.compare_exchange_weak(old, old + refs, std::memory_order_seq_cst,  // G1
+                                std::memory_order_relaxed)) {
+      break;
+    }
+  }
   PGMAP_YIELD_POINT("sweep.get_after_add");
   const std::uint8_t life = Access::life(pg);  // G2
   if (life != 0) [[unlikely]]

@@ -27,7 +27,7 @@ struct TransitionStrategy {
       }
     }
     if (old != 0) [[unlikely]]
-      return refused_get(pg, old);
+      return refused_get(pg);
     PercpuRef& ref = Access::ref(pg);
     if (!ref.tryget_live()) [[unlikely]]
       return Access::torn_down(pg) ? Access::late(pg) : Errc::dead;
