@@ -12,6 +12,7 @@
 #include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
 #include "pgmap/fs/dax_fs.h"
+#include "pgmap/fs/entry_refs.h"
 #include "pgmap/memory/page_array.h"
 
 namespace pgmap::fs {
@@ -133,14 +134,9 @@ Errc Inode::associate(std::uint64_t index, Pfn pfn, unsigned order, DevPagemap::
   if (!f || f.head != f.a->index_of(pfn)) return Errc::invalid_argument;
   // Pagemap references first: nothing is changed if the pagemap is dying.
   const std::uint64_t pages = order_pages(order);
-  if (pg.strategy() == Strategy::per_lookup || pg.strategy() == Strategy::transition) {
-    for (std::uint64_t i = 0; i < pages; ++i) {
-      if (!pg.tryget_live()) {
-        for (std::uint64_t j = 0; j < i; ++j)
-          (void)pg.put_ref();  // ours, taken just now
-        return Errc::dead;
-      }
-    }
+  const bool refs = entry_holds_pagemap_refs(pg.strategy());
+  if (refs) {
+    if (Errc r = get_entry_refs(pg, pages); r != Errc::ok) return r;
   }
   std::lock_guard<std::mutex> lock(fs_->folio_mu(pfn));
   const std::uint8_t flags = f.a->flags(f.head).load(std::memory_order_acquire);
@@ -166,10 +162,7 @@ Errc Inode::associate(std::uint64_t index, Pfn pfn, unsigned order, DevPagemap::
     f.a->index_or_share(f.head).fetch_add(1, std::memory_order_acq_rel);
   }
   if (e != Errc::ok) {
-    if (pg.strategy() == Strategy::per_lookup || pg.strategy() == Strategy::transition) {
-      for (std::uint64_t j = 0; j < pages; ++j)
-        (void)pg.put_ref();
-    }
+    if (refs) put_entry_refs(pg, pages);
     return e;
   }
   if (alloc) {
@@ -202,10 +195,7 @@ void Inode::disassociate(std::uint64_t index, Entry e) {
       }
     }
   }
-  if (pg.strategy() == Strategy::per_lookup || pg.strategy() == Strategy::transition) {
-    for (std::uint64_t i = 0; i < e.pages(); ++i)
-      (void)pg.put_ref();  // taken by associate
-  }
+  if (entry_holds_pagemap_refs(pg.strategy())) put_entry_refs(pg, e.pages());  // associate's
   DevPagemap::Allocation gone;
   {
     std::lock_guard<std::mutex> ml(mu_);
