@@ -25,12 +25,12 @@ struct Config {
   std::string out_dir;
   bool quick = false;
   bool full = false;
-  std::vector<std::string> suites;   // "ref", "hotpath", "removal", "gup", "fault"
-  std::vector<Strategy> strategies;  // hotpath, removal, gup and fault
-  std::vector<unsigned> threads;     // ref, hotpath and gup
-  unsigned reps = 0;                 // repetitions of a ref, hotpath, gup or fault case
+  std::vector<std::string> suites;   // "ref", "hotpath", "removal", "gup", "fault", "fsdax"
+  std::vector<Strategy> strategies;  // hotpath, removal, gup, fault and fsdax
+  std::vector<unsigned> threads;     // ref, hotpath, gup and fsdax
+  unsigned reps = 0;                 // repetitions of a ref, hotpath, gup, fault or fsdax case
   unsigned removal_reps = 0;         // repetitions of a removal case
-  double min_rep_seconds = 0;        // ref, hotpath, gup, fault: minimum length of one repetition
+  double min_rep_seconds = 0;        // ref, hotpath, gup, fault, fsdax: minimum length of one rep
   unsigned kills_per_rep = 0;        // kill_confirm: kills timed per repetition
   std::vector<std::uint64_t> removal_bytes;  // device sizes of the removal suite
   bool plot = true;
@@ -67,5 +67,6 @@ std::vector<Case> hotpath_cases(const Config& cfg);
 std::vector<Case> removal_cases(const Config& cfg);
 std::vector<Case> gup_cases(const Config& cfg);    // dax_suites.cc
 std::vector<Case> fault_cases(const Config& cfg);  // dax_suites.cc
+std::vector<Case> fsdax_cases(const Config& cfg);  // fsdax_suite.cc
 
 }  // namespace pgmap::bench

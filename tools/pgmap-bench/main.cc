@@ -1,5 +1,5 @@
-// pgmap-bench: the project's main job (`make run`). Runs the ref, hotpath, removal, gup and fault
-// suites (bench.h lists what each measures), prints a progress line on stderr and the results
+// pgmap-bench: the project's main job (`make run`). Runs the ref, hotpath, removal, gup, fault and
+// fsdax suites (bench.h lists what each measures), prints a progress line on stderr and the results
 // table on stdout, and writes results.json, results.csv, removal.svg, hotpath.svg and gup.svg
 // under --out.
 //
@@ -32,7 +32,7 @@ namespace {
 constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
 constexpr std::uint64_t kGiB = std::uint64_t{1} << 30;
 constexpr std::uint64_t kTiB = std::uint64_t{1} << 40;
-constexpr const char* kSuites[] = {"ref", "hotpath", "removal", "gup", "fault"};
+constexpr const char* kSuites[] = {"ref", "hotpath", "removal", "gup", "fault", "fsdax"};
 
 // "4096", "64M", "64MiB", "16g", "1TiB": binary units, optional "i" and "B".
 std::optional<std::uint64_t> parse_size(std::string_view s) {
@@ -84,7 +84,7 @@ struct Flags {
   std::string out = "out";
   bool quick = false;
   bool full = false;
-  std::vector<std::string> suites = {"ref", "hotpath", "removal", "gup", "fault"};
+  std::vector<std::string> suites = {"ref", "hotpath", "removal", "gup", "fault", "fsdax"};
   std::vector<std::string> strategies;
   std::vector<unsigned> threads = {1, 2};
   unsigned reps = 0;
@@ -184,7 +184,8 @@ int run(int argc, char** argv) {
 
   CLI::App app{
       "pgmap-bench: measures the pagemap liveness strategies (reference primitives, folio hot "
-      "paths, memunmap, device-dax GUP and first-touch faults) and writes results.json, "
+      "paths, memunmap, device-dax GUP and first-touch faults, file-DAX faults, truncate and "
+      "entry insert/delete) and writes results.json, "
       "results.csv, removal.svg, hotpath.svg and gup.svg.",
       "pgmap-bench"};
   app.footer(
@@ -203,21 +204,24 @@ int run(int argc, char** argv) {
                             "Long run: 11 repetitions (7 for removal), 100 ms loops, removal "
                             "sizes 1, 4, 16, 64, 256 GiB and 1 TiB");
   quick->excludes(full);
-  app.add_option("--suite", f.suites,
-                 "Suites to run, comma-separated: ref (refcount primitives), hotpath (folio "
-                 "get/put and pin/unpin), removal (memunmap), gup (devdax pin_user_pages + "
-                 "unpin_user_pages of 512 pages), fault (devdax first-touch faults)")
+  app.add_option(
+         "--suite", f.suites,
+         "Suites to run, comma-separated: ref (refcount primitives), hotpath (folio "
+         "get/put and pin/unpin), removal (memunmap), gup (devdax pin_user_pages + "
+         "unpin_user_pages of 512 pages), fault (devdax first-touch faults), fsdax (file-DAX "
+         "fault+unmap, truncate of N mapped pages, entry insert+delete)")
       ->delimiter(',')
       ->check(CLI::IsMember(std::vector<std::string>(std::begin(kSuites), std::end(kSuites))))
       ->capture_default_str();
   app.add_option("--strategy", f.strategies,
-                 "Liveness strategies for hotpath, removal, gup and fault, comma-separated")
+                 "Liveness strategies for hotpath, removal, gup, fault and fsdax, comma-separated")
       ->delimiter(',')
       ->check(CLI::IsMember(strategy_names))
       ->capture_default_str();
-  app.add_option("--threads", f.threads,
-                 "Thread counts for ref, hotpath and gup, comma-separated; thread i is pinned to "
-                 "the i-th usable CPU")
+  app.add_option(
+         "--threads", f.threads,
+         "Thread counts for ref, hotpath, gup and fsdax, comma-separated; thread i is pinned to "
+         "the i-th usable CPU")
       ->delimiter(',')
       ->check(CLI::Range(1u, 256u))
       ->capture_default_str();
@@ -263,6 +267,7 @@ int run(int argc, char** argv) {
                              : suite == "hotpath" ? hotpath_cases(cfg)
                              : suite == "gup"     ? gup_cases(cfg)
                              : suite == "fault"   ? fault_cases(cfg)
+                             : suite == "fsdax"   ? fsdax_cases(cfg)
                                                   : removal_cases(cfg);
     for (Case& c : more)
       cases.push_back(std::move(c));
