@@ -239,7 +239,8 @@ void print_table(std::FILE* out, const std::string& machine_line, const std::vec
   }
   fmt::print(out,
              "\nns figures are per operation per thread (gup: per 4 KiB page of a pin+unpin call;"
-             " fault: per fault); median/min/max over the reps; cpu: thread CPU time per op.\n"
+             " fault: per fault; fsdax: per fault+zap, per truncate, per entry insert+delete);"
+             " median/min/max over the reps; cpu: thread CPU time per op.\n"
              "x base / x floor: median over the rounds of the per-round ratio to the row's "
              "baseline (none; 1 thread) and floor, measured interleaved in the same run.\n");
   if (any_disturbed) {

@@ -30,11 +30,11 @@ constexpr bool entry_holds_pagemap_refs(Strategy s) noexcept {
   return s == Strategy::per_lookup || s == Strategy::transition;
 }
 
-// Takes `pages` pagemap references (tryget_live each). Errc::dead when the pagemap is dying:
-// the references taken before the failure are dropped again, so nothing changed.
+// Takes `pages` pagemap references in one step (DevPagemap::tryget_live_many: one tryget_live and
+// one get_many, not `pages` of them). Errc::dead when the pagemap is dying; nothing taken then.
 Errc get_entry_refs(DevPagemap& pg, std::uint64_t pages) noexcept;
 
-// Drops `pages` references taken by get_entry_refs.
+// Drops `pages` references taken by get_entry_refs (one put_many).
 void put_entry_refs(DevPagemap& pg, std::uint64_t pages) noexcept;
 
 }  // namespace pgmap::fs

@@ -200,6 +200,17 @@ class DevPagemap {
   // Prefer the RAII PagemapRef (get_dev_pagemap).
   bool tryget_live() noexcept { return ref_.tryget_live(); }
   Errc put_ref() noexcept { return ref_.put(); }
+  // `n` references at once, all or none: tryget_live, then the other n - 1 while that one keeps
+  // the count above zero (the kernel's percpu_ref_tryget_live + percpu_ref_get_many). put_refs
+  // drops n. For holders of many references, such as a 2 MiB file entry (fs/entry_refs.h).
+  bool tryget_live_many(std::uint64_t n) noexcept {
+    if (n == 0) return true;
+    if (!ref_.tryget_live()) return false;
+    if (n == 1 || ref_.get_many(n - 1) == Errc::ok) return true;
+    (void)ref_.put();  // the one taken just above; the count cannot reach zero here
+    return false;
+  }
+  Errc put_refs(std::uint64_t n) noexcept { return n == 0 ? Errc::ok : ref_.put_many(n); }
   // Whether the pagemap reference is in percpu (cheap) mode: true while live, including after a
   // refused or timed-out memunmap (diagnostics and tests).
   bool ref_is_percpu() const noexcept { return ref_.is_percpu(); }
