@@ -14,7 +14,8 @@ name of the function it ran in. Categories (first match wins):
   rcu           RCU read sections and grace periods (pgmap::rcu, liburcu)
   strategy      the strategies' hooks and what only they do: pagemap lookup for liveness
                 (get_dev_pagemap, PagemapRegistry::lookup), tryget_live, allocations (alloc_event),
-                the sweep scan, the DAX device's liveness check, src/memory/strategy/*
+                the sweep scan, the DAX device's liveness check, src/memory/strategy/*, the fs
+                entry's pagemap references (src/fs/entry_refs.*)
   wait_table    the hashed wait table (waits and wakes of teardown)
   harness       pgmap-bench itself: the timed loops, the in-run floors (lock_pair,
                 floor_batched), calibration. Excluded from the denominator.
@@ -32,10 +33,10 @@ import sys
 out = sys.argv[1] if len(sys.argv) > 1 else "out/profile"
 FILES = [
     ("harness", re.compile(r"^(main|timing|compare|report|machine|ref_suite|hotpath_suite|"
-                           r"removal_suite|dax_suites|gup_floor)\.(cc|h)$")),
+                           r"removal_suite|dax_suites|fsdax_suite|gup_floor)\.(cc|h)$")),
     ("percpu_ref", re.compile(r"^(percpu_ref|heavy_barrier|rseq)")),
     ("rcu", re.compile(r"^(rcu|urcu)")),
-    ("strategy", re.compile(r"strategy|pagemap_registry|pagemap_ref")),
+    ("strategy", re.compile(r"strategy|pagemap_registry|pagemap_ref|entry_refs")),
     ("wait_table", re.compile(r"^wait_table")),
 ]
 CATEGORIES = [
@@ -44,11 +45,11 @@ CATEGORIES = [
     ("rcu", re.compile(r"pgmap::rcu::|\burcu_|rcu_read|synchronize_rcu|ReadSection|call_rcu")),
     ("strategy", re.compile(r"[Ss]trategy|get_dev_pagemap|PagemapRegistry::lookup|tryget_live|"
                             r"Allocation|DevPagemap::sweep|DevPagemap::request|DaxDevice::alive|"
-                            r"pagemap_ref|PagemapRef")),
+                            r"pagemap_ref|PagemapRef|entry_refs|EntryRefs")),
     ("wait_table", re.compile(r"WaitTable")),
 ]
 LIVENESS = ("percpu_ref", "rcu", "strategy", "wait_table")
-WORKLOADS = ("hotpath", "fault", "gup")
+WORKLOADS = ("hotpath", "fault", "gup", "fsdax")
 STRATEGIES = ("none", "per_lookup", "transition", "sweep", "alloc_event")
 sym_re = re.compile(r"^\s*(?:\[[^\]]+\]\s+)?(.*?)\s*$")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# `make profile`: where does the time of the page cycle, fault and GUP workloads go, per liveness
-# strategy? Records each workload under each strategy with perf (cpu-clock: this VM exposes no
+# `make profile`: where does the time of the page cycle, fault, GUP and fsdax workloads go, per
+# liveness strategy? Records each workload under each strategy with perf (cpu-clock: this VM exposes no
 # hardware counters), using pgmap-bench as the workload (`--suite X --strategy Y --threads 1`),
 # then scripts/profile-shares.py classifies the samples (liveness work vs the rest) and prints a
 # markdown table, also written to OUT/shares.md and OUT/shares.json. docs/profiles.md has a run.
@@ -23,7 +23,7 @@ fi
 
 mkdir -p "$out"
 strategies=(none per_lookup transition sweep alloc_event)
-workloads=(hotpath fault gup)
+workloads=(hotpath fault gup fsdax)
 reps=${PROFILE_REPS:-3}
 for w in "${workloads[@]}"; do
   for s in "${strategies[@]}"; do
