@@ -15,6 +15,7 @@
 #include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/page_ref.h"
+#include "pgmap/mm/anon_pool.h"
 
 namespace pgmap::mm {
 namespace {
@@ -166,6 +167,21 @@ struct AddressSpace::Impl {
       std::unique_ptr<Vma> gone = replace(v, std::move(keep));
       gone->owner->on_close(whole ? *gone : *removed);
     }
+    free_tables_around(start, end);
+  }
+
+  // free_pgtables: the tables wholly inside the gap around [start, end) that no VMA covers any
+  // more, and empty, are unlinked (and deleted after a grace period by reclaim(), which the caller
+  // runs once mmap_lock is dropped). The VMAs of the range are unlinked from their owners already,
+  // so no rmap zap walks these tables; mmap_lock exclusive keeps faults out.
+  void free_tables_around(std::uint64_t start, std::uint64_t end) {
+    std::uint64_t lo = 0;
+    std::uint64_t hi = PageTable::kSpan;
+    auto next = vmas.lower_bound(start);
+    if (next != vmas.end()) hi = std::min(hi, next->second->start);
+    if (next != vmas.begin()) lo = std::prev(next)->second->end;
+    if (lo > start || hi < end) return;  // still covered (not expected after unmap)
+    (void)pt.free_empty_tables(lo, hi);
   }
 
   // ---- faults (mmap_lock held shared or exclusive) ----
@@ -182,6 +198,7 @@ struct AddressSpace::Impl {
       return sigsegv(addr, SigCode::segv_accerr,
                      fmt::format("access to PROT_NONE VMA [{:#x}, {:#x})", v->start, v->end));
     }
+    if (write && !v->shared()) return cow_fault(*v, addr);
     MappingOwner& owner = *v->owner;
     for (;;) {
       if (auto leaf = pt.lookup(addr)) {
@@ -255,6 +272,143 @@ struct AddressSpace::Impl {
       if (!retry) {
         return sigbus(addr, Level::pte,
                       fmt::format("{} cannot map {:#x} at any level", owner.name(), addr));
+      }
+    }
+  }
+
+  // ---- copy-on-write (MAP_PRIVATE; mmap_lock held shared or exclusive) ----
+  //
+  // A private VMA maps its owner's pages read-only (a read fault is an ordinary fault with write
+  // false, PMD where the owner offers one). A write fault on a private VMA:
+  //   * a writable entry: spurious, done;
+  //   * a read-only huge entry: split — zapped (for a file VMA the kernel's PMD split just zaps
+  //     it) — and the 4 KiB page faulted again below; the other pages refault at 4 KiB later;
+  //   * a read-only anonymous page held by this entry alone (refcount 1: no other mapping after
+  //     fork, no GUP reference): made writable in place (reuse);
+  //   * a read-only owner page, or an anonymous page still shared (after fork) or referenced: its
+  //     bytes are copied into a fresh anonymous page which replaces the entry, writable (the old
+  //     entry's reference and mapcount are dropped: the other side keeps the old page);
+  //   * no entry: the owner is asked for the page (level pte, write false, cow true) — a hole gives
+  //     its zero page — the bytes are copied into a fresh anonymous page and the owner's reference
+  //     released; the anonymous page is installed writable (do_cow_fault). The mapping_seq check
+  //     removes it again if an unmap_mapping_range (truncate) ran meanwhile.
+  SignalInfo cow_fault(const Vma& v, std::uint64_t addr) {
+    MappingOwner& owner = *v.owner;
+    AnonPool& pool = AnonPool::global();
+    const std::uint64_t page = align_down(addr, kPageSize);
+    for (;;) {
+      if (auto leaf = pt.lookup(page)) {
+        if (leaf->writable) return {};
+        if (leaf->level != Level::pte) {
+          if (pt.zap(leaf->addr, leaf->addr + level_bytes(leaf->level)) != 0) {
+            owner.count_cow(MappingOwner::CowEvent::pmd_split);
+          }
+          continue;
+        }
+        const bool anon = AnonPool::is_anon(leaf->pgmap);
+        if (anon && leaf->pgmap->folio_ref_count(leaf->pfn) == 1) {
+          // Ours alone. A GUP that takes a reference from here on sees the same page written.
+          if (pt.make_writable_if(page, leaf->raw)) {
+            owner.count_cow(MappingOwner::CowEvent::anon_reuse);
+            return {};
+          }
+          continue;
+        }
+        Result<PageRef> fresh = Error(Errc::busy, "entry changed");
+        {
+          // Only the entry's reference holds the source: the read section keeps its bytes valid
+          // if a concurrent zap drops it (as access() does); the copy is discarded then.
+          rcu::ReadGuard guard;
+          auto now = pt.lookup(page);
+          if (now && now->raw == leaf->raw) {
+            fresh = pool.alloc(leaf->pgmap->address_of(leaf->pfn));
+          }
+        }
+        if (!fresh && fresh.code() == Errc::busy) continue;
+        if (!fresh) return sigbus(addr, Level::pte, fresh.error().to_string());
+        PageRef ref = std::move(fresh).value();
+        PGMAP_YIELD_POINT("cow.before_replace");
+        if (pt.replace(page, leaf->raw, ref.pfn(), ref.pagemap(), true)) {
+          (void)ref.disown();  // the entry owns it now
+          owner.count_cow(anon ? MappingOwner::CowEvent::anon_copy
+                               : MappingOwner::CowEvent::file_copy);
+          return {};
+        }
+        continue;  // the entry changed: `ref` is released (the page goes back to the pool)
+      }
+      const std::uint64_t seq = owner.mapping_seq();
+      FaultRequest req{page, v.pgoff_of(page), Level::pte, false, true};
+      FaultResult res = owner.fault(v, req);
+      PGMAP_YIELD_POINT("cow.after_owner");
+      if (res.kind == FaultResult::Kind::fallback) {
+        return sigbus(addr, Level::pte,
+                      fmt::format("{} cannot map {:#x} at any level", owner.name(), addr));
+      }
+      if (res.kind == FaultResult::Kind::sigbus) {
+        return sigbus(addr, Level::pte, res.code, std::move(res.why));
+      }
+      Result<PageRef> fresh = Error(Errc::invalid_argument, "bad source");
+      {
+        PageRef src = std::move(res.ref);
+        if (!src || src.refs() != 1 || src.pagemap()->array_for(src.pfn()) == nullptr) {
+          return sigbus(addr, Level::pte,
+                        fmt::format("{} returned an insert without exactly one folio reference",
+                                    owner.name()));
+        }
+        fresh = pool.alloc(src.pagemap()->address_of(src.pfn()));
+      }  // the owner's page reference is released: only its bytes were needed
+      if (!fresh) return sigbus(addr, Level::pte, fresh.error().to_string());
+      PageRef ref = std::move(fresh).value();
+      if (pt.install(page, Level::pte, ref.pfn(), ref.pagemap(), true) !=
+          PageTable::Install::installed) {
+        continue;  // a concurrent fault won; `ref` is released
+      }
+      (void)ref.disown();
+      sanitizer::full_fence();  // the entry store before the sequence load
+      if (owner.mapping_seq() != seq) {
+        (void)pt.zap(page, page + kPageSize);  // maybe copied from a page truncated meanwhile
+        continue;
+      }
+      owner.count_cow(MappingOwner::CowEvent::file_copy);
+      return {};
+    }
+  }
+
+  // fork of a private VMA `v` into `to` (the child's table), with the owner's i_mmap lock held
+  // and mmap_lock exclusive: every entry is stable. Owner pages are shared read-only; anonymous
+  // pages are shared with one more reference and mapcount and write-protected on both sides, so
+  // the next write of either side copies (or reuses, once the other side let go). A page with a
+  // DMA pin is copied for the child at once and stays writable in the parent (the pin may write
+  // it; Linux's copy_present_page).
+  void copy_private(const Vma& v, PageTable& to) {
+    for (const PageTable::Leaf& l : pt.leaves(v.start, v.end)) {
+      DevPagemap* pg = l.pgmap;
+      if (!AnonPool::is_anon(pg)) {
+        if (pg->get_folio(l.pfn) != Errc::ok) continue;  // dying: the child faults it again
+        if (to.install(l.addr, l.level, l.pfn, pg, false) != PageTable::Install::installed) {
+          (void)pg->put_folio(l.pfn);  // ours: the install did not take it
+        }
+        continue;
+      }
+      const bool protect = l.writable && pt.write_protect_if(l.addr, l.raw);
+      sanitizer::full_fence();  // the write-protect before the pin check (gup-fast re-checks)
+      if (pg->folio_maybe_dma_pinned(l.pfn)) {
+        auto fresh = AnonPool::global().alloc(pg->address_of(l.pfn));
+        if (fresh) {
+          if (protect) (void)pt.make_writable_if(l.addr, l.raw & ~pte::kWrite);
+          PageRef r = std::move(fresh).value();
+          if (to.install(l.addr, Level::pte, r.pfn(), r.pagemap(), true) ==
+              PageTable::Install::installed) {
+            (void)r.disown();
+            v.owner->count_cow(MappingOwner::CowEvent::fork_copy);
+          }
+          continue;
+        }
+        // Out of anonymous memory: share it write-protected instead (the data stays right).
+      }
+      if (pg->get_folio(l.pfn) != Errc::ok) continue;
+      if (to.install(l.addr, Level::pte, l.pfn, pg, false) != PageTable::Install::installed) {
+        (void)pg->put_folio(l.pfn);
       }
     }
   }
@@ -359,13 +513,10 @@ Result<std::uint64_t> AddressSpace::mmap(std::uint64_t addr, std::uint64_t len, 
   if (Errc e = owner->on_mmap(*vma); e != Errc::ok) {
     return Error(e, fmt::format("mmap: {} refused [{:#x}, +{:#x})", owner->name(), offset, len));
   }
-  if (!shared && vma->writable()) {
-    owner->on_close(*vma);
-    return Error(Errc::not_supported,
-                 "mmap: writable MAP_PRIVATE (copy-on-write) mappings are not simulated");
-  }
   if (fixed) impl_->unmap(start, start + len);
   impl_->insert(std::move(vma));
+  lock.unlock();
+  impl_->pt.reclaim();  // tables the MAP_FIXED unmap freed
   return start;
 }
 
@@ -374,11 +525,14 @@ Errc AddressSpace::munmap(std::uint64_t addr, std::uint64_t len) {
   const auto rounded = page_len(len);  // Linux: EINVAL when the rounded range wraps
   if (!rounded || !range_ok(addr, *rounded)) return Errc::invalid_argument;
   len = *rounded;
-  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
-  if (impl_->check_cut(addr) != Errc::ok || impl_->check_cut(addr + len) != Errc::ok) {
-    return Errc::invalid_argument;
+  {
+    std::unique_lock<std::shared_mutex> lock(mmap_lock_);
+    if (impl_->check_cut(addr) != Errc::ok || impl_->check_cut(addr + len) != Errc::ok) {
+      return Errc::invalid_argument;
+    }
+    impl_->unmap(addr, addr + len);
   }
-  impl_->unmap(addr, addr + len);
+  impl_->pt.reclaim();  // after a grace period, without mmap_lock
   return Errc::ok;
 }
 
@@ -405,7 +559,6 @@ Errc AddressSpace::mprotect(std::uint64_t addr, std::uint64_t len, std::uint32_t
   std::vector<Vma*> changing;
   for (Vma* v : affected) {
     if (new_flags(*v) == v->flags) continue;
-    if (!v->shared() && (want & kVmWrite) != 0) return Errc::not_supported;  // no COW
     changing.push_back(v);
   }
   if (changing.empty()) return Errc::ok;
@@ -465,6 +618,7 @@ Result<std::uint64_t> AddressSpace::mremap(std::uint64_t old_addr, std::uint64_t
                  fmt::format("mremap: [{:#x}, {:#x}) is not inside one VMA", old_addr, old_end));
   }
   const std::uint64_t pgoff = v->pgoff_of(old_addr);
+  const bool private_vma = !v->shared();
   const std::uint64_t owner_pages = v->owner->size() >> kPageShift;
   if (pgoff > owner_pages || (new_len >> kPageShift) > owner_pages - pgoff) {
     return Error(Errc::out_of_range,
@@ -483,6 +637,8 @@ Result<std::uint64_t> AddressSpace::mremap(std::uint64_t old_addr, std::uint64_t
           return refused();
         }
         impl_->unmap(old_addr + new_len, old_end);
+        lock.unlock();
+        impl_->pt.reclaim();
       }
       return old_addr;
     }
@@ -527,26 +683,60 @@ Result<std::uint64_t> AddressSpace::mremap(std::uint64_t old_addr, std::uint64_t
   v = impl_->find(old_addr);
   impl_->split_huge(old_addr);
   impl_->split_huge(moved_end);
+  // Anonymous pages (copy-on-write copies) move with the VMA: they are the only copy of their
+  // bytes. Owner pages just fault in again at the new place.
+  std::vector<PageTable::Leaf> anon;
+  if (private_vma) {
+    for (const PageTable::Leaf& l : impl_->pt.leaves(old_addr, moved_end)) {
+      if (AnonPool::is_anon(l.pgmap) && l.pgmap->get_folio(l.pfn) == Errc::ok) anon.push_back(l);
+    }
+  }
   (void)impl_->pt.zap(old_addr, moved_end);
   auto moved = Impl::piece(*v, dest, dest + new_len);
   moved->pgoff = pgoff;
   std::vector<std::unique_ptr<Vma>> keep;
   if (v->start < old_addr) keep.push_back(Impl::piece(*v, v->start, old_addr));
   if (v->end > moved_end) keep.push_back(Impl::piece(*v, moved_end, v->end));
-  impl_->insert(std::move(moved));
+  if (anon.empty()) {
+    impl_->insert(std::move(moved));
+  } else {
+    Vma* m = moved.get();
+    impl_->vmas.emplace(m->start, std::move(moved));
+    m->owner->link_and_copy(m, [&] {
+      for (const PageTable::Leaf& l : anon) {
+        if (impl_->pt.install(dest + (l.addr - old_addr), Level::pte, l.pfn, l.pgmap, l.writable) !=
+            PageTable::Install::installed) {
+          (void)l.pgmap->put_folio(l.pfn);  // taken above; the install did not take it
+        }
+      }
+    });
+  }
   (void)impl_->replace(v, std::move(keep));  // the moved piece is not closed: it lives on
+  impl_->free_tables_around(old_addr, moved_end);
+  lock.unlock();
+  impl_->pt.reclaim();
   return dest;
 }
 
 std::unique_ptr<AddressSpace> AddressSpace::fork() {
   auto child = std::make_unique<AddressSpace>();
-  std::shared_lock<std::shared_mutex> lock(mmap_lock_);
+  // Exclusive, as dup_mmap's mmap_write_lock: write-protecting the parent's anonymous pages must
+  // not race with its faults.
+  std::unique_lock<std::shared_mutex> lock(mmap_lock_);
   for (const auto& [start, vma] : impl_->vmas) {
     // Like vm_ops->open on dup_mmap: the owner learns of the copy through its i_mmap, on_mmap is
-    // not called again. No entry is copied: shared mappings fault in again in the child.
+    // not called again. Shared mappings copy no entry (they fault in again in the child); private
+    // ones copy their page table (copy_page_range), see Impl::copy_private.
     auto copy = std::make_unique<Vma>(*vma);
     copy->as = child.get();
-    child->impl_->insert(std::move(copy));
+    if (vma->shared()) {
+      child->impl_->insert(std::move(copy));
+      continue;
+    }
+    Vma* c = copy.get();
+    child->impl_->vmas.emplace(c->start, std::move(copy));
+    const Vma& parent = *vma;
+    c->owner->link_and_copy(c, [&] { impl_->copy_private(parent, child->impl_->pt); });
   }
   return child;
 }
@@ -583,7 +773,8 @@ SignalInfo AddressSpace::handle_fault_locked(std::uint64_t addr, bool write) {
 std::optional<PtEntry> AddressSpace::lookup(std::uint64_t addr) const noexcept {
   auto leaf = impl_->pt.lookup(addr);
   if (!leaf) return std::nullopt;
-  return PtEntry{leaf->addr, leaf->pfn, leaf->level, leaf->writable, leaf->pgmap};
+  return PtEntry{leaf->addr,     leaf->pfn,   leaf->level,
+                 leaf->writable, leaf->pgmap, AnonPool::is_anon(leaf->pgmap)};
 }
 
 std::optional<Vma> AddressSpace::find_vma(std::uint64_t addr) const {
@@ -606,6 +797,10 @@ std::uint64_t AddressSpace::nr_entries() const noexcept {
   return impl_->pt.nr_entries();
 }
 
+std::uint64_t AddressSpace::nr_page_tables() const noexcept {
+  return impl_->pt.nr_tables();
+}
+
 const PageTable& detail::GupAccess::page_table(const AddressSpace& as) noexcept {
   return as.impl_->pt;
 }
@@ -620,7 +815,8 @@ std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::
 void AddressSpace::for_each_entry(const std::function<void(const PtEntry&, const Vma*)>& fn) const {
   std::shared_lock<std::shared_mutex> lock(mmap_lock_);
   impl_->pt.for_each_present([&](const PageTable::Leaf& l) {
-    fn(PtEntry{l.addr, l.pfn, l.level, l.writable, l.pgmap}, impl_->find(l.addr));
+    fn(PtEntry{l.addr, l.pfn, l.level, l.writable, l.pgmap, AnonPool::is_anon(l.pgmap)},
+       impl_->find(l.addr));
   });
 }
 

@@ -36,6 +36,24 @@ void MappingOwner::unlink(Vma* vma) {
   i_mmap_.erase(vma);
 }
 
+void MappingOwner::link_and_copy(Vma* vma, const std::function<void()>& copy) {
+  std::lock_guard<std::mutex> lock(i_mmap_mu_);
+  i_mmap_.insert(vma);
+  copy();
+}
+
+CowStats MappingOwner::cow_stats() const noexcept {
+  auto at = [&](CowEvent e) {
+    return cow_[static_cast<std::size_t>(e)].load(std::memory_order_relaxed);
+  };
+  return CowStats{at(CowEvent::file_copy), at(CowEvent::anon_copy), at(CowEvent::anon_reuse),
+                  at(CowEvent::pmd_split), at(CowEvent::fork_copy)};
+}
+
+void MappingOwner::count_cow(CowEvent e) noexcept {
+  cow_[static_cast<std::size_t>(e)].fetch_add(1, std::memory_order_relaxed);
+}
+
 std::size_t MappingOwner::nr_vmas() const {
   std::lock_guard<std::mutex> lock(i_mmap_mu_);
   return i_mmap_.size();

@@ -54,6 +54,9 @@ PageTable::PageTable() : root_(new Table{}) {}
 PageTable::~PageTable() {
   (void)zap(0, kSpan);
   free_table(root_, kDepths - 1);
+  // Destruction has no concurrent walker (as for free_table above): no grace period needed.
+  for (Table* t : retired_)
+    delete t;
 }
 
 void PageTable::free_table(Table* t, unsigned depth) noexcept {
@@ -83,8 +86,8 @@ std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexc
       if (pte::leaf(e)) {
         DevPagemap* pg = t->pgmap[i].load(std::memory_order_acquire);
         if (t->entry[i].load(std::memory_order_acquire) != e) break;  // changed: walk again
-        return Leaf{align_down(addr, span_of(depth)), pte::pfn(e), pte::level(e), pte::writable(e),
-                    pg};
+        return Leaf{
+            align_down(addr, span_of(depth)), pte::pfn(e), pte::level(e), pte::writable(e), pg, e};
       }
       if (depth == 0) return std::nullopt;  // not reached: PTE slots hold only leaves
       t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
@@ -131,6 +134,7 @@ PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, 
         if (slot.compare_exchange_strong(e, table_entry(fresh), std::memory_order_acq_rel,
                                          std::memory_order_acquire)) {
           e = table_entry(fresh);
+          nr_tables_.fetch_add(1, std::memory_order_relaxed);
           break;
         }
         delete fresh;  // lost the race; never published
@@ -192,6 +196,139 @@ bool PageTable::make_writable(std::uint64_t addr) noexcept {
   }
 }
 
+std::atomic<std::uint64_t>* PageTable::pte_slot(std::uint64_t addr, Table** table,
+                                                std::uint64_t* index) const noexcept {
+  if (addr >= kSpan) return nullptr;
+  Table* t = root_;
+  for (unsigned depth = kDepths - 1; depth > 0; --depth) {
+    const std::uint64_t e = t->entry[index_of(addr, depth)].load(std::memory_order_acquire);
+    if (!pte::present(e) || pte::leaf(e)) return nullptr;
+    t = reinterpret_cast<Table*>(e & pte::kFrameMask);
+  }
+  *table = t;
+  *index = index_of(addr, 0);
+  return &t->entry[*index];
+}
+
+bool PageTable::make_writable_if(std::uint64_t addr, std::uint64_t expected) noexcept {
+  Table* t = nullptr;
+  std::uint64_t i = 0;
+  std::atomic<std::uint64_t>* slot = pte_slot(addr, &t, &i);
+  if (slot == nullptr || !pte::leaf(expected)) return false;
+  std::uint64_t e = expected;
+  return slot->compare_exchange_strong(e, expected | pte::kWrite, std::memory_order_acq_rel,
+                                       std::memory_order_acquire);
+}
+
+bool PageTable::write_protect_if(std::uint64_t addr, std::uint64_t expected) noexcept {
+  Table* t = nullptr;
+  std::uint64_t i = 0;
+  std::atomic<std::uint64_t>* slot = pte_slot(addr, &t, &i);
+  if (slot == nullptr || !pte::leaf(expected)) return false;
+  std::uint64_t e = expected;
+  return slot->compare_exchange_strong(e, expected & ~pte::kWrite, std::memory_order_seq_cst,
+                                       std::memory_order_acquire);
+}
+
+bool PageTable::replace(std::uint64_t addr, std::uint64_t expected, Pfn pfn, DevPagemap* pgmap,
+                        bool writable) noexcept {
+  Table* t = nullptr;
+  std::uint64_t i = 0;
+  std::atomic<std::uint64_t>* slot = pte_slot(addr, &t, &i);
+  if (slot == nullptr || !pte::leaf(expected) || pte::level(expected) != Level::pte) return false;
+  std::uint64_t e = expected;
+  if (!slot->compare_exchange_strong(e, pte::kLocked, std::memory_order_acq_rel,
+                                     std::memory_order_acquire)) {
+    return false;  // changed meanwhile (zapped, replaced, write bit changed)
+  }
+  DevPagemap* old_pg = t->pgmap[i].load(std::memory_order_relaxed);
+  t->pgmap[i].store(pgmap, std::memory_order_relaxed);
+  mapcount_of(*pgmap, pfn).fetch_add(1, std::memory_order_acq_rel);
+  slot->store(pte::make_leaf(pfn, Level::pte, writable), std::memory_order_seq_cst);
+  // The old leaf is out of the table: drop what it held, as a zap would.
+  const Pfn old_pfn = pte::pfn(expected);
+  mapcount_of(*old_pg, old_pfn).fetch_sub(1, std::memory_order_acq_rel);
+  PGMAP_YIELD_POINT("cow.replace_before_put");
+  (void)old_pg->put_folio(old_pfn);  // the entry's reference kept the folio until here
+  return true;
+}
+
+std::vector<PageTable::Leaf> PageTable::leaves(std::uint64_t start, std::uint64_t end) const {
+  std::vector<Leaf> out;
+  rcu::ReadGuard guard;  // as lookup(): leaf and pagemap read consistently
+  auto walk = [&](auto& self, const Table* t, unsigned depth, std::uint64_t base) -> void {
+    const std::uint64_t span = span_of(depth);
+    const std::uint64_t lo = std::max(start, base);
+    const std::uint64_t hi = std::min(end, base + span * kEntries);
+    if (lo >= hi) return;
+    for (std::uint64_t i = (lo - base) >> shift_of(depth); i <= (hi - 1 - base) >> shift_of(depth);
+         ++i) {
+      const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+      if (!pte::present(e)) continue;
+      const std::uint64_t addr = base + i * span;
+      if (pte::leaf(e)) {
+        out.push_back(Leaf{addr, pte::pfn(e), pte::level(e), pte::writable(e),
+                           t->pgmap[i].load(std::memory_order_acquire), e});
+      } else if (depth > 0) {
+        self(self, reinterpret_cast<const Table*>(e & pte::kFrameMask), depth - 1, addr);
+      }
+    }
+  };
+  walk(walk, root_, kDepths - 1, 0);
+  return out;
+}
+
+bool PageTable::prune(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
+                      std::uint64_t end, std::uint64_t& retired) noexcept {
+  const std::uint64_t span = span_of(depth);
+  for (std::uint64_t i = 0; i < kEntries; ++i) {
+    const std::uint64_t child_base = base + i * span;
+    if (child_base >= end || child_base + span <= start || depth == 0) continue;
+    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+    if (!pte::present(e) || pte::leaf(e)) continue;
+    auto* child = reinterpret_cast<Table*>(e & pte::kFrameMask);
+    const bool empty = prune(child, depth - 1, child_base, start, end, retired);
+    if (empty && child_base >= start && child_base + span <= end) {
+      std::uint64_t expect = e;
+      if (t->entry[i].compare_exchange_strong(expect, 0, std::memory_order_acq_rel,
+                                              std::memory_order_acquire)) {
+        nr_tables_.fetch_sub(1, std::memory_order_relaxed);
+        std::lock_guard<std::mutex> lock(retired_mu_);
+        retired_.push_back(child);
+        ++retired;
+      }
+    }
+  }
+  for (std::uint64_t i = 0; i < kEntries; ++i) {
+    if (t->entry[i].load(std::memory_order_acquire) != 0) return false;
+  }
+  return true;
+}
+
+std::uint64_t PageTable::free_empty_tables(std::uint64_t start, std::uint64_t end) noexcept {
+  std::uint64_t retired = 0;
+  if (start < end) (void)prune(root_, kDepths - 1, 0, start, std::min(end, kSpan), retired);
+  return retired;
+}
+
+void PageTable::reclaim() noexcept {
+  std::vector<Table*> gone;
+  {
+    std::lock_guard<std::mutex> lock(retired_mu_);
+    if (retired_.empty()) return;
+    gone.swap(retired_);
+  }
+  PGMAP_YIELD_POINT("pt.reclaim_before_grace");
+  if (rcu::in_read_section() || rcu::synchronize() != Errc::ok) {
+    // Inside a read section: the grace period cannot complete here. Keep them for later.
+    std::lock_guard<std::mutex> lock(retired_mu_);
+    retired_.insert(retired_.end(), gone.begin(), gone.end());
+    return;
+  }
+  for (Table* t : gone)
+    delete t;
+}
+
 template <typename Fn>
 void PageTable::for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
                               std::uint64_t end, Fn& fn) noexcept {
@@ -202,8 +339,14 @@ void PageTable::for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std:
   const std::uint64_t first = (lo - base) >> shift_of(depth);
   const std::uint64_t last = (hi - 1 - base) >> shift_of(depth);
   for (std::uint64_t i = first; i <= last; ++i) {
-    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
-    if (!pte::present(e)) continue;  // empty, or locked by an install/zap of its own
+    std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+    // A slot locked by an install, zap or copy-on-write replace in progress is waited for (a few
+    // stores): a zap must not pass over a leaf that is being put in place.
+    while (pte::locked(e)) {
+      wait_unlocked();
+      e = t->entry[i].load(std::memory_order_acquire);
+    }
+    if (!pte::present(e)) continue;
     if (pte::leaf(e)) {
       fn(t, i);
     } else if (depth > 0) {
@@ -265,7 +408,7 @@ void PageTable::for_each_present(const std::function<void(const Leaf&)>& fn) con
       const std::uint64_t addr = base + (i << shift_of(depth));
       if (pte::leaf(e)) {
         fn(Leaf{addr, pte::pfn(e), pte::level(e), pte::writable(e),
-                t->pgmap[i].load(std::memory_order_acquire)});
+                t->pgmap[i].load(std::memory_order_acquire), e});
       } else if (depth > 0) {
         self(self, reinterpret_cast<const Table*>(e & pte::kFrameMask), depth - 1, addr);
       }

@@ -2,9 +2,16 @@
 //
 // Layout. Four levels of 512-entry tables (PGD -> PUD -> PMD -> PTE, 9 address bits each above
 // the 12-bit page offset), like x86-64 with 4-level paging: 48-bit virtual addresses. A table is
-// allocated lazily when the first entry below it is installed, published with a CAS on the entry
-// above, and freed only when the PageTable is destroyed, so a lockless walker never reads freed
-// memory (gup-fast relies on the same property, with IRQs off instead of "never").
+// allocated lazily when the first entry below it is installed and published with a CAS on the
+// entry above.
+//
+// Freeing tables (free_pgtables). munmap frees the tables that lie wholly inside a range no VMA
+// covers any more and whose entries are all empty (free_empty_tables), so a later huge mapping at
+// the same address can put a PMD / PUD leaf in the slot. The slot above is cleared first; the table
+// itself is retired and deleted only after an RCU grace period (reclaim), because lockless walkers
+// (lookup, slots for gup-fast, for_each_present) run inside read sections and may still be reading
+// it. Installers and zappers never meet a table being freed: free_empty_tables' caller holds
+// mmap_lock exclusive (no fault installs) and no VMA covers the range (no rmap zap walks it).
 //
 // Entries. One std::atomic<uint64_t> per slot, encoded with the masks below: a table entry is the
 // child table's address | kPresent; a leaf maps one folio-backed range of level_bytes(level):
@@ -26,7 +33,9 @@
 #include <atomic>
 #include <cstdint>
 #include <functional>
+#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/pfn.h"
@@ -84,6 +93,7 @@ class PageTable {
     Level level = Level::pte;
     bool writable = false;
     DevPagemap* pgmap = nullptr;
+    std::uint64_t raw = 0;  // the entry as read (for the compare-and-exchange operations)
   };
 
   enum class Install {
@@ -105,8 +115,8 @@ class PageTable {
   // table. depth 0: the PTE table holding addr's slot (count up to 512; the caller loads and
   // re-checks each entry itself, and reads a slot's pagemap between two equal loads of its entry,
   // inside an RCU read section); depth 1 or 2: the huge leaf covering addr (count 1). nullopt if
-  // no table or leaf covers addr. Tables are never freed while the PageTable lives, so the
-  // pointers stay valid.
+  // no table or leaf covers addr. The pointers stay valid until the caller's read section ends
+  // (a table unlinked meanwhile is freed only after a grace period).
   struct Slots {
     const std::atomic<std::uint64_t>* entry = nullptr;
     const std::atomic<DevPagemap*>* pgmap = nullptr;
@@ -122,6 +132,28 @@ class PageTable {
   Install install(std::uint64_t addr, Level level, Pfn pfn, DevPagemap* pgmap, bool writable);
   // Sets the write bit of the leaf covering addr. False if nothing is mapped there.
   bool make_writable(std::uint64_t addr) noexcept;
+  // Sets the write bit of the leaf covering addr if it still reads `expected` (a Leaf::raw).
+  bool make_writable_if(std::uint64_t addr, std::uint64_t expected) noexcept;
+  // Clears the write bit of the leaf covering addr if it still reads `expected`.
+  bool write_protect_if(std::uint64_t addr, std::uint64_t expected) noexcept;
+  // Copy-on-write: replaces the PTE-level leaf at addr, if it still reads `expected`, by a leaf
+  // mapping pfn of pgmap. The caller's folio reference on pfn moves into the entry (and a mapcount
+  // is added); the old leaf's mapcount and reference are dropped. False (nothing changed, the
+  // caller keeps its reference) if the slot changed meanwhile.
+  bool replace(std::uint64_t addr, std::uint64_t expected, Pfn pfn, DevPagemap* pgmap,
+               bool writable) noexcept;
+  // The present leaves overlapping [start, end), in address order (a snapshot).
+  std::vector<Leaf> leaves(std::uint64_t start, std::uint64_t end) const;
+  // Unlinks every table lying wholly inside [start, end) whose entries are all empty (after its
+  // own empty sub-tables went) and retires it for reclaim(). The root stays. Precondition: no
+  // concurrent install in the range and no concurrent zap walking it (see the file comment).
+  // Returns the number of tables retired.
+  std::uint64_t free_empty_tables(std::uint64_t start, std::uint64_t end) noexcept;
+  // Deletes the retired tables after a grace period. Must not be called with a lock that RCU
+  // readers take; inside a read section it leaves them for a later call (or the destructor).
+  void reclaim() noexcept;
+  // Tables below the root currently linked into the tree (diagnostics and tests).
+  std::uint64_t nr_tables() const noexcept { return nr_tables_.load(std::memory_order_relaxed); }
   // Clears the write bit of every leaf overlapping [start, end).
   void write_protect(std::uint64_t start, std::uint64_t end) noexcept;
   // Zaps every leaf overlapping [start, end) (a huge leaf partly inside is zapped whole).
@@ -139,9 +171,17 @@ class PageTable {
                      std::uint64_t end, Fn& fn) noexcept;
   bool zap_slot(Table* t, std::uint64_t i) noexcept;
   static void free_table(Table* t, unsigned depth) noexcept;
+  bool prune(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start, std::uint64_t end,
+             std::uint64_t& retired) noexcept;
+  // The slot of the PTE-level leaf covering addr, or nullptr if no PTE table covers it.
+  std::atomic<std::uint64_t>* pte_slot(std::uint64_t addr, Table** table,
+                                       std::uint64_t* index) const noexcept;
 
   Table* root_;
   std::atomic<std::uint64_t> nr_entries_{0};
+  std::atomic<std::uint64_t> nr_tables_{0};
+  std::mutex retired_mu_;
+  std::vector<Table*> retired_;  // unlinked, waiting for a grace period (retired_mu_)
 };
 
 }  // namespace pgmap::mm

@@ -7,20 +7,36 @@
 // when the owner refuses) — never a crash of the library.
 //
 // Page table. Entries are atomics in lazily allocated 512-entry tables, so a lookup (and GUP's
-// fast path) walks it without taking mmap_lock, like gup-fast. Tables are freed only when the
-// address space is destroyed, so a lockless walker never reads freed memory. An entry maps one
-// folio: its pfn, its level, and whether it is writable.
+// fast path) walks it without taking mmap_lock, like gup-fast. munmap (and the unmap of MAP_FIXED
+// and mremap) frees the emptied tables of a range no VMA covers any more, as free_pgtables does,
+// so a later 2 MiB or 1 GiB mapping there gets its huge entry; the memory is deleted only after an
+// RCU grace period (lockless walkers run in read sections). An entry maps one folio: its pfn, its
+// level, and whether it is writable.
 //
 // References. Installing an entry takes one folio reference and one mapcount on the folio through
 // its pagemap; zapping it (munmap, unmap_mapping_range, mprotect to PROT_NONE — a downgrade to
 // read-only only write-protects — address space destruction) drops both. rmap: the number of
 // entries mapping a folio is its mapcount; the owner's VMA list (MappingOwner::link) finds them.
 //
+// MAP_PRIVATE (copy-on-write, docs/mm.md). A private VMA maps its owner's pages read-only (PTE or
+// PMD as a shared read would). The first write to a 4 KiB page copies it into an anonymous page
+// (AnonPool: memory of the process, not of the owner's device) mapped writable in its place; a
+// read-only PMD is split first (zapped; the written page is copied, the others refault at 4 KiB);
+// a hole's zero page becomes a zeroed anonymous page. Copies are invisible to the owner (its
+// read(), other mappings) and later writes to the file are not seen through a copied page, but
+// are through pages not yet copied. The owner's fault is asked with write false and cow true and
+// its pfn_mkwrite is never called for private VMAs. Anonymous pages are freed when their last
+// entry goes (munmap, exit) and their last GUP reference is dropped; unmap_mapping_range (truncate,
+// device removal) zaps them too (Linux's truncate: unmap_mapping_range with even_cows).
+//
 // fork(): the child gets copies of the VMAs; shared mappings are shared, not copied, and their
 // entries are not copied either (the child faults them in again, as Linux does for shared file
-// mappings). Only shared mappings of owners are supported (DAX); there is no anonymous memory, so
-// no copy-on-write: a MAP_PRIVATE mapping the owner accepts must be read-only (a writable one,
-// or mprotect making one writable, fails with Errc::not_supported).
+// mappings). Private mappings copy their page table: owner pages stay shared read-only; anonymous
+// pages are shared (one more reference and mapcount) and write-protected on both sides, and the
+// next write of either side copies (or reuses once the page is no longer shared). An anonymous
+// page with a DMA pin is copied for the child at fork (the parent keeps it writable). mremap moves
+// anonymous pages with the VMA. Not done: mprotect(PROT_NONE) of a private range zaps its entries,
+// anonymous copies included (a later access reads the owner's bytes again).
 //
 // Locking: mmap_lock (std::shared_mutex) is held shared by faults and GUP's slow path, exclusive
 // by VMA changes. Lock order: mmap_lock -> owner's i_mmap lock. Thread-safe throughout.
@@ -61,6 +77,7 @@ struct PtEntry {
   Level level = Level::pte;
   bool writable = false;
   DevPagemap* pgmap = nullptr;
+  bool anon = false;  // an anonymous page (copy-on-write copy, AnonPool), not an owner page
 };
 
 class AddressSpace {
@@ -77,15 +94,17 @@ class AddressSpace {
 
   // Errc::invalid_argument (len 0 or not page aligned, addr unaligned with kMapFixed, neither or
   // both of shared/private), Errc::out_of_range (past the owner's size or kTaskSize), or the
-  // owner's refusal (devdax: MAP_PRIVATE, misaligned). Returns the start address.
+  // owner's refusal (devdax: MAP_PRIVATE, misaligned). Writable MAP_PRIVATE is copy-on-write.
+  // Returns the start address.
   Result<std::uint64_t> mmap(std::uint64_t addr, std::uint64_t len, std::uint32_t prot,
                              std::uint32_t flags, std::shared_ptr<MappingOwner> owner,
                              std::uint64_t offset);
   // Unmaps [addr, addr + len), splitting VMAs at the edges (owner's may_split may refuse:
   // Errc::invalid_argument, nothing changed). Unmapping a hole is not an error.
   Errc munmap(std::uint64_t addr, std::uint64_t len);
-  // Changes protection; RO -> RW on a shared mapping lets later writes succeed (existing
-  // read-only entries are upgraded on the next write fault). Splits as munmap does.
+  // Changes protection; RO -> RW lets later writes succeed (on a shared mapping existing
+  // read-only entries are upgraded on the next write fault; on a private one the next write
+  // copies). Splits as munmap does.
   Errc mprotect(std::uint64_t addr, std::uint64_t len, std::uint32_t prot);
   // Moves/resizes [old_addr, old_addr + old_len) (must lie in one VMA). With kMremapFixed the
   // destination [new_addr, new_addr + new_len) is unmapped first. The moved piece keeps its
@@ -114,6 +133,8 @@ class AddressSpace {
   SignalInfo handle_fault_locked(std::uint64_t addr, bool write);
   std::size_t nr_vmas() const;
   std::uint64_t nr_entries() const noexcept;  // present entries, all levels
+  // Page tables below the root currently in use (diagnostics and tests: munmap frees emptied ones).
+  std::uint64_t nr_page_tables() const noexcept;
 
   // Zaps entries of `vma` in [start, end) (used by MappingOwner::unmap_mapping_range).
   // Returns the number of entries zapped.

@@ -43,8 +43,10 @@
 // changes) -> MappingOwner's read section / i_mmap lock -> page-table entries (atomics, no lock).
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -115,7 +117,23 @@ struct FaultRequest {
   std::uint64_t addr = 0;    // faulting address, aligned down to the level's size
   std::uint64_t pgoff = 0;   // page offset into the owner (vma.pgoff + (addr - vma.start) / 4 KiB)
   Level level = Level::pte;  // the level the address space tries (largest first when allowed)
+  // Whether the owner's page will be written through this mapping. Never set for a MAP_PRIVATE
+  // VMA: private mappings map owner pages read-only, and a write copies (see `cow`).
   bool write = false;
+  // A write fault of a MAP_PRIVATE VMA (do_cow_fault): the address space asks for the page (level
+  // pte, write false) only to copy its bytes into a new anonymous page; the reference is released
+  // after the copy and the owner's page is never mapped writable. A hole may return its zero page.
+  bool cow = false;
+};
+
+// Copy-on-write outcomes of the MAP_PRIVATE VMAs over one owner (per mapping, like the owner's
+// own fault statistics). Counted by the address space.
+struct CowStats {
+  std::uint64_t file_copies = 0;  // write faults that copied an owner page (or its zero page)
+  std::uint64_t anon_copies = 0;  // writes to an anonymous page shared after fork: copied
+  std::uint64_t anon_reuses = 0;  // writes to an exclusive read-only anonymous page: made writable
+  std::uint64_t pmd_splits = 0;   // a 2 MiB read-only mapping split for a 4 KiB copy
+  std::uint64_t fork_copies = 0;  // pinned anonymous pages copied eagerly at fork
 };
 
 struct FaultResult {
@@ -200,11 +218,22 @@ class MappingOwner {
   std::uint64_t mapping_seq() const noexcept {
     return invalidate_seq_.load(std::memory_order_seq_cst);
   }
+  // fork / mremap of a private VMA: links `vma` and runs `copy` (which installs the VMA's entries
+  // copied from elsewhere) with the i_mmap lock held, so an unmap_mapping_range zaps the range
+  // either wholly before (nothing left to copy) or wholly after (the copies too). `copy` must not
+  // call link/unlink/nr_vmas/unmap_mapping_range of this owner.
+  void link_and_copy(Vma* vma, const std::function<void()>& copy);
+
+  // Copy-on-write statistics of the private VMAs over this owner.
+  CowStats cow_stats() const noexcept;
+  enum class CowEvent : std::uint8_t { file_copy, anon_copy, anon_reuse, pmd_split, fork_copy };
+  void count_cow(CowEvent e) noexcept;  // by the address space
 
  private:
   mutable std::mutex i_mmap_mu_;
   std::set<Vma*> i_mmap_;
   std::atomic<std::uint64_t> invalidate_seq_{0};
+  std::array<std::atomic<std::uint64_t>, 5> cow_{};
 };
 
 // A virtual memory area: [start, end) of an address space mapping owner pages from pgoff.
