@@ -581,5 +581,32 @@ TEST_F(DevDaxAllocEventTest, UnbindReleasesTheVmaAllocations) {
   EXPECT_EQ(as.nr_vmas(), 1u);
 }
 
+// Regression (pgmap-stress known.pte_table_blocks_pmd): a 4 KiB devdax mapping, unmapped, left its
+// emptied PTE table behind, so a 2 MiB-aligned devdax mapped at the same address could not install
+// a PMD, and its 4 KiB fallback is refused (__dev_dax_pte_fault: alignment > fault size): SIGBUS
+// on a live device. munmap frees emptied tables now.
+TEST(DevDaxTables, PmdDeviceMapsWhereA4KMappingWasUnmapped) {
+  pgmap::testutil::MisuseCounter misuse;
+  Device small = make_device(0, Strategy::transition, 4 * kMiB);
+  Device huge = make_device(kPmdOrder, Strategy::transition, 4 * kMiB);
+  ASSERT_TRUE(small.dev && huge.dev);
+  {
+    AddressSpace as;
+    const std::uint64_t at = AddressSpace::kMmapBase + 2 * kMiB;
+    ASSERT_TRUE(as.mmap(at, 16 * kPageSize, kRW, mm::kMapShared | mm::kMapFixed, small.dev, 0));
+    std::uint8_t b = 1;
+    ASSERT_FALSE(as.write(at + 3 * kPageSize, &b, 1));
+    ASSERT_EQ(as.munmap(at, 16 * kPageSize), Errc::ok);
+    ASSERT_TRUE(as.mmap(at, kPmdSize, kRW, mm::kMapShared | mm::kMapFixed, huge.dev, 0));
+    mm::SignalInfo sig = as.read(at + 3 * kPageSize, &b, 1);
+    EXPECT_FALSE(sig) << sig.why;
+    auto e = as.lookup(at);
+    ASSERT_TRUE(e);
+    EXPECT_EQ(e->level, Level::pmd);
+  }
+  unbind_or_leak(small);
+  unbind_or_leak(huge);
+}
+
 }  // namespace
 }  // namespace pgmap::dax
