@@ -249,7 +249,8 @@ mm::FaultResult Inode::fault_locked(const mm::Vma& vma, const mm::FaultRequest& 
     return mm::FaultResult::sigbus(fmt::format("{}: page {} past EOF", name(), index));
   }
   auto grabbed = entries_.grab(index, order, [&](std::uint64_t base) {
-    (void)unmap_mapping_range(base, kPmdPages);  // the PMD zero mapping goes first
+    // The PMD zero mapping goes first (private copies stay: even_cows false).
+    (void)unmap_mapping_range(base, kPmdPages, false);
   });
   if (!grabbed) return fallback();
   const EntryMap::Slot slot = *grabbed;
@@ -359,7 +360,7 @@ mm::FaultResult Inode::fault_locked(const mm::Vma& vma, const mm::FaultRequest& 
   }
   if (slot.entry.zero()) {
     // The zero page is mapped over this range somewhere: zap it before the block goes in.
-    (void)unmap_mapping_range(slot.index, slot.entry.pages());
+    (void)unmap_mapping_range(slot.index, slot.entry.pages(), false);  // keep private copies
   }
   auto acc = dax.direct_access(*first_block, pages);
   if (!acc) return mm::FaultResult::sigbus(acc.error().to_string());
@@ -429,7 +430,7 @@ void Inode::drop_zero_entries(std::uint64_t first, std::uint64_t last) {
     if (!slot) break;
     at = slot->index + slot->entry.pages();
     if (slot->entry.zero()) {
-      (void)unmap_mapping_range(slot->index, slot->entry.pages());
+      (void)unmap_mapping_range(slot->index, slot->entry.pages(), false);  // keep private copies
       entries_.erase(slot->index);
     } else {
       entries_.unlock(slot->index);
@@ -558,7 +559,8 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
   if (auto cover = entries_.peek(first)) first = std::min(first, cover->index);
   for (;;) {
     // 1. No user mapping of the range survives (dax_layout_busy_page_range's unmap).
-    (void)unmap_mapping_range(first, last == kAll ? 0 : last - first);
+    // Private copy-on-write pages are not file pages: they stay (even_cows false).
+    (void)unmap_mapping_range(first, last == kAll ? 0 : last - first, false);
     // 2. Scan every entry, waiting in place for locked ones (bug 5.5), for a busy folio — mapped
     // or not (bug 5.4).
     std::optional<Pfn> busy;
@@ -682,6 +684,8 @@ Status Inode::truncate(std::uint64_t new_size, const BreakOptions& opts) {
   const std::uint64_t first = pages_of(new_size);
   if (Status s = break_layout_locked(inv, first, kAll, opts, false); !s) return s;
   delete_entries(first, kAll);
+  // truncate_pagecache: private copy-on-write pages past the new EOF go too (even_cows).
+  (void)unmap_mapping_range(first, 0, true);
   // The tail of the last partial page reads as zeros if the file grows again.
   if (!is_aligned(new_size, kPageSize)) {
     if (auto b = block_of(new_size >> kPageShift)) {

@@ -805,11 +805,13 @@ const PageTable& detail::GupAccess::page_table(const AddressSpace& as) noexcept 
   return as.impl_->pt;
 }
 
-std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end) {
+std::uint64_t AddressSpace::zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end,
+                                      bool even_cows) {
   start = std::max(start, vma.start);
   end = std::min(end, vma.end);
   if (start >= end) return 0;
-  return impl_->pt.zap(start, end);
+  // Only private VMAs hold anonymous pages.
+  return impl_->pt.zap(start, end, /*keep_anon=*/!even_cows && !vma.shared());
 }
 
 void AddressSpace::for_each_entry(const std::function<void(const PtEntry&, const Vma*)>& fn) const {

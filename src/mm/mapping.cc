@@ -59,7 +59,8 @@ std::size_t MappingOwner::nr_vmas() const {
   return i_mmap_.size();
 }
 
-std::uint64_t MappingOwner::unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages) {
+std::uint64_t MappingOwner::unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages,
+                                                bool even_cows) {
   // Announce the invalidation before looking at any entry: a fault that installs after the walk
   // passed its slot reads the new sequence afterwards and takes its entry out again.
   invalidate_seq_.fetch_add(1, std::memory_order_seq_cst);
@@ -80,7 +81,7 @@ std::uint64_t MappingOwner::unmap_mapping_range(std::uint64_t pgoff, std::uint64
     if (lo >= hi) continue;
     const std::uint64_t start = vma->start + ((lo - first) << kPageShift);
     const std::uint64_t stop = vma->start + ((hi - first) << kPageShift);
-    zapped += vma->as->zap_range(*vma, start, stop);
+    zapped += vma->as->zap_range(*vma, start, stop, even_cows);
   }
   return zapped;
 }

@@ -6,6 +6,7 @@
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/yield_point.h"
 #include "pgmap/memory/page_array.h"
+#include "pgmap/mm/anon_pool.h"
 
 namespace pgmap::mm {
 namespace {
@@ -356,7 +357,7 @@ void PageTable::for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std:
   }
 }
 
-bool PageTable::zap_slot(Table* t, std::uint64_t i) noexcept {
+bool PageTable::zap_slot(Table* t, std::uint64_t i, bool keep_anon) noexcept {
   std::atomic<std::uint64_t>& slot = t->entry[i];
   std::uint64_t e = slot.load(std::memory_order_acquire);
   do {
@@ -364,6 +365,10 @@ bool PageTable::zap_slot(Table* t, std::uint64_t i) noexcept {
   } while (!slot.compare_exchange_weak(e, pte::kLocked, std::memory_order_acq_rel,
                                        std::memory_order_acquire));
   DevPagemap* pg = t->pgmap[i].load(std::memory_order_relaxed);
+  if (keep_anon && AnonPool::is_anon(pg)) {
+    slot.store(e, std::memory_order_seq_cst);  // unchanged: private data stays
+    return false;
+  }
   slot.store(0, std::memory_order_seq_cst);
   nr_entries_.fetch_sub(1, std::memory_order_relaxed);
   // The entry's reference keeps the folio, and so the pagemap, alive until the put.
@@ -376,10 +381,10 @@ bool PageTable::zap_slot(Table* t, std::uint64_t i) noexcept {
   return true;
 }
 
-std::uint64_t PageTable::zap(std::uint64_t start, std::uint64_t end) noexcept {
+std::uint64_t PageTable::zap(std::uint64_t start, std::uint64_t end, bool keep_anon) noexcept {
   std::uint64_t zapped = 0;
   auto fn = [&](Table* t, std::uint64_t i) {
-    if (zap_slot(t, i)) ++zapped;
+    if (zap_slot(t, i, keep_anon)) ++zapped;
   };
   for_each_leaf(root_, kDepths - 1, 0, start, std::min(end, kSpan), fn);
   return zapped;

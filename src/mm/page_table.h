@@ -156,9 +156,10 @@ class PageTable {
   std::uint64_t nr_tables() const noexcept { return nr_tables_.load(std::memory_order_relaxed); }
   // Clears the write bit of every leaf overlapping [start, end).
   void write_protect(std::uint64_t start, std::uint64_t end) noexcept;
-  // Zaps every leaf overlapping [start, end) (a huge leaf partly inside is zapped whole).
-  // Returns the number of leaves zapped by this call.
-  std::uint64_t zap(std::uint64_t start, std::uint64_t end) noexcept;
+  // Zaps every leaf overlapping [start, end) (a huge leaf partly inside is zapped whole); with
+  // keep_anon, leaves mapping anonymous pages (AnonPool) stay. Returns the number of leaves zapped
+  // by this call.
+  std::uint64_t zap(std::uint64_t start, std::uint64_t end, bool keep_anon = false) noexcept;
 
   std::uint64_t nr_entries() const noexcept { return nr_entries_.load(std::memory_order_relaxed); }
   // Diagnostics: calls fn for every present leaf, in address order (lockless, like lookup()).
@@ -169,7 +170,7 @@ class PageTable {
   template <typename Fn>
   void for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
                      std::uint64_t end, Fn& fn) noexcept;
-  bool zap_slot(Table* t, std::uint64_t i) noexcept;
+  bool zap_slot(Table* t, std::uint64_t i, bool keep_anon = false) noexcept;
   static void free_table(Table* t, unsigned depth) noexcept;
   bool prune(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start, std::uint64_t end,
              std::uint64_t& retired) noexcept;

@@ -231,6 +231,38 @@ TEST_P(PrivateMappingTest, TruncateZapsPrivateCopiesInRange) {
   EXPECT_EQ(mem(*as_, 0), std::byte{0x21});
 }
 
+// Operations that only invalidate the file's mappings keep private data (even_cows false): a
+// write() that fills a hole the private mapping already copied, and a hole punch over a copied
+// page. Regression: both used to zap the anonymous copy (the process lost its private bytes and
+// read the file's new bytes instead).
+TEST_P(PrivateMappingTest, FileWritesAndHolePunchKeepPrivateCopies) {
+  file_ = must_create("sparse");
+  ASSERT_TRUE(file_.inode().truncate(4 * kPageSize));
+  map_private(4);
+  EXPECT_EQ(mem(*as_, 0), std::byte{0});  // the zero page read-only (a zero entry in the file)
+  poke(*as_, 0, 0x31);                    // private copy of the zero page
+  mm::AddressSpace other;
+  auto s = other.mmap(0, 4 * kPageSize, kRW, mm::kMapShared, file_.mapping(), 0);
+  ASSERT_TRUE(s);
+  std::byte b{};
+  ASSERT_FALSE(other.read(*s, &b, 1));  // the zero page mapped shared too
+  const std::vector<std::byte> fill(kPageSize, std::byte{0x44});
+  ASSERT_TRUE(file_.inode().write(0, fill.data(), kPageSize));  // allocates: zero mappings go
+  EXPECT_EQ(mem(*as_, 0), std::byte{0x31});
+  EXPECT_EQ(mem(*as_, 1), std::byte{0});
+  ASSERT_FALSE(other.read(*s, &b, 1));
+  EXPECT_EQ(b, std::byte{0x44});
+  // A hole punch over the copied page: the file reads zeros, the private copy stays.
+  ASSERT_TRUE(file_.inode().write(kPageSize, fill.data(), kPageSize));
+  poke(*as_, kPageSize, 0x32);
+  ASSERT_TRUE(file_.inode().fallocate(FallocMode::punch_hole, 0, 2 * kPageSize));
+  EXPECT_EQ(file_byte(kPageSize), std::byte{0});
+  EXPECT_EQ(mem(*as_, kPageSize), std::byte{0x32});
+  EXPECT_EQ(mem(*as_, kPageSize + 1), std::byte{0x44});
+  EXPECT_EQ(mem(*as_, 0), std::byte{0x31});
+  EXPECT_EQ(anon(), 2u);
+}
+
 // GUP FOLL_WRITE on a private mapping breaks COW first: the pin is on the anonymous copy, so a
 // truncate of the file does not wait for it (the file's block is not pinned) and DMA data is
 // what the process sees.

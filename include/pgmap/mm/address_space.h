@@ -136,9 +136,10 @@ class AddressSpace {
   // Page tables below the root currently in use (diagnostics and tests: munmap frees emptied ones).
   std::uint64_t nr_page_tables() const noexcept;
 
-  // Zaps entries of `vma` in [start, end) (used by MappingOwner::unmap_mapping_range).
-  // Returns the number of entries zapped.
-  std::uint64_t zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end);
+  // Zaps entries of `vma` in [start, end) (used by MappingOwner::unmap_mapping_range); with
+  // even_cows false, anonymous (copy-on-write) pages stay. Returns the number of entries zapped.
+  std::uint64_t zap_range(const Vma& vma, std::uint64_t start, std::uint64_t end,
+                          bool even_cows = true);
 
   std::shared_mutex& mmap_lock() const noexcept { return mmap_lock_; }
   // Diagnostics (the invariant checker, pgmap::debug): calls fn for every present page-table

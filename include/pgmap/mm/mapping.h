@@ -213,7 +213,13 @@ class MappingOwner {
   // and removes the entry again (the mmu-notifier sequence check), so no stale entry survives.
   // Holds the i_mmap lock while zapping: ops.page_free of the pagemap must not call link/unlink/
   // nr_vmas/unmap_mapping_range of the same owner.
-  std::uint64_t unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages);
+  //
+  // even_cows (Linux's argument of the same name): true zaps the anonymous copy-on-write pages
+  // that MAP_PRIVATE VMAs put over the range too (truncate, device removal); false keeps them and
+  // zaps only entries mapping owner pages (a zero page replaced by a block, layout breaking, hole
+  // punching: "don't throw away private data").
+  std::uint64_t unmap_mapping_range(std::uint64_t pgoff, std::uint64_t npages,
+                                    bool even_cows = true);
   // Incremented by every unmap_mapping_range before it zaps.
   std::uint64_t mapping_seq() const noexcept {
     return invalidate_seq_.load(std::memory_order_seq_cst);
