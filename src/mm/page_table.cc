@@ -58,6 +58,34 @@ PageTable::~PageTable() {
   // Destruction has no concurrent walker (as for free_table above): no grace period needed.
   for (Table* t : retired_)
     delete t;
+  for (Table* t : cache_)
+    delete t;
+}
+
+PageTable::Table* PageTable::alloc_table() {
+  {
+    std::lock_guard<std::mutex> lock(retired_mu_);
+    if (!cache_.empty()) {
+      Table* t = cache_.back();
+      cache_.pop_back();
+      return t;  // every entry is 0 (it was retired empty); pgmap slots are set before use
+    }
+  }
+  return new Table{};
+}
+
+void PageTable::unpublished(Table* t) noexcept {
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  if (cache_.size() < kTableCache) {
+    cache_.push_back(t);
+  } else {
+    delete t;
+  }
+}
+
+std::size_t PageTable::nr_retired() const noexcept {
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  return retired_.size();
 }
 
 void PageTable::free_table(Table* t, unsigned depth) noexcept {
@@ -131,14 +159,14 @@ PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, 
     std::uint64_t e = slot.load(std::memory_order_acquire);
     for (;;) {
       if (e == 0) {
-        Table* fresh = new Table{};
+        Table* fresh = alloc_table();
         if (slot.compare_exchange_strong(e, table_entry(fresh), std::memory_order_acq_rel,
                                          std::memory_order_acquire)) {
           e = table_entry(fresh);
           nr_tables_.fetch_add(1, std::memory_order_relaxed);
           break;
         }
-        delete fresh;  // lost the race; never published
+        unpublished(fresh);  // lost the race; never published
         continue;
       }
       if (pte::locked(e)) {
@@ -312,11 +340,11 @@ std::uint64_t PageTable::free_empty_tables(std::uint64_t start, std::uint64_t en
   return retired;
 }
 
-void PageTable::reclaim() noexcept {
+void PageTable::reclaim(bool force) noexcept {
   std::vector<Table*> gone;
   {
     std::lock_guard<std::mutex> lock(retired_mu_);
-    if (retired_.empty()) return;
+    if (retired_.empty() || (!force && retired_.size() < kReclaimBatch)) return;
     gone.swap(retired_);
   }
   PGMAP_YIELD_POINT("pt.reclaim_before_grace");
@@ -326,8 +354,15 @@ void PageTable::reclaim() noexcept {
     retired_.insert(retired_.end(), gone.begin(), gone.end());
     return;
   }
-  for (Table* t : gone)
-    delete t;
+  // No walker can still be reading them: reuse (they are empty) or free.
+  std::lock_guard<std::mutex> lock(retired_mu_);
+  for (Table* t : gone) {
+    if (cache_.size() < kTableCache) {
+      cache_.push_back(t);
+    } else {
+      delete t;
+    }
+  }
 }
 
 template <typename Fn>

@@ -149,9 +149,15 @@ class PageTable {
   // concurrent install in the range and no concurrent zap walking it (see the file comment).
   // Returns the number of tables retired.
   std::uint64_t free_empty_tables(std::uint64_t start, std::uint64_t end) noexcept;
-  // Deletes the retired tables after a grace period. Must not be called with a lock that RCU
-  // readers take; inside a read section it leaves them for a later call (or the destructor).
-  void reclaim() noexcept;
+  // Once kReclaimBatch tables are retired (or always with `force`), waits for one grace period
+  // and then keeps up to kTableCache of them for reuse by later installs (they are all empty) and
+  // deletes the rest: a munmap / fault cycle neither waits for a grace period nor clears a fresh
+  // 8 KiB table each time. Must not be called with a lock that RCU readers take; inside a read
+  // section it leaves them for a later call (or the destructor).
+  static constexpr std::size_t kReclaimBatch = 32;
+  static constexpr std::size_t kTableCache = 64;
+  void reclaim(bool force = false) noexcept;
+  std::size_t nr_retired() const noexcept;  // tests
   // Tables below the root currently linked into the tree (diagnostics and tests).
   std::uint64_t nr_tables() const noexcept { return nr_tables_.load(std::memory_order_relaxed); }
   // Clears the write bit of every leaf overlapping [start, end).
@@ -181,8 +187,11 @@ class PageTable {
   Table* root_;
   std::atomic<std::uint64_t> nr_entries_{0};
   std::atomic<std::uint64_t> nr_tables_{0};
-  std::mutex retired_mu_;
+  Table* alloc_table();                 // from cache_, else a new zeroed table
+  void unpublished(Table* t) noexcept;  // a table never published goes back to cache_
+  mutable std::mutex retired_mu_;
   std::vector<Table*> retired_;  // unlinked, waiting for a grace period (retired_mu_)
+  std::vector<Table*> cache_;    // past a grace period, all entries empty (retired_mu_)
 };
 
 }  // namespace pgmap::mm
