@@ -182,16 +182,6 @@ bool PercpuRef::thread_add_first(std::uint64_t delta) noexcept {
   return ensure_thread_counters() && thread_add(delta);
 }
 
-#if PGMAP_PERCPU_RSEQ_INLINE
-// Out of line here: with the rseq fast path compiled in, this is only the fallback's path.
-bool PercpuRef::thread_add(std::uint64_t delta) noexcept {
-  detail::ThreadAddResult r = detail::thread_slot_add(mode_, delta);
-  if (r == detail::ThreadAddResult::no_block) [[unlikely]]
-    return thread_add_first(delta);
-  return r == detail::ThreadAddResult::done;
-}
-#endif
-
 std::string_view PercpuRef::implementation() noexcept {
   return Registry::get().impl == detail::Impl::rseq ? "rseq" : "per-thread";
 }

@@ -139,6 +139,41 @@ flagged:
   return false;
 }
 
+// The floor of the technique, for benchmarks only (BM_RseqFloor, pgmap-bench's ref/rseq_floor):
+// the same section without the word: arm, read cpu_id, add `delta` to *(cpu0 + (cpu <<
+// kCpuShift)). It has no mode to test, so nothing can switch it off; PercpuRef never uses it.
+// `cpu0` must be followed by one kCpuStride block per possible CPU.
+[[gnu::always_inline]] inline void rseq_floor_add(std::atomic<std::uint64_t>* cpu0,
+                                                  std::uint64_t delta) noexcept {
+  std::uintptr_t cs;
+  std::uint64_t cpu;
+  asm volatile(
+      ".pushsection __rseq_cs, \"aw\"\n\t"
+      ".balign 32\n\t"
+      "3:\n\t"
+      ".long 0, 0\n\t"
+      ".quad 1f, 2f - 1f, 4f\n\t"
+      ".popsection\n\t"
+      "0:\n\t"
+      "leaq 3b(%%rip), %[cs]\n\t"
+      "movq %[cs], %%fs:%c[cs_off](%[area])\n\t"
+      "1:\n\t"
+      "movl %%fs:%c[cpu_off](%[area]), %k[cpu]\n\t"
+      "shlq %[shift], %[cpu]\n\t"
+      "addq %[delta], (%[base], %[cpu])\n\t"
+      "2:\n\t"
+      ".pushsection __rseq_failure, \"ax\"\n\t"
+      ".long %c[sig]\n\t"
+      "4:\n\t"
+      "jmp 0b\n\t"
+      ".popsection\n\t"
+      : [cs] "=&r"(cs), [cpu] "=&r"(cpu)
+      : [base] "r"(cpu0), [delta] "r"(delta), [area] "r"(__rseq_offset),
+        [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
+        [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)
+      : "memory", "cc");
+}
+
 #endif  // PGMAP_PERCPU_RSEQ_INLINE
 
 }  // namespace pgmap::detail
