@@ -1,7 +1,7 @@
 // Suite `ref`: the reference-count primitives the strategies are built from, and the
 // alternatives DESIGN.md §5 compares them with. Every case is one get+put pair per op on ONE
 // object; with 2 threads both threads hammer that same object, which is the point: PercpuRef
-// counts in per-thread slots, the others share one cache line.
+// counts in per-CPU counters (per-thread slots in its fallback), the others share one cache line.
 //
 //   percpu_live    PercpuRef get+put in percpu (live) mode
 //   percpu_atomic  the same after switch_to_atomic() (what every op costs after kill)
