@@ -34,6 +34,13 @@
 #include "pgmap/core/percpu_ref.h"
 #include "pgmap/core/rcu.h"
 
+// Every measured loop starts on a 64-byte boundary. The op cache of this Zen 3 works in 64-byte
+// windows; the same relaxed_floor loop measured 0.88 ns per pair when its 30 bytes sat inside one
+// window and 1.5 ns when a rebuild moved it across a boundary, which swung the floor ratios by
+// 1.7x for no change in the code measured. Aligning every case's loop the same way removes code
+// placement from the comparison.
+#pragma GCC optimize("align-loops=64")
+
 namespace pgmap {
 namespace {
 
