@@ -84,10 +84,9 @@ struct alignas(128) PrivateCounter {
 
 void BM_RelaxedPairFloor(benchmark::State& state) {
   // On the heap, reached through a pointer held in a register, as pgmap-bench's relaxed_floor
-  // and every counter the refs use. (It used to be a stack variable: GCC then addresses it as
-  // (%rsp) inside a 64-byte realigned frame, and that form measured 1.5 ns per pair against
-  // 0.7-0.9 ns for the same instructions through another register on this Zen 3, which made
-  // every ratio to this floor look better than it was.)
+  // and every counter the refs use. (The loop's alignment matters more than where the counter
+  // lives: see the pragma above; the stack version of this floor read 1.5 ns per pair because
+  // its loop crossed a 64-byte window.)
   auto owned = std::make_unique<PrivateCounter>();
   std::atomic<std::uint64_t>* counter = &owned->value;
   for (auto _ : state) {
@@ -294,32 +293,37 @@ BENCHMARK(BM_SynchronizeRcu)->ArgName("reader")->Arg(0)->Arg(1)->UseRealTime();
 }  // namespace
 }  // namespace pgmap
 
-// Results on this machine (RelWithDebInfo -O2, GCC 12, 2 vCPU EPYC, Linux 6.18, glibc 2.36),
-// 2026-12-01, implementation "rseq", medians of 7 repetitions, randomly interleaved, one run:
+// Results on this machine (RelWithDebInfo -O2, GCC 12, 2 vCPU EPYC Zen 3, Linux 6.18, glibc 2.36),
+// 2026-12-01 14:30 UTC, implementation "rseq", medians of 7 repetitions, randomly interleaved, one
+// run, every measured loop 64-byte aligned:
 //
 //   percpu_ref_benchmark --benchmark_repetitions=7 --benchmark_enable_random_interleaving=true
 //       --benchmark_report_aggregates_only=true --benchmark_min_time=0.1
 //       --benchmark_filter='Floor|LockPair|PercpuRef|SharedAtomic|KillConfirm'
 //
-// The machine was heavily shared (load average ~20 on 2 vCPUs: wall time is ~4x CPU time), so
-// compare the CPU column, and ratios within the run. CPU time: live get+put 2.54 ns = 1.9x the
-// relaxed-pair floor (1.34 ns); 2 threads 2.71 ns (1.07x of 1 thread); after kill+resurrect 2.79
-// ns; atomic mode 6.40 ns = 0.99x the bare lock pair (6.45 ns); kill->confirm with an active
-// reader 5.2 us wall.
+// The machine was heavily shared (load average ~17 on 2 vCPUs: wall time is ~3x CPU time), so
+// compare the CPU column, and ratios within the run. CPU time: live get+put 1.68 ns = 2.2x the
+// relaxed-pair floor (0.77 ns) and 0.97x BM_RseqFloor (1.74 ns, the section without the word
+// load); 2 threads 1.99 ns; after kill+resurrect 1.78 ns; atomic mode 6.57 ns = 1.05x the bare
+// lock pair (6.25 ns); kill->confirm with an active reader 3.8 us wall. The per-thread fallback
+// (PGMAP_PERCPU_IMPL=per-thread, same load) measured 3.9-6.8 ns CPU per pair (the build before
+// this change 6.6-11.6 ns).
 //
 // clang-format off
-// BM_KillConfirm/reader:0/real_time_median                        1766 ns          446 ns            7 reader_ops=0 rseq membarrier
-// BM_KillConfirm/reader:1/real_time_median                        5249 ns          690 ns            7 reader_ops=10.226M rseq membarrier
-// BM_LockPair/real_time/threads:1_median                          25.8 ns         6.45 ns            7 items_per_second=38.7653M/s
-// BM_LockPair/real_time/threads:2_median                          21.7 ns         5.50 ns            7 items_per_second=46.0005M/s
-// BM_PercpuRefAtomic/real_time/threads:1_median                   24.7 ns         6.40 ns            7 items_per_second=40.41M/s rseq
-// BM_PercpuRefAtomic/real_time/threads:2_median                   25.6 ns         6.51 ns            7 items_per_second=39.1334M/s rseq
-// BM_PercpuRefLive/real_time/threads:1_median                     9.48 ns         2.54 ns            7 items_per_second=105.496M/s rseq
-// BM_PercpuRefLive/real_time/threads:2_median                     10.1 ns         2.71 ns            7 items_per_second=98.716M/s rseq
-// BM_PercpuRefLiveAfterResurrect/real_time/threads:1_median       11.4 ns         2.79 ns            7 items_per_second=87.8534M/s rseq
-// BM_PercpuRefLiveAfterResurrect/real_time/threads:2_median       10.6 ns         2.65 ns            7 items_per_second=94.6393M/s rseq
-// BM_RelaxedPairFloor/real_time/threads:1_median                  5.96 ns         1.34 ns            7 items_per_second=167.872M/s
-// BM_RelaxedPairFloor/real_time/threads:2_median                  4.64 ns         1.34 ns            7 items_per_second=215.404M/s
-// BM_SharedAtomic/real_time/threads:1_median                      24.2 ns         6.30 ns            7 items_per_second=41.3815M/s
-// BM_SharedAtomic/real_time/threads:2_median                      26.0 ns         6.59 ns            7 items_per_second=38.4189M/s
+// BM_KillConfirm/reader:0/real_time_median                    1248 ns 372 ns 7 reader_ops=0 rseq membarrier
+// BM_KillConfirm/reader:1/real_time_median                    3820 ns 698 ns 7 reader_ops=8.50876M rseq membarrier
+// BM_LockPair/real_time/threads:1_median                      20.2 ns 6.25 ns 7 items_per_second=49.562M/s
+// BM_LockPair/real_time/threads:2_median                      18.0 ns 6.42 ns 7 items_per_second=55.4725M/s
+// BM_PercpuRefAtomic/real_time/threads:1_median               20.5 ns 6.57 ns 7 items_per_second=48.7329M/s rseq
+// BM_PercpuRefAtomic/real_time/threads:2_median               19.4 ns 6.68 ns 7 items_per_second=51.6029M/s rseq
+// BM_PercpuRefLive/real_time/threads:1_median                 5.06 ns 1.68 ns 7 items_per_second=197.654M/s rseq
+// BM_PercpuRefLive/real_time/threads:2_median                 5.40 ns 1.99 ns 7 items_per_second=185.255M/s rseq
+// BM_PercpuRefLiveAfterResurrect/real_time/threads:1_median   5.26 ns 1.78 ns 7 items_per_second=190.082M/s rseq
+// BM_PercpuRefLiveAfterResurrect/real_time/threads:2_median   4.72 ns 1.65 ns 7 items_per_second=211.741M/s rseq
+// BM_RelaxedPairFloor/real_time/threads:1_median              2.46 ns 0.772 ns 7 items_per_second=407.271M/s
+// BM_RelaxedPairFloor/real_time/threads:2_median              2.35 ns 0.772 ns 7 items_per_second=424.831M/s
+// BM_RseqFloor/real_time/threads:1_median                     5.41 ns 1.74 ns 7 items_per_second=184.845M/s
+// BM_RseqFloor/real_time/threads:2_median                     4.67 ns 1.64 ns 7 items_per_second=214.077M/s
+// BM_SharedAtomic/real_time/threads:1_median                  16.7 ns 5.32 ns 7 items_per_second=59.8777M/s
+// BM_SharedAtomic/real_time/threads:2_median                  17.6 ns 5.96 ns 7 items_per_second=56.7775M/s
 // clang-format on
