@@ -1,7 +1,8 @@
 // rseq_percpu_add: add a value to the calling CPU's counter of a PercpuRef, inside one
 // restartable sequence (rseq) critical section. Private to PercpuRef (namespace detail); it sits
 // under include/ only because PercpuRef's fast path is inline in its public header, so every
-// translation unit that calls get()/put() needs this code. Do not use it elsewhere.
+// translation unit that calls get()/put() needs this code. Do not use it elsewhere. (It also
+// holds rseq_floor_add, the same section without the word, which only the benchmarks use.)
 //
 // ---- What the critical section does ------------------------------------------------------------
 //
