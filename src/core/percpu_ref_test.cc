@@ -16,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/percpu_ref_comdat_test.h"
 #include "pgmap/core/error.h"
 #include "pgmap/core/sanitizer.h"
 
@@ -1030,6 +1031,21 @@ TEST_F(PercpuRefTest, ReleaseMayBeEmpty) {
   ASSERT_EQ(ref.get(), Errc::ok);
   EXPECT_EQ(ref.kill(), Errc::ok);
   EXPECT_EQ(ref.put(), Errc::ok);
+  EXPECT_TRUE(ref.is_zero());
+  expect_no_misuse();
+}
+
+// Links at all: the fast path's rseq sections sit in an inline function emitted by two
+// translation units (percpu_ref_comdat_test.h), and the counts from both copies add up.
+TEST_F(PercpuRefTest, FastPathInAnInlineFunctionOfTwoUnitsLinksAndCounts) {
+  PercpuRef ref(nullptr);
+  ASSERT_TRUE(comdat_test::get_put_out_of_line(ref));
+  ASSERT_EQ(ref.get(), Errc::ok);  // one reference held across both units' loops
+  EXPECT_TRUE(comdat_test::get_put_from_other_unit(ref, 1000));
+  EXPECT_TRUE(comdat_test::get_put_out_of_line(ref));
+  EXPECT_EQ(ref.approx_count(), 2);  // the initial reference and ours
+  EXPECT_EQ(ref.put(), Errc::ok);
+  EXPECT_EQ(ref.kill(), Errc::ok);
   EXPECT_TRUE(ref.is_zero());
   expect_no_misuse();
 }

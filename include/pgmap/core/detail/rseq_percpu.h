@@ -35,7 +35,12 @@
 // is not preceded by the signature the thread registered with, and the registration is glibc's
 // (glibc >= 2.35 registers every thread it creates and exports __rseq_offset, the offset of the
 // area from the thread pointer, so the area is %fs:__rseq_offset). Labels are numeric, so the
-// compiler may duplicate or inline the asm freely. No system call is made inside the section.
+// compiler may duplicate or inline the asm freely. Both sections are opened with the `?` flag,
+// which puts them in the section group of the code around them: when that code is an inline
+// function emitted by several translation units (a COMDAT group), the linker discards each
+// duplicate's descriptor and handler with it (without the flag the kept __rseq_cs pointed into
+// the discarded copy and the link failed; percpu_ref_test links two such units). No system call
+// is made inside the section.
 //
 // x86-64 only. Not compiled under ThreadSanitizer (TSan cannot see the asm's memory accesses, so
 // it would report the fold's reads as races): there PercpuRef uses its per-thread implementation.
@@ -104,7 +109,7 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
   // unused): leaving for the caller's slow path is a jump straight out of the section (which is
   // allowed: the kernel only looks at sections the instruction pointer is inside).
   asm volatile goto(
-      ".pushsection __rseq_cs, \"aw\"\n\t"
+      ".pushsection __rseq_cs, \"aw?\"\n\t"
       ".balign 32\n\t"
       "3:\n\t"
       ".long 0, 0\n\t"
@@ -121,7 +126,7 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
       "shlq %[shift], %[cpu]\n\t" PGMAP_RSEQ_WIDEN
       "addq %[delta], (%[w], %[cpu])\n\t"
       "2:\n\t"
-      ".pushsection __rseq_failure, \"ax\"\n\t"
+      ".pushsection __rseq_failure, \"ax?\"\n\t"
       ".long %c[sig]\n\t"
       "4:\n\t"
       "jmp 0b\n\t"
@@ -149,7 +154,7 @@ flagged:
   std::uintptr_t cs;
   std::uint64_t cpu;
   asm volatile(
-      ".pushsection __rseq_cs, \"aw\"\n\t"
+      ".pushsection __rseq_cs, \"aw?\"\n\t"
       ".balign 32\n\t"
       "3:\n\t"
       ".long 0, 0\n\t"
@@ -163,7 +168,7 @@ flagged:
       "shlq %[shift], %[cpu]\n\t"
       "addq %[delta], (%[base], %[cpu])\n\t"
       "2:\n\t"
-      ".pushsection __rseq_failure, \"ax\"\n\t"
+      ".pushsection __rseq_failure, \"ax?\"\n\t"
       ".long %c[sig]\n\t"
       "4:\n\t"
       "jmp 0b\n\t"
