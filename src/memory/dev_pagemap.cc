@@ -249,28 +249,48 @@ std::size_t pagemap_count() noexcept {
 
 // Every folio operation first checks the torn-down flag, so that a late access never touches
 // retired metadata (whatever retire made of it); the strategies check again after their atomic
-// for a teardown that raced it. One dispatch point (strategy_ops.h) picks the strategy's inline
-// get/put.
-Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
-  if (torn_down()) [[unlikely]]
-    return torn_down_access(pfn);
-  Loc l = locate(pfn);
+// for a teardown that raced it. One dispatch point (strategy_ops.h) picks the strategy; each
+// strategy's get and put is its own small out-of-line function (folio_get<S> / folio_put<S>), so
+// the hot path of one strategy carries no register pressure from another's, and get_folio /
+// put_folio are a jump table and a tail call.
+namespace strategy_impl {
+namespace {
+
+template <typename S>
+[[gnu::noinline]] Errc folio_get(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
+  if (Access::torn_down(pg)) [[unlikely]]
+    return Access::torn_down_access(pg, pfn);
+  const auto l = Access::locate(pg, pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
-  return strategy_impl::dispatch(
-      strategy_, [&](auto s) { return decltype(s)::get(*this, *l.array, l.head, refs); });
+  return S::get(pg, *l.array, l.head, refs);
 }
 
-Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
-  if (torn_down()) [[unlikely]]
-    return torn_down_access(pfn);
-  Loc l = locate(pfn);
+template <typename S>
+[[gnu::noinline]] Errc folio_put(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
+  if (Access::torn_down(pg)) [[unlikely]]
+    return Access::torn_down_access(pg, pfn);
+  const auto l = Access::locate(pg, pfn);
   if (l.array == nullptr) [[unlikely]]
     return Errc::out_of_range;
   // Nothing of this pagemap may be touched after the strategy's put returns: it may have dropped
   // what kept the pagemap alive.
-  return strategy_impl::dispatch(
-      strategy_, [&](auto s) { return decltype(s)::put(*this, *l.array, l.head, refs); });
+  return S::put(pg, *l.array, l.head, refs);
+}
+
+}  // namespace
+}  // namespace strategy_impl
+
+Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
+  return strategy_impl::dispatch(strategy_, [&](auto s) {
+    return strategy_impl::folio_get<decltype(s)>(*this, pfn, refs);
+  });
+}
+
+Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
+  return strategy_impl::dispatch(strategy_, [&](auto s) {
+    return strategy_impl::folio_put<decltype(s)>(*this, pfn, refs);
+  });
 }
 
 Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {

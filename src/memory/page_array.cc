@@ -94,6 +94,7 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
   a->cold_->mapcount = zeroed_atomics<std::int32_t>(a->regions_[1].base);
   a->cold_->pincount = zeroed_atomics<std::uint32_t>(a->regions_[2].base);
   a->cold_->order = zeroed_atomics<std::uint8_t>(a->regions_[3].base);
+  a->order_ = a->cold_->order;
   a->cold_->flags = zeroed_atomics<std::uint8_t>(a->regions_[4].base);
   a->cold_->mapping = zeroed_atomics<const void*>(a->regions_[5].base);
   a->cold_->index_or_share = zeroed_atomics<std::uint64_t>(a->regions_[6].base);
@@ -138,6 +139,8 @@ Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
     }
   }
   auto rel = static_cast<std::uint8_t>(order - base_order_);
+  // Before the first order store: whoever sees a non-zero order also sees the flag.
+  if (order != base_order_) large_folios_.store(true, std::memory_order_seq_cst);
   for (std::uint64_t e = head; e < head + span; ++e) {
     cold_->order[e].store(order == base_order_ ? 0 : rel, std::memory_order_release);
   }

@@ -93,19 +93,35 @@ class PageArray {
     return cold_->index_or_share[e];
   }
 
-  // Folio order (in 4 KiB pages) of the folio containing entry e, and its head entry.
+  // Folio order (in 4 KiB pages) of the folio containing entry e, and its head entry. Until the
+  // first folio larger than the base folio is built (has_large_folios()), every entry is its own
+  // head and the order array is not read: the hot path of a pagemap of base folios touches the
+  // refcount line only.
   unsigned order(std::uint64_t e) const noexcept {
-    return base_order_ + cold_->order[e].load(std::memory_order_acquire);
+    if (!has_large_folios()) [[likely]]
+      return base_order_;
+    return base_order_ + order_[e].load(std::memory_order_acquire);
   }
   std::uint64_t head_of(std::uint64_t e) const noexcept {
-    unsigned rel = cold_->order[e].load(std::memory_order_acquire);
+    if (!has_large_folios()) [[likely]]
+      return e;
+    unsigned rel = order_[e].load(std::memory_order_acquire);
     return e & ~((std::uint64_t{1} << rel) - 1);
+  }
+  // True once set_folio_order() has built a folio larger than the base folio (sticky). It is set
+  // before the first order store, so a reader that sees an entry's new order also sees it; a
+  // reader racing with the build of a folio it uses is a caller bug either way (the folio must be
+  // idle and the caller serializes changes to it).
+  bool has_large_folios() const noexcept {
+    return large_folios_.load(std::memory_order_acquire);
   }
   // True if entry e is the first entry of its folio (every base folio is its own head).
   bool is_head(std::uint64_t e) const noexcept { return head_of(e) == e; }
   // Entries per folio of entry e's folio.
   std::uint64_t folio_entries(std::uint64_t e) const noexcept {
-    return std::uint64_t{1} << cold_->order[e].load(std::memory_order_acquire);
+    if (!has_large_folios()) [[likely]]
+      return 1;
+    return std::uint64_t{1} << order_[e].load(std::memory_order_acquire);
   }
   // True for folios pinned with the bias (small) rather than the exact pincount (large).
   bool uses_pin_bias(std::uint64_t head) const noexcept { return order(head) <= 1; }
@@ -151,6 +167,8 @@ class PageArray {
   unsigned base_order_;
   std::uint64_t entries_;
   std::atomic<std::uint32_t>* ref_ = nullptr;
+  std::atomic<std::uint8_t>* order_ = nullptr;  // cold_->order, beside ref_ for head_of
+  std::atomic<bool> large_folios_{false};       // see has_large_folios()
   std::unique_ptr<Cold> cold_;
   struct Region {
     void* base = nullptr;

@@ -32,6 +32,10 @@ struct Access {
   }
   // Counts a late access and returns its error.
   static Errc late(DevPagemap& p) noexcept { return p.late_access(); }
+  // A folio operation on a torn-down pagemap: Errc::out_of_range or a counted late access.
+  static Errc torn_down_access(DevPagemap& p, Pfn pfn) noexcept { return p.torn_down_access(pfn); }
+  // pfn -> (page array, head entry); array nullptr if pfn is in none of the ranges.
+  static DevPagemap::Loc locate(const DevPagemap& p, Pfn pfn) noexcept { return p.locate(pfn); }
   // Whether a folio going idle must wake waiters: always for FS_DAX (I16), and for every type
   // once the pagemap is killed (memunmap's scan and devdax's unbind wait on folios).
   static bool wakes_on_idle(const DevPagemap& p) noexcept {
