@@ -282,15 +282,13 @@ template <typename S>
 }  // namespace strategy_impl
 
 Errc DevPagemap::get_folio(Pfn pfn, std::uint32_t refs) noexcept {
-  return strategy_impl::dispatch(strategy_, [&](auto s) {
-    return strategy_impl::folio_get<decltype(s)>(*this, pfn, refs);
-  });
+  return strategy_impl::dispatch(
+      strategy_, [&](auto s) { return strategy_impl::folio_get<decltype(s)>(*this, pfn, refs); });
 }
 
 Errc DevPagemap::put_folio(Pfn pfn, std::uint32_t refs) noexcept {
-  return strategy_impl::dispatch(strategy_, [&](auto s) {
-    return strategy_impl::folio_put<decltype(s)>(*this, pfn, refs);
-  });
+  return strategy_impl::dispatch(
+      strategy_, [&](auto s) { return strategy_impl::folio_put<decltype(s)>(*this, pfn, refs); });
 }
 
 Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {

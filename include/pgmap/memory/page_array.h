@@ -112,9 +112,7 @@ class PageArray {
   // before the first order store, so a reader that sees an entry's new order also sees it; a
   // reader racing with the build of a folio it uses is a caller bug either way (the folio must be
   // idle and the caller serializes changes to it).
-  bool has_large_folios() const noexcept {
-    return large_folios_.load(std::memory_order_acquire);
-  }
+  bool has_large_folios() const noexcept { return large_folios_.load(std::memory_order_acquire); }
   // True if entry e is the first entry of its folio (every base folio is its own head).
   bool is_head(std::uint64_t e) const noexcept { return head_of(e) == e; }
   // Entries per folio of entry e's folio.

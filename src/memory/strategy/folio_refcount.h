@@ -54,7 +54,8 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   return Errc::underflow;
 }
 
-inline Errc plain_get(DevPagemap& pg, std::atomic<std::uint32_t>& r, std::uint32_t refs) noexcept {
+[[gnu::always_inline]] inline Errc plain_get(DevPagemap& pg, std::atomic<std::uint32_t>& r,
+                                             std::uint32_t refs) noexcept {
   const std::uint32_t old = r.fetch_add(refs, std::memory_order_acq_rel);
   // The second look at the torn-down flag catches a teardown that raced the add (the first is in
   // DevPagemap before the metadata was touched).
@@ -67,8 +68,8 @@ inline Errc plain_get(DevPagemap& pg, std::atomic<std::uint32_t>& r, std::uint32
 
 // Drops `refs`; returns ok and sets *last when the count reached 0 (the caller runs the free
 // path). Nothing changes on error.
-inline Errc plain_put(DevPagemap& pg, std::atomic<std::uint32_t>& r, std::uint32_t refs,
-                      bool* last) noexcept {
+[[gnu::always_inline]] inline Errc plain_put(DevPagemap& pg, std::atomic<std::uint32_t>& r,
+                                             std::uint32_t refs, bool* last) noexcept {
   std::uint32_t old = r.load(std::memory_order_relaxed);
   do {
     if (old < refs || old > PageArray::kMaxRef) [[unlikely]]
@@ -81,7 +82,8 @@ inline Errc plain_put(DevPagemap& pg, std::atomic<std::uint32_t>& r, std::uint32
 
 // The free path after plain_put reached 0: page_free, then wake waiters. The caller's pagemap
 // reference (or, under `none`, nothing) keeps the pagemap alive across it.
-inline void free_after_put(DevPagemap& pg, PageArray& a, std::uint64_t head) noexcept {
+[[gnu::always_inline]] inline void free_after_put(DevPagemap& pg, PageArray& a,
+                                                  std::uint64_t head) noexcept {
   Access::page_free(pg, a, head);
   if (Access::wakes_on_idle(pg)) wake_up_var(&a.ref(head));
 }
@@ -92,7 +94,8 @@ inline void free_after_put(DevPagemap& pg, PageArray& a, std::uint64_t head) noe
 //   P3  page_free                          (the pagemap exists: the scan waits while FREEING)
 //   P4  store refcount 0 (release)         (the folio is idle; memunmap may now return)
 //   P5  if wake: wake_up_var(&refcount)    (the key is only an address: nothing is dereferenced)
-inline void freeing_to_idle(DevPagemap& pg, PageArray& a, std::uint64_t head) noexcept {
+[[gnu::always_inline]] inline void freeing_to_idle(DevPagemap& pg, PageArray& a,
+                                                   std::uint64_t head) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
   const bool wake = Access::wakes_on_idle(pg);  // P2
   Access::page_free(pg, a, head);               // P3
@@ -101,8 +104,8 @@ inline void freeing_to_idle(DevPagemap& pg, PageArray& a, std::uint64_t head) no
   if (wake) wake_up_var(&r);              // P5
 }
 
-inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
-                        std::uint32_t refs) noexcept {
+[[gnu::always_inline]] inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                               std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
   std::uint32_t old = r.load(std::memory_order_relaxed);
   std::uint32_t next = 0;
@@ -138,8 +141,8 @@ inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
 // end and retries, G0), then the liveness check that pairs with
 // memunmap's kill-then-scan (Dekker): either this get sees the kill and backs out, or the scan
 // sees the reference and waits for it.
-inline Errc checked_get(DevPagemap& pg, PageArray& a, std::uint64_t head,
-                        std::uint32_t refs) noexcept {
+[[gnu::always_inline]] inline Errc checked_get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                               std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
   std::uint32_t old = r.load(std::memory_order_relaxed);
   for (;;) {

@@ -14,10 +14,12 @@ struct NoneStrategy {
   static constexpr Strategy kind = Strategy::none;
   static constexpr Teardown teardown{.drain_ref = false, .scan_folios = false};
 
-  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     return plain_get(pg, a.ref(head), refs);
   }
-  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     bool last = false;
     Errc e = plain_put(pg, a.ref(head), refs, &last);
     if (last) free_after_put(pg, a, head);

@@ -15,7 +15,8 @@ struct PerLookupStrategy {
   static constexpr Strategy kind = Strategy::per_lookup;
   static constexpr Teardown teardown{.drain_ref = true, .scan_folios = false};
 
-  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     PercpuRef& ref = Access::ref(pg);
     if (!ref.tryget_live()) [[unlikely]]
       return Access::torn_down(pg) ? Access::late(pg) : Errc::dead;
@@ -25,7 +26,8 @@ struct PerLookupStrategy {
       (void)ref.put_many(refs);  // undoes our own gets
     return e;
   }
-  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     bool last = false;
     Errc e = plain_put(pg, a.ref(head), refs, &last);
     if (e != Errc::ok) [[unlikely]]

@@ -20,10 +20,12 @@ struct SweepStrategy {
   static constexpr Strategy kind = Strategy::sweep;
   static constexpr Teardown teardown{.drain_ref = true, .scan_folios = true};
 
-  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     return checked_get(pg, a, head, refs);
   }
-  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     return freeing_put(pg, a, head, refs);
   }
 };

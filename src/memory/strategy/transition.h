@@ -17,7 +17,8 @@ struct TransitionStrategy {
   static constexpr Strategy kind = Strategy::transition;
   static constexpr Teardown teardown{.drain_ref = true, .scan_folios = false};
 
-  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     std::atomic<std::uint32_t>& r = a.ref(head);
     std::uint32_t old = r.load(std::memory_order_relaxed);
     while (old != 0 && old <= PageArray::kMaxRef - refs) {
@@ -42,7 +43,8 @@ struct TransitionStrategy {
     }
     return Errc::ok;
   }
-  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+  [[gnu::always_inline]] static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                         std::uint32_t refs) noexcept {
     bool last = false;
     Errc e = plain_put(pg, a.ref(head), refs, &last);
     if (last) {
