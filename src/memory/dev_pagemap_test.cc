@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -18,6 +19,7 @@
 #include "pgmap/core/error.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/pfn.h"
@@ -1365,6 +1367,139 @@ TEST(DevPagemapLifetime, DestructorWaitingForAHolderReportsItUnderSweep) {
   EXPECT_TRUE(destroyed.load());
   EXPECT_NE(err.find("still waiting"), std::string::npos) << err;
   EXPECT_NE(err.find(fmt::format("pfn {:#x}", pfn)), std::string::npos) << err;
+}
+
+}  // namespace
+}  // namespace pgmap
+
+// ---- The FREEING protocol's back-out (sweep, alloc_event) ---------------------------------------
+//
+// Gets that find the pagemap killed after their add back out (back_out). These tests stop such a
+// get right after its add (yield point sweep.get_after_add), let other references come and go,
+// kill the pagemap, and let it finish: every busy period that a successful get took part in ends
+// with exactly one page_free, and one made only of backing-out adds ends with none.
+namespace pgmap {
+namespace {
+
+namespace backout_race {
+constexpr int kThreads = 2;
+std::atomic<bool> in_window[kThreads + 1];
+std::atomic<bool> go[kThreads + 1];
+thread_local int me = 0;  // 1..kThreads for the gets under test; 0 for every other thread
+
+void hook(const char* name) noexcept {
+  if (me == 0 || std::strcmp(name, "sweep.get_after_add") != 0) return;
+  const int i = std::exchange(me, 0);  // once per thread
+  in_window[i].store(true);
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (!go[i].load() && std::chrono::steady_clock::now() < until)
+    std::this_thread::yield();
+}
+
+void reset() {
+  for (int i = 0; i <= kThreads; ++i) {
+    in_window[i] = false;
+    go[i] = false;
+  }
+}
+}  // namespace backout_race
+
+class FreeingBackOutTest : public ::testing::TestWithParam<Strategy> {
+ protected:
+  void SetUp() override {
+    if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
+    backout_race::reset();
+    old_hook_ = set_yield_hook(&backout_race::hook);
+    PagemapOps ops;
+    ops.page_free = [this](DevPagemap&, Pfn, unsigned) { frees_.fetch_add(1); };
+    MemremapParams p = testutil::make_params(GetParam(), testutil::make_backing(4 * kMiB), 0,
+                                             PagemapType::generic);
+    p.ops = std::move(ops);
+    pg_ = testutil::must_memremap(std::move(p));
+    ASSERT_TRUE(pg_);
+    pfn_ = pg_->range(0).start;
+    // Under alloc_event every folio reference is taken inside an allocation (the protocol).
+    if (GetParam() == Strategy::alloc_event) {
+      auto a = pg_->request(pfn_, 1);
+      ASSERT_TRUE(a);
+      alloc_ = std::move(a).value();
+    }
+  }
+  void TearDown() override {
+    if (!kYieldPointsEnabled) return;
+    (void)set_yield_hook(old_hook_);
+    alloc_.reset();
+    if (pg_ && pg_->state() != DevPagemap::State::dead) {
+      auto r = testutil::bounded_call("memunmap", [&] { return pg_->memunmap(); });
+      EXPECT_TRUE(r) << r.error().to_string();
+    }
+  }
+  // Starts a get on thread i that stops right after its add; returns when it is there.
+  std::thread stopped_get(int i) {
+    std::thread t([this, i] {
+      backout_race::me = i;
+      EXPECT_EQ(pg_->get_folio(pfn_), Errc::dead) << "get " << i << " after the kill";
+    });
+    EXPECT_TRUE(testutil::eventually([i] { return backout_race::in_window[i].load(); }));
+    return t;
+  }
+
+  std::atomic<int> frees_{0};
+  YieldHook old_hook_ = nullptr;
+  std::shared_ptr<DevPagemap> pg_;
+  Pfn pfn_ = 0;
+  DevPagemap::Allocation alloc_;
+};
+INSTANTIATE_TEST_SUITE_P(FreeingProtocol, FreeingBackOutTest,
+                         ::testing::Values(Strategy::sweep, Strategy::alloc_event),
+                         testutil::strategy_param_name);
+
+// Defect A (the model's sweep/page_free_owed trail): B adds 0 -> 1 and stops; G gets 1 -> 2
+// (the pagemap is live: G succeeds) and puts 2 -> 1; the kill; B backs out 1 -> 0. G's busy
+// period must end with page_free although the last put of the count is B's back-out (the count
+// went 1 -> 2 -> 1: B cannot see it). It used to end without one.
+TEST_P(FreeingBackOutTest, BackOutAfterAJoinedGetCameAndWentRunsPageFree) {
+  std::thread b = stopped_get(1);
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 1u);
+  ASSERT_EQ(pg_->get_folio(pfn_), Errc::ok);  // G joins on B's add
+  EXPECT_EQ(pg_->put_folio(pfn_), Errc::ok);  // G is done; B's add keeps the count at 1
+  EXPECT_EQ(frees_.load(), 0);
+  ASSERT_EQ(pg_->kill(), Errc::ok);
+  backout_race::go[1] = true;
+  b.join();
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
+  EXPECT_EQ(frees_.load(), 1) << "a busy period with a successful get ended without page_free";
+}
+
+// Two gets back out of a busy period nobody else took part in: no page_free (there was nothing to
+// free), whichever backs out last. The second get's add found the count at 1 (B's add), which the
+// old back_out took for a real busy period and freed.
+TEST_P(FreeingBackOutTest, TwoBackOutsAloneRunNoPageFree) {
+  std::thread b1 = stopped_get(1);
+  std::thread b2 = stopped_get(2);
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 2u);
+  ASSERT_EQ(pg_->kill(), Errc::ok);
+  backout_race::go[1] = true;
+  b1.join();
+  backout_race::go[2] = true;
+  b2.join();
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
+  EXPECT_EQ(frees_.load(), 0) << "page_free for a busy period without a successful get";
+}
+
+// A successful get that still holds when the backing-out get lets go: its own put ends the busy
+// period and runs page_free once; the back-out does not.
+TEST_P(FreeingBackOutTest, BackOutWhileAJoinedGetHoldsLeavesPageFreeToIt) {
+  std::thread b = stopped_get(1);
+  ASSERT_EQ(pg_->get_folio(pfn_), Errc::ok);  // G joins on B's add and keeps its reference
+  ASSERT_EQ(pg_->kill(), Errc::ok);
+  backout_race::go[1] = true;
+  b.join();
+  EXPECT_EQ(frees_.load(), 0);
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 1u);
+  EXPECT_EQ(pg_->put_folio(pfn_), Errc::ok);
+  EXPECT_EQ(frees_.load(), 1);
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
 }
 
 }  // namespace

@@ -96,6 +96,7 @@ Result<std::unique_ptr<PageArray>> PageArray::create(PfnRange range, unsigned ba
   a->cold_->order = zeroed_atomics<std::uint8_t>(a->regions_[3].base);
   a->order_ = a->cold_->order;
   a->cold_->flags = zeroed_atomics<std::uint8_t>(a->regions_[4].base);
+  a->flags_ = a->cold_->flags;
   a->cold_->mapping = zeroed_atomics<const void*>(a->regions_[5].base);
   a->cold_->index_or_share = zeroed_atomics<std::uint64_t>(a->regions_[6].base);
   // Nothing is written: an all-zero entry is a free base folio (see the header), so the

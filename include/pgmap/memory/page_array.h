@@ -56,6 +56,10 @@ namespace pgmap {
 enum PageFlag : std::uint8_t {
   kPagePoisoned = 1u << 1,  // memory failure recorded (PG_hwpoison)
   kPageShared = 1u << 2,    // fsdax: folio associated with several mappings (share counts them)
+  // sweep / alloc_event (the FREEING protocol, docs/strategies.md): a put that was not the last
+  // of the folio's busy period dropped a held reference, so whoever ends the busy period owes
+  // page_free even if that is a get backing out. Cleared before the refcount returns to 0.
+  kPageFreeOwed = 1u << 3,
 };
 
 class PageArray {
@@ -87,7 +91,7 @@ class PageArray {
   std::atomic<std::uint32_t>& ref(std::uint64_t e) noexcept { return ref_[e]; }
   std::atomic<std::int32_t>& mapcount(std::uint64_t e) noexcept { return cold_->mapcount[e]; }
   std::atomic<std::uint32_t>& pincount(std::uint64_t e) noexcept { return cold_->pincount[e]; }
-  std::atomic<std::uint8_t>& flags(std::uint64_t e) noexcept { return cold_->flags[e]; }
+  std::atomic<std::uint8_t>& flags(std::uint64_t e) noexcept { return flags_[e]; }
   std::atomic<const void*>& mapping(std::uint64_t e) noexcept { return cold_->mapping[e]; }
   std::atomic<std::uint64_t>& index_or_share(std::uint64_t e) noexcept {
     return cold_->index_or_share[e];
@@ -166,6 +170,7 @@ class PageArray {
   std::uint64_t entries_;
   std::atomic<std::uint32_t>* ref_ = nullptr;
   std::atomic<std::uint8_t>* order_ = nullptr;  // cold_->order, beside ref_ for head_of
+  std::atomic<std::uint8_t>* flags_ = nullptr;  // cold_->flags, for the free path
   std::atomic<bool> large_folios_{false};       // see has_large_folios()
   std::unique_ptr<Cold> cold_;
   struct Region {

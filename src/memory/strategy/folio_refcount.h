@@ -100,10 +100,26 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   const bool wake = Access::wakes_on_idle(pg);  // P2
   Access::page_free(pg, a, head);               // P3
   PGMAP_YIELD_POINT("put.freeing");
-  r.store(0, std::memory_order_release);  // P4
+  // P3b: the busy period is paid for; nobody holds the folio, so nobody sets the flag meanwhile.
+  std::atomic<std::uint8_t>& f = a.flags(head);
+  if ((f.load(std::memory_order_relaxed) & kPageFreeOwed) != 0) [[unlikely]]
+    f.fetch_and(static_cast<std::uint8_t>(~kPageFreeOwed), std::memory_order_relaxed);
+  r.store(0, std::memory_order_release);  // P4 (also publishes P3b to the next busy period)
   if (wake) wake_up_var(&r);              // P5
 }
 
+// P1a: a held reference is dropped and the folio stays busy. Whoever ends this busy period may be
+// a get that backs out (back_out), which cannot tell from the count that a reference came and
+// went meanwhile (an ABA: 0 -> 1 by the backing-out get, 1 -> 2 -> 1 by a successful get and its
+// put): the flag tells it. Set before the CAS that drops the reference, so whoever reads the
+// count that CAS wrote (acquire) sees it. Costs a put that is not the last one a load (and, once
+// per busy period, an RMW) of the cold flags line; the last put of a busy period reads it.
+[[gnu::cold, gnu::noinline]] inline void mark_page_free_owed(PageArray& a,
+                                                             std::uint64_t head) noexcept {
+  a.flags(head).fetch_or(kPageFreeOwed, std::memory_order_relaxed);
+}
+
+// A put of a held reference under the FREEING protocol.
 [[gnu::always_inline]] inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
                                                std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
@@ -112,28 +128,55 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   do {
     if (old < refs || old > PageArray::kMaxRef) [[unlikely]]
       return refused_put(pg, old);
-    next = old == refs ? kFreeingRef : old - refs;
+    if (old == refs) {
+      next = kFreeingRef;
+    } else {
+      next = old - refs;
+      if ((a.flags(head).load(std::memory_order_relaxed) & kPageFreeOwed) == 0) [[unlikely]]
+        mark_page_free_owed(a, head);  // P1a
+    }
   } while (!r.compare_exchange_weak(old, next, std::memory_order_seq_cst,  // P1
                                     std::memory_order_relaxed));
   if (next == kFreeingRef) freeing_to_idle(pg, a, head);
   return Errc::ok;
 }
 
-// A checked_get that found the pagemap killed (or torn down) after its add backs out. If the
-// folio was idle before the add, this was no busy period: straight back to 0 (no page_free) and
-// wake a scan that may have seen the transient reference. Otherwise it is an ordinary put, which
-// may be the last of the folio's busy period.
+// A checked_get that found the pagemap killed (or torn down) after its add backs out: a put of a
+// reference that no successful get took (B1..B3). It ends the busy period if nothing else holds
+// the folio; that busy period owes page_free only if a successful get's reference came and went
+// in it (kPageFreeOwed, P1a; a successful get still holding means this is not the last put). So:
+//   B1  load the count (acquire) and, if it is our own add only, the owed flag;
+//   B2  CAS: our add only -> FREEING if owed (then P2..P5: page_free), else -> 0; otherwise
+//       old -> old - refs (the folio stays busy; the flag is left as it is);
+//   B3  if it went to 0: wake a scan that may have seen the transient add (address only).
+// No successful get can join meanwhile (the kill is visible: every later get backs out too), and
+// other backing-out gets never set the flag, so the value read at B1 decides correctly.
 [[gnu::cold, gnu::noinline]] inline Errc back_out(DevPagemap& pg, PageArray& a, std::uint64_t head,
-                                                  std::uint32_t refs, std::uint32_t old,
-                                                  std::uint8_t life) noexcept {
+                                                  std::uint32_t refs, std::uint8_t life) noexcept {
   // Decided before letting go: after it the pagemap may be gone.
   const Errc result = (life & Access::kTornDown) != 0 ? Access::late(pg) : Errc::dead;
   std::atomic<std::uint32_t>& r = a.ref(head);
-  if (old != 0) {
-    (void)freeing_put(pg, a, head, refs);  // drops our own add: cannot underflow
-    return result;
+  std::uint32_t old = r.load(std::memory_order_acquire);  // B1
+  std::uint32_t next = 0;
+  do {
+    // Our own add is in the count: no underflow, and FREEING / retired only if torn down
+    // under us (quarantined metadata): nothing to drop then.
+    if (old < refs || old > PageArray::kMaxRef) [[unlikely]]
+      return result;
+    if (old == refs) {
+      const bool owed = (a.flags(head).load(std::memory_order_relaxed) & kPageFreeOwed) != 0;
+      next = owed ? kFreeingRef : 0;
+    } else {
+      next = old - refs;
+    }
+  } while (!r.compare_exchange_weak(old, next, std::memory_order_seq_cst,  // B2
+                                    std::memory_order_acquire));
+  PGMAP_YIELD_POINT("sweep.after_back_out");
+  if (next == kFreeingRef) {
+    freeing_to_idle(pg, a, head);  // P2..P5 for the busy period's last successful get
+  } else if (next == 0) {
+    wake_up_var(&r);  // B3
   }
-  if (r.fetch_sub(refs, std::memory_order_seq_cst) == refs) wake_up_var(&r);
   return result;
 }
 
@@ -159,7 +202,7 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   PGMAP_YIELD_POINT("sweep.get_after_add");
   const std::uint8_t life = Access::life(pg);  // G2
   if (life != 0) [[unlikely]]
-    return back_out(pg, a, head, refs, old, life);
+    return back_out(pg, a, head, refs, life);
   return Errc::ok;
 }
 
