@@ -54,10 +54,11 @@ runs=(
   "sweep/check_before_add|sweep|MUT_CHECK_BEFORE_ADD|safety|refute"
   "sweep/backout_sub|sweep|MUT_BACKOUT_SUB|safety|refute"
   "sweep/no_poll|sweep|MUT_NO_POLL|safety|refute"
-  # design alternatives of the FREEING protocol, and one property the as-built code does not have
+  "sweep/old_back_out|sweep|MUT_OLD_BACKOUT|safety|refute"
+  "sweep/no_owed_mark|sweep|MUT_NO_OWED_MARK|safety|refute"
+  # design alternatives of the FREEING protocol
   "sweep/alt_wake_before_zero|sweep|ALT_WAKE_BEFORE_ZERO|safety|refute"
   "sweep/alt_blind_add|sweep|ALT_BLIND_ADD|safety|refute"
-  "sweep/page_free_owed|sweep|CHECK_PAGE_FREE_OWED|safety|refute"
   # control: without fairness the spin on `active` may starve the store-buffer drain
   "percpu_ref.unfair|percpu_ref|SMALL|unfair|refute"
 )

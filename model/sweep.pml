@@ -4,16 +4,19 @@
  * src/memory/strategy/access.h (wakes_on_idle), src/memory/dev_pagemap.cc (kill_locked,
  * memunmap, scan_and_wait). Step labels are the code's:
  *
- *   checked_get  G1  CAS old -> old + 1, REFUSED (Errc::busy, nothing changed) when old is FREEING
- *                    (or retired; not modelled): never a blind add.
- *                G2  load life_; if killed: back_out:
- *                      old == 0 (the folio was idle before our add: no busy period)
- *                          fetch_sub; if that made it 0, wake (address only); no page_free;
- *                      old != 0: freeing_put of our own add (may be the busy period's last put).
- *   freeing_put  P1  CAS loop; the last put moves 1 -> FREEING (the scan treats it as busy);
+ *   checked_get  G1  CAS old -> old + 1, REFUSED (nothing changed) when old is FREEING (the code
+ *                    waits for P4 and retries: a refused attempt here, retried or not, covers it).
+ *                G2  load life_; if killed: back_out (a put of a reference no successful get took):
+ *                B1    load the count (acquire); if it is our add only, load the owed flag;
+ *                B2    CAS: our add only -> FREEING if owed (then P2..P5: page_free), else -> 0;
+ *                      otherwise old -> old - 1 (the flag is left as it is);
+ *                B3    if it went to 0: wake (address only).
+ *   freeing_put  P1a a put that is not the last sets the owed flag (kPageFreeOwed) before its CAS;
+ *                P1  CAS loop; the last put moves 1 -> FREEING (the scan treats it as busy);
  *   freeing_to_idle
  *                P2  wake = wakes_on_idle() (killed; read BEFORE page_free and the store of 0);
  *                P3  page_free (uses the pagemap);
+ *                P3b clear the owed flag;
  *                P4  store 0 (release): the last touch of the pagemap;
  *                P5  if wake: wake_up_var (hashes the address into the global wait table only).
  *   memunmap     kill_locked: life_ |= kKilled (seq_cst), full fence; scan_and_wait: every folio
@@ -36,25 +39,30 @@
  *
  * Checked: no touch of the pagemap after it is freed; the refcount never goes below zero or
  * changes while FREEING except by its putter; no get succeeds after the kill; teardown finds
- * every folio idle and no page_free running; every busy period that a successful get started
- * from idle (old == 0) ends with page_free before the folio reads 0 again (`owed`).
+ * every folio idle and no page_free running; every busy period that a successful get took part in
+ * ends with page_free before the folio reads 0 again (ghost `owed`, set by every successful get,
+ * cleared by page_free), and page_free runs only for such a busy period (no page_free without
+ * `owed`: a busy period made only of backing-out adds frees nothing); the owed flag is clear
+ * whenever the folio reads 0.
  *
  * Mutants (each must be refuted):
  *   MUT_NO_FREEING        the last put moves 1 -> 0, then runs page_free and the wake-up: the scan
  *                         does not wait for the free path (free path after 0).
  *   MUT_CHECK_BEFORE_ADD  the get checks alive before its add (G2 before G1).
- *   MUT_BACKOUT_SUB       back_out of a non-idle folio (old != 0) as a bare fetch_sub (+ wake if
- *                         0) instead of freeing_put: a busy period ends without page_free.
+ *   MUT_BACKOUT_SUB       back_out as a bare fetch_sub (+ wake if 0), never page_free: a busy
+ *                         period ends without page_free.
+ *   MUT_OLD_BACKOUT       the back_out before the owed flag: old == 0 (the folio was idle before
+ *                         our add) -> fetch_sub, wake if 0, no page_free; old != 0 -> an ordinary
+ *                         put (page_free if last). Defect A: B adds 0 -> 1, G gets 1 -> 2 and puts
+ *                         2 -> 1, the kill, B backs out 1 -> 0: G's busy period ends without
+ *                         page_free (and two back-outs alone ran a page_free for nothing).
+ *   MUT_NO_OWED_MARK      non-last puts do not set the owed flag (P1a missing): the same trail.
  *   MUT_NO_POLL           the scan waits on a FREEING folio without a deadline (lost wake-up when
  *                         the putter read P2 before the kill).
  * Design alternatives (refuted; docs/model.md):
  *   ALT_WAKE_BEFORE_ZERO  P5 before P4 (lost wake-up for a scan waiting on a count).
  *   ALT_BLIND_ADD         G1 as a blind fetch_add, undone on FREEING (the spec's design): P4's
  *                         store of 0 erases the transient add, whose undo then underflows.
- * Property the as-built code does not have (refuted; reported in docs/model.md):
- *   CHECK_PAGE_FREE_OWED  every busy period with a successful get ends with page_free, also one
- *                         that a successful get joined on another getter's transient add (old 1
- *                         from a get that then backs out with old == 0 after the holder's put).
  */
 
 #define NP 2           /* folios */
@@ -75,7 +83,8 @@ bit sleeping = 0;
 /* ghost */
 byte holders[NP];      /* successful gets not yet put */
 bit in_free[NP];       /* page_free running */
-bit owed[NP];          /* the folio was busy; its page_free has not run yet */
+bit owed[NP];          /* a successful get took part in the busy period; page_free not run yet */
+bit owedf[NP];         /* the code's kPageFreeOwed flag (PageArray::flags) */
 byte done = 0;
 
 /* Any touch of the pagemap's memory: its metadata (refcounts included) and its callbacks. */
@@ -93,7 +102,7 @@ inline wake() {
 }
 
 inline page_free(p) {
-  atomic { USE; in_free[p] = 1; owed[p] = 0 };
+  atomic { USE; assert(owed[p]); in_free[p] = 1; owed[p] = 0 };
   atomic { USE; in_free[p] = 0 }
 }
 
@@ -106,8 +115,10 @@ inline freeing_to_idle(p) {
   :: wk -> wake()
   :: else -> skip
   fi;
+  owedf[p] = 0;                          /* P3b */
   atomic { USE; assert(r[p] == FREEING); assert(!owed[p]); r[p] = 0 }
 #else
+  atomic { USE; owedf[p] = 0 };          /* P3b */
   atomic { USE; assert(r[p] == FREEING); assert(!owed[p]); r[p] = 0 };   /* P4 */
   if                                     /* P5: address only */
   :: wk -> wake()
@@ -120,7 +131,14 @@ inline freeing_to_idle(p) {
 inline freeing_put(p) {
   old = r[p];                            /* relaxed load */
   do
-  :: atomic {                            /* P1: CAS */
+  ::
+#if !defined(MUT_NO_OWED_MARK) && !defined(MUT_OLD_BACKOUT)
+    if                                   /* P1a: not the last put: the busy period owes page_free */
+    :: held && old != 1 -> atomic { USE; owedf[p] = 1 }
+    :: else -> skip
+    fi;
+#endif
+    atomic {                             /* P1: CAS */
        USE;
        if
        :: r[p] == old ->
@@ -158,8 +176,37 @@ inline freeing_put(p) {
   fi
 }
 
+/* back_out: a put of the getter's own add, which no successful get took (B1..B3). */
+inline back_out(p) {
+  do
+  :: atomic { USE; old = r[p] };         /* B1: load (acquire) */
+    atomic { USE; owd = owedf[p] };       /*     the owed flag (the code reads it when old == 1) */
+    atomic {                             /* B2: CAS */
+      USE;
+      if
+      :: r[p] == old ->
+        assert(old > 0 && old < FREEING);
+        if
+        :: old == 1 && owd -> r[p] = FREEING; last = 1; zero = 0
+        :: old == 1 && !owd ->
+          assert(!owed[p] && !owedf[p]);   /* idle again: no busy period is left owing */
+          r[p] = 0; last = 0; zero = 1
+        :: else -> r[p] = old - 1; last = 0; zero = 0
+        fi;
+        break
+      :: else -> skip
+      fi
+    }
+  od;
+  if
+  :: last -> freeing_to_idle(p)          /* P2..P5 for the busy period's successful gets */
+  :: zero -> wake()                      /* B3 */
+  :: else -> skip
+  fi
+}
+
 proctype getter(byte me) {
-  byte p, old; bit last, t0, dead, held, wk;
+  byte p, old; bit last, t0, dead, held, wk, owd, zero;
   if
   :: p = 0
   :: p = 1
@@ -204,27 +251,19 @@ proctype getter(byte me) {
   atomic {                               /* G2: life_ load */
     dead = !alive;
     if
-    :: !dead ->
-      holders[p]++;
-#ifdef CHECK_PAGE_FREE_OWED
-      owed[p] = 1
-#else
-      if
-      :: old == 0 -> owed[p] = 1
-      :: else -> skip
-      fi
-#endif
+    :: !dead -> holders[p]++; owed[p] = 1
     :: else -> skip
     fi
   };
   if
-  :: dead ->                             /* back_out */
+  :: dead ->
     held = 0;
-#ifndef MUT_BACKOUT_SUB
-    if
+#if defined(MUT_OLD_BACKOUT)
+    if                                   /* the back_out before the owed flag */
     :: old != 0 -> freeing_put(p)
     :: else ->
 #endif
+#if defined(MUT_OLD_BACKOUT) || defined(MUT_BACKOUT_SUB)
       atomic {
         USE; assert(r[p] > 0 && r[p] < FREEING); r[p]--; last = (r[p] == 0);
         assert(!last || !owed[p])          /* idle again: no busy period is left owing */
@@ -233,8 +272,12 @@ proctype getter(byte me) {
       :: last -> wake()
       :: else -> skip
       fi
-#ifndef MUT_BACKOUT_SUB
+#endif
+#if defined(MUT_OLD_BACKOUT)
     fi;
+#endif
+#if !defined(MUT_OLD_BACKOUT) && !defined(MUT_BACKOUT_SUB)
+    back_out(p);
 #endif
     lookups--;
     goto out
