@@ -12,6 +12,7 @@
 #include <memory>
 #include <string>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "memory/testing/pagemap_fixture.h"
@@ -1234,6 +1235,82 @@ TEST_P(TeardownMisuseTest, StrayPutThenMemunmapReturnsUnderflowAndStaysLive) {
   EXPECT_TRUE(pg->ref_is_percpu());
   auto again = bounded_call("second memunmap()", [&] { return pg->memunmap(); });
   EXPECT_TRUE(again) << again.error().to_string();
+}
+
+// Defect B: k stray put_ref()s (k = 1 above) leave the fold's count at 1 - k. Each refused attempt
+// used to give back one reference only, so k >= 2 took k + 1 memunmap calls and k >= 3 made
+// ~DevPagemap give up (three attempts) and leave the pagemap published. Whatever k, the first
+// attempt refuses with Errc::underflow and the pagemap is live with one initial reference again.
+class StrayPutsTest : public ::testing::TestWithParam<std::tuple<Strategy, int>> {
+ protected:
+  void SetUp() override { published_before_ = pagemap_count(); }
+  void TearDown() override { EXPECT_EQ(pagemap_count(), published_before_); }
+  testutil::MisuseCounter misuse_;
+  std::size_t published_before_ = 0;
+};
+INSTANTIATE_TEST_SUITE_P(AllStrategies, StrayPutsTest,
+                         ::testing::Combine(::testing::ValuesIn(kAllStrategies),
+                                            ::testing::Values(2, 3, 5)),
+                         [](const ::testing::TestParamInfo<std::tuple<Strategy, int>>& i) {
+                           return fmt::format("{}_{}", strategy_name(std::get<0>(i.param)),
+                                              std::get<1>(i.param));
+                         });
+
+TEST_P(StrayPutsTest, MemunmapRefusesOnceThenSucceeds) {
+  const auto [strategy, strays] = GetParam();
+  auto pg = must_memremap(make_params(strategy, make_backing(4 * kMiB2)));
+  ASSERT_TRUE(pg);
+  for (int i = 0; i < strays; ++i)
+    EXPECT_EQ(pg->put_ref(), Errc::ok);  // percpu mode cannot see them yet
+  auto r = bounded_call("memunmap() after stray puts", [&] { return pg->memunmap(); });
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::underflow) << r.error().to_string();
+  EXPECT_GE(misuse_.reported(), 1u);
+  EXPECT_EQ(pg->state(), State::live);
+  EXPECT_TRUE(pg->ref_is_percpu());
+  EXPECT_TRUE(pg->tryget_live());
+  EXPECT_EQ(pg->put_ref(), Errc::ok);
+  FolioHold h;
+  EXPECT_EQ(h.take(*pg, pg->range(0).start), Errc::ok);
+  EXPECT_EQ(h.release(), Errc::ok);
+  auto again = bounded_call("second memunmap()", [&] { return pg->memunmap(); });
+  EXPECT_TRUE(again) << again.error().to_string();
+  EXPECT_EQ(pg->state(), State::dead);
+}
+
+TEST_P(StrayPutsTest, KillRefusesOnceThenSucceeds) {
+  const auto [strategy, strays] = GetParam();
+  auto pg = must_memremap(make_params(strategy, make_backing(4 * kMiB2)));
+  ASSERT_TRUE(pg);
+  for (int i = 0; i < strays; ++i)
+    EXPECT_EQ(pg->put_ref(), Errc::ok);
+  EXPECT_EQ(bounded_call("kill() after stray puts", [&] { return pg->kill(); }), Errc::underflow);
+  EXPECT_EQ(pg->state(), State::live);
+  EXPECT_TRUE(pg->ref_is_percpu());
+  EXPECT_EQ(bounded_call("second kill()", [&] { return pg->kill(); }), Errc::ok);
+  EXPECT_EQ(pg->state(), State::dying);
+  auto r = bounded_call("memunmap() of the killed pagemap", [&] { return pg->memunmap(); });
+  EXPECT_TRUE(r) << r.error().to_string();
+}
+
+// The destructor's memunmap completes (TearDown checks the pagemap is unpublished) and says
+// nothing about giving up.
+TEST_P(StrayPutsTest, DestructorCompletesTheTeardown) {
+  const auto [strategy, strays] = GetParam();
+  auto pg = must_memremap(make_params(strategy, make_backing(4 * kMiB2)));
+  ASSERT_TRUE(pg);
+  for (int i = 0; i < strays; ++i)
+    EXPECT_EQ(pg->put_ref(), Errc::ok);
+  ::testing::internal::CaptureStderr();
+  EXPECT_EQ(bounded_call("~DevPagemap after stray puts",
+                         [&] {
+                           pg.reset();
+                           return 0;
+                         }),
+            0);
+  const std::string err = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(err.find("keeps underflowing"), std::string::npos) << err;
+  EXPECT_EQ(pagemap_count(), published_before_);
 }
 
 // Issue 7 item 4: memremap / memunmap need grace periods; inside a read section they must refuse
