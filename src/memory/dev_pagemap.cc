@@ -278,6 +278,20 @@ template <typename S>
   return S::put(pg, *l.array, l.head, refs);
 }
 
+// The strategy's get / put on an already located folio (pin_folio / unpin_folio, which have
+// checked the torn-down flag and located the folio themselves).
+template <typename S>
+[[gnu::noinline]] Errc get_at(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                              std::uint32_t refs) noexcept {
+  return S::get(pg, a, head, refs);
+}
+
+template <typename S>
+[[gnu::noinline]] Errc put_at(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                              std::uint32_t refs) noexcept {
+  return S::put(pg, a, head, refs);
+}
+
 }  // namespace
 }  // namespace strategy_impl
 
@@ -303,8 +317,13 @@ Errc DevPagemap::pin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   if ((l.array->flags(l.head).load(std::memory_order_acquire) & kPagePoisoned) != 0) {
     return Errc::poisoned;
   }
-  if (l.array->uses_pin_bias(l.head)) return get_folio(pfn, PageArray::kPinBias);
-  Errc e = get_folio(pfn, npages);
+  auto get = [&](std::uint32_t refs) {
+    return strategy_impl::dispatch(strategy_, [&](auto s) {
+      return strategy_impl::get_at<decltype(s)>(*this, *l.array, l.head, refs);
+    });
+  };
+  if (l.array->uses_pin_bias(l.head)) return get(PageArray::kPinBias);
+  Errc e = get(npages);
   if (e == Errc::ok) l.array->pincount(l.head).fetch_add(npages, std::memory_order_acq_rel);
   return e;
 }
@@ -318,6 +337,12 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
   const Pfn folio_end = l.array->pfn_of(l.head) + order_pages(l.array->order(l.head));
   if (npages == 0 || npages > folio_end - pfn) [[unlikely]]
     return Errc::invalid_argument;
+  // Nothing of this pagemap may be touched after the strategy's put returns.
+  auto put = [&](std::uint32_t refs) {
+    return strategy_impl::dispatch(strategy_, [&](auto s) {
+      return strategy_impl::put_at<decltype(s)>(*this, *l.array, l.head, refs);
+    });
+  };
   if (l.array->uses_pin_bias(l.head)) {
     const std::uint32_t r = l.array->ref(l.head).load(std::memory_order_acquire);
     if (r < PageArray::kPinBias || r > PageArray::kMaxRef) {
@@ -326,7 +351,7 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
       report_misuse(Errc::underflow, "DevPagemap::unpin_folio of a folio that is not pinned");
       return Errc::underflow;
     }
-    return put_folio(pfn, PageArray::kPinBias);
+    return put(PageArray::kPinBias);
   }
   std::atomic<std::uint32_t>& pc = l.array->pincount(l.head);
   std::uint32_t old = pc.load(std::memory_order_relaxed);
@@ -338,7 +363,7 @@ Errc DevPagemap::unpin_folio(Pfn pfn, std::uint32_t npages) noexcept {
     }
   } while (!pc.compare_exchange_weak(old, old - npages, std::memory_order_acq_rel,
                                      std::memory_order_relaxed));
-  return put_folio(pfn, npages);
+  return put(npages);
 }
 
 std::uint32_t DevPagemap::folio_ref_count(Pfn pfn) const noexcept {
