@@ -20,7 +20,8 @@ struct PerLookupStrategy {
     PercpuRef& ref = Access::ref(pg);
     if (!ref.tryget_live()) [[unlikely]]
       return Access::torn_down(pg) ? Access::late(pg) : Errc::dead;
-    if (refs > 1) (void)ref.get_many(refs - 1);  // we hold one: cannot fail
+    if (refs > 1) [[unlikely]]
+      (void)ref.get_many(refs - 1);  // we hold one: cannot fail
     Errc e = plain_get(pg, a.ref(head), refs);
     if (e != Errc::ok) [[unlikely]]
       (void)ref.put_many(refs);  // undoes our own gets
