@@ -181,15 +181,18 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 }
 
 // Sweep's get: CAS (never on a FREEING or retired value: on FREEING it waits for the free path to
-// end and retries, G0), then the liveness check that pairs with
-// memunmap's kill-then-scan (Dekker): either this get sees the kill and backs out, or the scan
-// sees the reference and waits for it.
-[[gnu::always_inline]] inline Errc checked_get(DevPagemap& pg, PageArray& a, std::uint64_t head,
-                                               std::uint32_t refs) noexcept {
+// end and retries, G0), then the liveness check that pairs with memunmap's kill-then-scan
+// (Dekker): either this get sees the kill and backs out, or the scan sees the reference and waits
+// for it. checked_get_slow is the whole protocol; checked_get is its common case inline (a
+// reference count below kMaxRef, the pagemap live), with no call that is not a tail call, so it
+// saves no registers; anything else goes to the slow function from the start.
+[[gnu::cold, gnu::noinline]] inline Errc checked_get_slow(DevPagemap& pg, PageArray& a,
+                                                          std::uint64_t head,
+                                                          std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
   std::uint32_t old = r.load(std::memory_order_relaxed);
   for (;;) {
-    if (old > PageArray::kMaxRef - refs) [[unlikely]] {
+    if (old > PageArray::kMaxRef - refs) {
       if (old != kFreeingRef || Access::torn_down(pg)) return refused_get(pg);
       old = wait_freeing_done(r);  // G0: a racing last put is freeing the folio
       continue;
@@ -199,6 +202,21 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
       break;
     }
   }
+  PGMAP_YIELD_POINT("sweep.get_after_add");
+  const std::uint8_t life = Access::life(pg);  // G2
+  if (life != 0) return back_out(pg, a, head, refs, life);
+  return Errc::ok;
+}
+
+[[gnu::always_inline]] inline Errc checked_get(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                               std::uint32_t refs) noexcept {
+  std::atomic<std::uint32_t>& r = a.ref(head);
+  std::uint32_t old = r.load(std::memory_order_relaxed);
+  do {
+    if (old > PageArray::kMaxRef - refs) [[unlikely]]
+      return checked_get_slow(pg, a, head, refs);  // FREEING (G0), retired, or overflow
+  } while (!r.compare_exchange_weak(old, old + refs, std::memory_order_seq_cst,  // G1
+                                    std::memory_order_relaxed));
   PGMAP_YIELD_POINT("sweep.get_after_add");
   const std::uint8_t life = Access::life(pg);  // G2
   if (life != 0) [[unlikely]]
