@@ -11,6 +11,7 @@
 #include <memory>
 #include <string>
 
+#include "memory/testing/resident_bytes.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
@@ -21,15 +22,7 @@ namespace {
 
 constexpr std::uint64_t kTiB = std::uint64_t{1} << 40;
 
-std::uint64_t resident_bytes() {
-  std::FILE* f = std::fopen("/proc/self/statm", "r");
-  if (f == nullptr) return 0;
-  unsigned long long size = 0;
-  unsigned long long resident = 0;
-  const int got = std::fscanf(f, "%llu %llu", &size, &resident);
-  std::fclose(f);
-  return got == 2 ? resident * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE)) : 0;
-}
+using testutil::resident_bytes;
 
 std::string page_label(unsigned order) {
   return order == 0 ? "1 TiB @4K" : "1 TiB @2M";

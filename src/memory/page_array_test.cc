@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "memory/testing/pagemap_fixture.h"
+#include "memory/testing/resident_bytes.h"
 #include "pgmap/core/error.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/memory/pfn.h"
@@ -72,14 +73,7 @@ void touch_every_field(PageArray& a, std::uint64_t e) {
   a.index_or_share(e).store(42);
 }
 
-// Resident set size of this process, in bytes.
-std::uint64_t resident_bytes() {
-  std::ifstream statm("/proc/self/statm");
-  std::uint64_t size = 0;
-  std::uint64_t resident = 0;
-  statm >> size >> resident;
-  return resident * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE));
-}
+using testutil::resident_bytes;
 
 class PageArrayTest : public ::testing::Test {
  protected:
