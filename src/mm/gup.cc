@@ -7,6 +7,7 @@
 #include <atomic>
 #include <mutex>
 #include <shared_mutex>
+#include <span>
 #include <string>
 #include <utility>
 
@@ -33,23 +34,8 @@ const char* signal_name(Signal s) {
   return "no signal";
 }
 
-// The page array of a pfn, cached across consecutive pfns of one pagemap: a run of pfns is
-// resolved to its array once.
-struct ArrayCache {
-  DevPagemap* pgmap = nullptr;
-  PageArray* array = nullptr;
-
-  PageArray* get(DevPagemap* pg, Pfn pfn) noexcept {
-    if (pg != pgmap || array == nullptr || !array->contains(pfn)) {
-      pgmap = pg;
-      array = pg->array_for(pfn);
-    }
-    return array;
-  }
-};
-
-// References on `n` consecutive pages starting at pfn, all in one folio: one refcount operation.
-// Trivial (no member initializers): walk_table keeps 512 of them on the stack uninitialized.
+// References on `n` consecutive pages starting at pfn, all in one folio: one refcount operation
+// (a huge leaf's run).
 struct Run {
   DevPagemap* pgmap;
   Pfn pfn;
@@ -177,40 +163,9 @@ class Gup {
     if (!s) return std::uint64_t{0};
     const std::uint64_t count = s->depth == 0 ? std::min(max, s->count) : 1;
     std::array<std::uint64_t, PageTable::kEntries> seen;  // entry values, for the re-check
-    std::array<Run, PageTable::kEntries> runs;
-    std::array<std::uint16_t, PageTable::kEntries + 1> run_at;  // first entry of each run
-    std::size_t nruns = 0;
-    std::uint64_t n = 0;  // entries (depth 0) or pages (huge leaf) taken
-    std::uint64_t pages = 0;
-    Run cur{nullptr, 0, 0, false};
-    Pfn cur_end = 0;  // end of cur's folio
-    std::uint64_t cur_first = 0;
+    std::uint64_t n = 0;                                  // entries read (depth 0)
     std::optional<Error> error;
 
-    auto flush = [&]() -> bool {
-      if (cur.n == 0) return true;
-      // The run's entries were read locklessly; its reference is not taken yet.
-      PGMAP_YIELD_POINT("gup.after_walk");
-      if (Errc e = take(cur); e != Errc::ok) {
-        if (strict && cur_first == 0 && e != Errc::poisoned) {
-          error = Error(e, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
-                                       pin() ? "pin" : "reference", cur.pfn, addr,
-                                       cur.pgmap->name(), errc_name(e)));
-        } else if (e == Errc::poisoned) {
-          error = Error(e, fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", cur.pfn,
-                                       cur.pgmap->name()));
-        }
-        cur.n = 0;
-        return false;
-      }
-      runs[nruns] = cur;
-      run_at[nruns] = static_cast<std::uint16_t>(cur_first);
-      ++nruns;
-      cur.n = 0;
-      return true;
-    };
-
-    ArrayCache arrays;
     // An entry is usable if it is a present leaf (writable for FOLL_WRITE), its pagemap is the
     // live one of its pfn, and (fast) FOLL_LONGTERM is not asked of an fsdax page.
     auto usable = [&](std::uint64_t e, DevPagemap* pg, Pfn pfn, std::uint64_t at) -> bool {
@@ -237,7 +192,7 @@ class Gup {
         if (error) return *error;
         return std::uint64_t{0};
       }
-      PageArray* a = arrays.get(pg, pfn);
+      PageArray* a = pg->array_for(pfn);
       if (a == nullptr) {
         if (strict) return dead("is outside its pagemap", pfn, addr);
         return std::uint64_t{0};
@@ -246,17 +201,27 @@ class Gup {
       const Pfn folio_end = a->pfn_of(head) + order_pages(a->order(head));
       const Pfn leaf_end = pte::pfn(e) + order_pages(level_order(pte::level(e)));
       std::uint64_t len = std::min<std::uint64_t>({max, folio_end - pfn, leaf_end - pfn});
-      if (a->uses_pin_bias(head) && pin()) len = 1;
-      cur = Run{pg, pfn, static_cast<std::uint32_t>(len), a->uses_pin_bias(head) && pin()};
-      cur_first = 0;
-      if (!flush()) {
-        if (error) return *error;
+      const bool bias = a->uses_pin_bias(head) && pin();
+      if (bias) len = 1;
+      const Run run{pg, pfn, static_cast<std::uint32_t>(len), bias};
+      // The leaf was read locklessly; its reference is not taken yet.
+      PGMAP_YIELD_POINT("gup.after_walk");
+      if (Errc te = take(run); te != Errc::ok) {
+        if (te == Errc::poisoned) {
+          return Error(te,
+                       fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfn, pg->name()));
+        }
+        if (strict) {
+          return Error(
+              te, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
+                              pin() ? "pin" : "reference", pfn, addr, pg->name(), errc_name(te)));
+        }
         return std::uint64_t{0};
       }
       PGMAP_YIELD_POINT("gup.before_recheck");
       sanitizer::full_fence();  // our reference before the re-read
       if (s->entry->load(std::memory_order_acquire) != e) {
-        (void)drop_run(runs[0], pin());  // zapped meanwhile: the slow path faults it again
+        (void)drop_run(run, pin());  // zapped meanwhile: the slow path faults it again
         return std::uint64_t{0};
       }
       for (std::uint64_t i = 0; i < len; ++i)
@@ -264,43 +229,62 @@ class Gup {
       return len;
     }
 
-    // A PTE table: read its entries directly, building folio runs.
+    // A PTE table: read its entries directly. One pagemap per call: an entry of another pagemap
+    // ends it, and the next call starts there (with that pagemap's checks).
+    std::array<Pfn, PageTable::kEntries> pfns;
+    DevPagemap* const pg = s->pgmap[0].load(std::memory_order_acquire);
     for (; n < count; ++n) {
       const std::atomic<std::uint64_t>& slot = s->entry[n];
       const std::uint64_t e = slot.load(std::memory_order_acquire);
       if (!pte::leaf(e)) break;
-      DevPagemap* pg = s->pgmap[n].load(std::memory_order_acquire);
+      if (s->pgmap[n].load(std::memory_order_acquire) != pg) break;
       if (slot.load(std::memory_order_acquire) != e) break;
-      const Pfn pfn = pte::pfn(e);
-      const std::uint64_t at = s->addr + (n << kPageShift);
-      if (cur.n == 0 || pg != cur.pgmap) {
-        if (!usable(e, pg, pfn, at)) break;
+      if (n == 0) {
+        if (!usable(e, pg, pte::pfn(e), s->addr)) break;
       } else if (write() && !pte::writable(e)) {
         break;
       }
       seen[n] = e;
-      if (cur.n != 0 && !cur.bias && pg == cur.pgmap && pfn == cur.pfn + cur.n && pfn < cur_end) {
-        ++cur.n;  // the same folio, the next page: one operation for both
-        continue;
-      }
-      if (!flush()) break;
-      PageArray* a = arrays.get(pg, pfn);
-      if (a == nullptr) {
-        if (strict && n == 0) error = dead("is outside its pagemap", pfn, at);
-        break;
-      }
-      const std::uint64_t head = a->head_of(a->index_of(pfn));
-      const unsigned order = a->order(head);
-      cur_end = a->pfn_of(head) + order_pages(order);
-      cur = Run{pg, pfn, 1, order <= 1 && pin()};  // order <= 1: pinned with the bias
-      cur_first = n;
+      pfns[n] = pte::pfn(e);
     }
-    // The last run; a run whose reference could not be taken is not kept. What is kept ends
-    // where the last kept run ends.
-    (void)flush();  // its failure is in `error` (or sends the page to the slow path)
-    n = nruns == 0 ? 0 : run_at[nruns - 1] + runs[nruns - 1].n;
-    if (error && n == 0) return *error;
-    if (n == 0) return std::uint64_t{0};
+    if (n == 0) {
+      if (error) return *error;
+      return std::uint64_t{0};
+    }
+
+    // The entries were read locklessly; their references are not taken yet. One batch: one
+    // refcount operation per folio (consecutive pages of a large folio share one).
+    PGMAP_YIELD_POINT("gup.after_walk");
+    DevPagemap::BatchResult taken;
+    Errc e = take_batch(pg, {pfns.data(), n}, &taken);
+    if (e == Errc::out_of_range && taken.done == 0) [[unlikely]] {
+      // An entry outside its pagemap (the batch refused as a whole): keep those before it.
+      std::uint64_t k = 0;
+      while (k < n && pg->contains(pfns[k]))
+        ++k;
+      if (k == 0) {
+        if (strict) return dead("is outside its pagemap", pfns[0], s->addr);
+        return std::uint64_t{0};
+      }
+      n = k;
+      e = take_batch(pg, {pfns.data(), n}, &taken);
+    }
+    stats_.folio_atomics += taken.atomics;
+    if (taken.done == 0) {
+      // The first page could not be had: an error, or the slow path for it.
+      if (e == Errc::poisoned) {
+        return Error(e,
+                     fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfns[0], pg->name()));
+      }
+      if (strict) {
+        return Error(
+            e, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
+                           pin() ? "pin" : "reference", pfns[0], addr, pg->name(), errc_name(e)));
+      }
+      return std::uint64_t{0};
+    }
+    // What failed after the first page is found again by the next walk from there.
+    n = taken.done;
 
     // Re-read every entry from the same table page: a concurrent zap may have dropped the
     // mapping's reference between our read and our reference, and the page may be reused.
@@ -308,30 +292,29 @@ class Gup {
     sanitizer::full_fence();  // our references before the re-reads
     std::uint64_t good = n;
     for (std::uint64_t i = 0; i < n; ++i) {
-      if (s->entry[i].load(std::memory_order_acquire) != seen[i]) {
+      if (s->entry[i].load(std::memory_order_acquire) != seen[i]) [[unlikely]] {
         good = i;
         break;
       }
     }
-    // Give back what lies at or after the first changed entry (runs cut at `good`).
-    for (std::size_t r = nruns; r-- > 0;) {
-      const std::uint64_t first = run_at[r];
-      if (first + runs[r].n <= good) break;
-      Run drop = runs[r];
-      if (first < good) {
-        const auto keep = static_cast<std::uint32_t>(good - first);
-        drop.pfn += keep;
-        drop.n -= keep;
-      }
-      (void)drop_run(drop, pin());  // references this call just took: cannot underflow
+    if (good < n) [[unlikely]] {
+      // Give back what lies at or after the first changed entry: references this call just took
+      // (cannot underflow; the ones kept still hold the pagemap).
+      (void)drop_batch(pg, {pfns.data() + good, n - good});
     }
-    for (std::size_t r = 0; r < nruns && run_at[r] < good; ++r) {
-      const std::uint64_t upto = std::min<std::uint64_t>(runs[r].n, good - run_at[r]);
-      for (std::uint64_t i = 0; i < upto; ++i)
-        out_.push_back(GupPage{runs[r].pfn + i, runs[r].pgmap});
-      pages += upto;
-    }
-    return pages;
+    const std::size_t at = out_.size();
+    out_.resize(at + good);
+    GupPage* o = out_.data() + at;
+    for (std::uint64_t i = 0; i < good; ++i)
+      o[i] = GupPage{pfns[i], pg};
+    return good;
+  }
+
+  Errc take_batch(DevPagemap* pg, std::span<const Pfn> pfns, DevPagemap::BatchResult* r) noexcept {
+    return pin() ? pg->pin_folios(pfns, r) : pg->get_folios(pfns, r);
+  }
+  Errc drop_batch(DevPagemap* pg, std::span<const Pfn> pfns) noexcept {
+    return pin() ? pg->unpin_folios(pfns) : pg->put_folios(pfns);
   }
 
   // mmap_lock shared: check the VMA, fault the page in, take it (and what follows it).
@@ -416,33 +399,38 @@ Errc gup_into(std::vector<GupPage>& out, AddressSpace& as, std::uint64_t start,
 Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept {
   const bool pin = kind == PageSetKind::pinned;
   Errc result = Errc::ok;
-  ArrayCache arrays;
+  auto note = [&result](Errc e) {
+    if (e != Errc::ok && result == Errc::ok) result = e;
+  };
+  std::array<Pfn, PageTable::kEntries> pfns;
   std::size_t i = 0;
   while (i < pages.size()) {
-    const GupPage& p = pages[i];
-    std::size_t j = i + 1;
-    if (p.pgmap == nullptr) [[unlikely]] {
-      if (result == Errc::ok) result = Errc::invalid_argument;
-      i = j;
+    DevPagemap* const pg = pages[i].pgmap;
+    if (pg == nullptr) [[unlikely]] {
+      note(Errc::invalid_argument);
+      ++i;
       continue;
     }
-    // After teardown the metadata is not to be read here: the release itself reports the late
-    // access (Errc::use_after_teardown under `none`), page by page.
-    PageArray* a =
-        p.pgmap->state() == DevPagemap::State::dead ? nullptr : arrays.get(p.pgmap, p.pfn);
-    if (a != nullptr) {
-      const std::uint64_t head = a->head_of(a->index_of(p.pfn));
-      if (!(pin && a->uses_pin_bias(head))) {
-        const Pfn folio_end = a->pfn_of(head) + order_pages(a->order(head));
-        while (j < pages.size() && pages[j].pgmap == p.pgmap && pages[j].pfn == p.pfn + (j - i) &&
-               pages[j].pfn < folio_end) {
-          ++j;
-        }
+    // The entries of one pagemap, up to a table's worth: one batch (one operation per folio run).
+    std::size_t k = 0;
+    while (i < pages.size() && pages[i].pgmap == pg && k < pfns.size())
+      pfns[k++] = pages[i++].pfn;
+    std::span<const Pfn> run(pfns.data(), k);
+    // An entry that does not hold what it should is reported (once) and skipped; the others are
+    // still released. After teardown each entry reports its late access, as a single unpin would.
+    while (!run.empty()) {
+      DevPagemap::BatchResult r;
+      const Errc e = pin ? pg->unpin_folios(run, &r) : pg->put_folios(run, &r);
+      if (e == Errc::ok) break;
+      note(e);
+      if (e == Errc::out_of_range && r.done == 0) [[unlikely]] {
+        // Refused as a whole (an entry outside the pagemap): one by one.
+        for (const Pfn p : run)
+          note(pin ? pg->unpin_folio(p) : pg->put_folio(p));
+        break;
       }
+      run = run.subspan(r.done + 1);
     }
-    Errc e = drop_run(Run{p.pgmap, p.pfn, static_cast<std::uint32_t>(j - i), false}, pin);
-    if (e != Errc::ok && result == Errc::ok) result = e;
-    i = j;
   }
   return result;
 }

@@ -59,6 +59,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -232,6 +233,31 @@ class DevPagemap {
   std::uint32_t folio_ref_count(Pfn pfn) const noexcept;
   bool folio_maybe_dma_pinned(Pfn pfn) const noexcept;
 
+  // ---- folio references in batches (dev_pagemap_batch.cc; docs/gup.md) ----
+  // The four operations above over many pages in one call. `pages` lists pfns, one entry per
+  // 4 KiB page (any pfns of this pagemap, in any order, from any of its ranges). The effect is
+  // that of calling the single operation once per entry, in order, with one page each
+  // (get_folio(p, 1), put_folio(p, 1), pin_folio(p, 1), unpin_folio(p, 1)), stopping at the first
+  // that fails; only the cost differs: one torn-down check and one strategy dispatch per call, one
+  // pfn -> page array resolution per run of entries in one range, then one refcount operation per
+  // folio, where consecutive entries that are consecutive pages of one large folio share one
+  // operation (the refs or pins of those pages added or dropped together, as pin_folio(p, n)).
+  // Returns Errc::ok, or the error the single operation would have given for the first entry
+  // that fails. result->done: the number of leading entries that succeeded (their references are
+  // taken or dropped; the failing entry and every later one are untouched); result->atomics: the
+  // refcount operations they cost. Bad input changes nothing: Errc::out_of_range (done 0) if any
+  // entry is outside the pagemap, found before any reference moves. An empty batch is a no-op.
+  // Same contract as the single operations otherwise (never block, no lock, any read section; a
+  // put or unpin batch touches nothing of the pagemap after its last refcount operation).
+  struct BatchResult {
+    std::size_t done = 0;     // leading entries that succeeded
+    std::size_t atomics = 0;  // refcount operations issued for them
+  };
+  Errc get_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
+  Errc put_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
+  Errc pin_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
+  Errc unpin_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
+
   // ---- the allocation event (alloc_event strategy; usable by any strategy) ----
   // Takes one pagemap reference for [first, first + nr) that the caller keeps for as long as it
   // uses those pages (Dan Williams' proposal: discovering the pfn is the allocation). Fails with
@@ -333,6 +359,9 @@ class DevPagemap {
     return {a, a->head_of(a->index_of(pfn))};
   }
   Loc locate_slow(Pfn pfn) const noexcept;
+  // The batch operations (dev_pagemap_batch.cc): kOp is one of its BatchOp values.
+  template <int kOp>
+  Errc folio_batch(std::span<const Pfn> pages, BatchResult* result) noexcept;
   bool torn_down() const noexcept {
     return (life_.load(std::memory_order_relaxed) & kTornDown) != 0;
   }
