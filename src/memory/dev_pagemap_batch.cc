@@ -42,16 +42,19 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
   if (n == 0) return Errc::ok;
   if (torn_down()) [[unlikely]]
     return torn_down_access(pages[0]);
-  // Bad input first, before any reference moves. The common single-range case is two compares
-  // per entry on the first array's range.
+  // Bad input first, before any reference moves. The common case, every entry in the first
+  // range, is a branch-free min/max over the entries and one range check.
   {
-    const PageArray& first = *first_array_;
+    Pfn lo = pages[0];
+    Pfn hi = pages[0];
     for (const Pfn p : pages) {
-      if (!first.contains(p)) [[unlikely]] {
-        for (const Pfn q : pages) {
-          if (!contains(q)) return Errc::out_of_range;
-        }
-        break;
+      lo = p < lo ? p : lo;
+      hi = p > hi ? p : hi;
+    }
+    const PfnRange first = first_array_->range();
+    if (lo < first.start || hi >= first.end()) [[unlikely]] {
+      for (const Pfn q : pages) {
+        if (!contains(q)) return Errc::out_of_range;
       }
     }
   }

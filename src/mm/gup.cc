@@ -224,8 +224,11 @@ class Gup {
         (void)drop_run(run, pin());  // zapped meanwhile: the slow path faults it again
         return std::uint64_t{0};
       }
+      const std::size_t at = out_.size();
+      out_.resize(at + len);
+      GupPage* o = out_.data() + at;
       for (std::uint64_t i = 0; i < len; ++i)
-        out_.push_back(GupPage{pfn + i, pg});
+        o[i] = GupPage{pfn + i, pg};
       return len;
     }
 
