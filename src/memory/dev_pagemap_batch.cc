@@ -13,9 +13,11 @@
 // as pin_folio(p, n) would. If that operation fails, it is redone page by page, so that what is
 // held afterwards is exactly what n single calls would have left (for instance an unpin of more
 // pages than are pinned drops the pins that exist, then reports the underflow).
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 
 #include "memory/strategy/strategy_ops.h"
 #include "pgmap/core/yield_point.h"
@@ -26,6 +28,27 @@ namespace pgmap {
 namespace {
 
 enum BatchOp : int { kGet, kPut, kPin, kUnpin };
+
+// per_lookup's folio half (strategy/per_lookup.h without its pagemap references): under
+// per_lookup every folio reference carries one pagemap reference, and a batch takes or drops all
+// of them in one go instead of once per folio. Gets: one tryget_live before the first folio (the
+// liveness check every single get makes; it keeps the pagemap while the batch runs), then
+// get_many for the rest of the references the folios took. Puts: the folio puts (page_free at
+// zero while the pagemap references are still held), then one put_many. The pagemap reference
+// count after the batch is exactly that of the single calls.
+struct PerLookupFolios {
+  static Errc get(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+    return strategy_impl::plain_get(pg, a.ref(head), refs);
+  }
+  static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
+    bool last = false;
+    Errc e = strategy_impl::plain_put(pg, a.ref(head), refs, &last);
+    if (e != Errc::ok) [[unlikely]]
+      return e;
+    if (last) strategy_impl::free_after_put(pg, a, head);
+    return Errc::ok;
+  }
+};
 
 constexpr bool is_pin_op(int op) {
   return op == kPin || op == kUnpin;
@@ -45,35 +68,59 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
   // Bad input first, before any reference moves. The common case, every entry in the first
   // range, is a branch-free min/max over the entries and one range check.
   {
-    Pfn lo = pages[0];
-    Pfn hi = pages[0];
-    for (const Pfn p : pages) {
-      lo = p < lo ? p : lo;
-      hi = p > hi ? p : hi;
+    // Four independent accumulators: the compare chains overlap instead of queueing.
+    Pfn lo[4] = {pages[0], pages[0], pages[0], pages[0]};
+    Pfn hi[4] = {pages[0], pages[0], pages[0], pages[0]};
+    std::size_t k = 0;
+    for (; k + 4 <= n; k += 4) {
+      for (std::size_t j = 0; j < 4; ++j) {
+        lo[j] = pages[k + j] < lo[j] ? pages[k + j] : lo[j];
+        hi[j] = pages[k + j] > hi[j] ? pages[k + j] : hi[j];
+      }
     }
+    for (; k < n; ++k) {
+      lo[0] = pages[k] < lo[0] ? pages[k] : lo[0];
+      hi[0] = pages[k] > hi[0] ? pages[k] : hi[0];
+    }
+    const Pfn min = std::min({lo[0], lo[1], lo[2], lo[3]});
+    const Pfn max = std::max({hi[0], hi[1], hi[2], hi[3]});
     const PfnRange first = first_array_->range();
-    if (lo < first.start || hi >= first.end()) [[unlikely]] {
+    if (min < first.start || max >= first.end()) [[unlikely]] {
       for (const Pfn q : pages) {
         if (!contains(q)) return Errc::out_of_range;
       }
     }
   }
 
-  return strategy_impl::dispatch(strategy_, [&](auto s) -> Errc {
-    using S = decltype(s);
+  return strategy_impl::dispatch(strategy_, [&](auto strategy) -> Errc {
+    constexpr bool kPerLookup =
+        std::is_same_v<decltype(strategy), strategy_impl::PerLookupStrategy>;
+    using S = std::conditional_t<kPerLookup, PerLookupFolios, decltype(strategy)>;
+    std::uint64_t refs_moved = 0;  // per_lookup: the pagemap references the folios carry
     // One refcount operation on the folio at `head` for `m` pages. `bias`: a small folio's pin
     // (m == 1). Errors and effects are those of the single operation.
     auto one = [&](PageArray& a, std::uint64_t head, std::uint32_t m, bool bias) -> Errc {
       if constexpr (kOp == kGet) {
-        return S::get(*this, a, head, m);
+        Errc e = S::get(*this, a, head, m);
+        if (e == Errc::ok) refs_moved += m;
+        return e;
       } else if constexpr (kOp == kPut) {
-        return S::put(*this, a, head, m);
+        Errc e = S::put(*this, a, head, m);
+        if (e == Errc::ok) refs_moved += m;
+        return e;
       } else if constexpr (kOp == kPin) {
         if ((a.flags(head).load(std::memory_order_acquire) & kPagePoisoned) != 0) [[unlikely]]
           return Errc::poisoned;
-        if (bias) return S::get(*this, a, head, PageArray::kPinBias);
+        if (bias) {
+          Errc e = S::get(*this, a, head, PageArray::kPinBias);
+          if (e == Errc::ok) refs_moved += PageArray::kPinBias;
+          return e;
+        }
         Errc e = S::get(*this, a, head, m);
-        if (e == Errc::ok) a.pincount(head).fetch_add(m, std::memory_order_acq_rel);
+        if (e == Errc::ok) {
+          a.pincount(head).fetch_add(m, std::memory_order_acq_rel);
+          refs_moved += m;
+        }
         return e;
       } else {
         if (bias) {
@@ -85,7 +132,9 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
                           "DevPagemap::unpin_folios of a folio that is not pinned");
             return Errc::underflow;
           }
-          return S::put(*this, a, head, PageArray::kPinBias);
+          Errc e = S::put(*this, a, head, PageArray::kPinBias);
+          if (e == Errc::ok) refs_moved += PageArray::kPinBias;
+          return e;
         }
         std::atomic<std::uint32_t>& pc = a.pincount(head);
         std::uint32_t old = pc.load(std::memory_order_relaxed);
@@ -98,7 +147,9 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
           }
         } while (!pc.compare_exchange_weak(old, old - m, std::memory_order_acq_rel,
                                            std::memory_order_relaxed));
-        return S::put(*this, a, head, m);
+        Errc e = S::put(*this, a, head, m);
+        if (e == Errc::ok) refs_moved += m;
+        return e;
       }
     };
 
@@ -117,51 +168,71 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
       }
     };
 
-    std::size_t i = 0;
-    while (i < n) {
-      // A new run of entries in one range (the first array inline, others out of line).
-      PageArray* const ap = locate(pages[i]).array;
-      PageArray& a = *ap;  // validated above: every entry is in some range
-      const unsigned base = a.base_order();
-      do {
-        const Pfn pfn = pages[i];
-        const std::uint64_t idx = a.index_of(pfn);
-        const unsigned ord = a.order(idx);
-        const std::uint64_t head = ord == base ? idx : a.head_of(idx);
-        const bool bias = is_pin_op(kOp) && ord <= 1;
-        std::uint32_t m = 1;
-        if (!bias && ord > 0) {
-          // Consecutive pages of one multi-page folio: one operation for all of them.
-          const Pfn folio_end = a.pfn_of(head) + order_pages(ord);
-          while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
-            ++m;
-        }
-        Errc e = m == 1 || run_fits(a, head, m) ? one(a, head, m, bias) : Errc::underflow;
-        if (e != Errc::ok) [[unlikely]] {
-          if (m == 1) return e;
-          // The run as a whole cannot be (or failed and changed nothing): page by page, so that
-          // exactly what single calls would leave is held and reported.
-          for (std::uint32_t j = 0; j < m; ++j) {
-            if (Errc e1 = one(a, head, 1, false); e1 != Errc::ok) return e1;
-            ++r.done;
-            ++r.atomics;
+    auto loop = [&]() -> Errc {
+      std::size_t i = 0;
+      while (i < n) {
+        // A new run of entries in one range (the first array inline, others out of line).
+        PageArray* const ap = locate(pages[i]).array;
+        PageArray& a = *ap;  // validated above: every entry is in some range
+        const unsigned base = a.base_order();
+        do {
+          const Pfn pfn = pages[i];
+          const std::uint64_t idx = a.index_of(pfn);
+          const unsigned ord = a.order(idx);
+          const std::uint64_t head = ord == base ? idx : a.head_of(idx);
+          const bool bias = is_pin_op(kOp) && ord <= 1;
+          std::uint32_t m = 1;
+          if (!bias && ord > 0) {
+            // Consecutive pages of one multi-page folio: one operation for all of them.
+            const Pfn folio_end = a.pfn_of(head) + order_pages(ord);
+            while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
+              ++m;
           }
+          Errc e = m == 1 || run_fits(a, head, m) ? one(a, head, m, bias) : Errc::underflow;
+          if (e != Errc::ok) [[unlikely]] {
+            if (m == 1) return e;
+            // The run as a whole cannot be (or failed and changed nothing): page by page, so that
+            // exactly what single calls would leave is held and reported.
+            for (std::uint32_t j = 0; j < m; ++j) {
+              if (Errc e1 = one(a, head, 1, false); e1 != Errc::ok) return e1;
+              ++r.done;
+              ++r.atomics;
+            }
+            i += m;
+            if (i == n) return Errc::ok;
+            continue;
+          }
+          r.done += m;
+          ++r.atomics;
           i += m;
+          // A put may have dropped what kept the pagemap alive: nothing of it is touched after the
+          // last entry (the entries still to come are references the caller holds).
           if (i == n) return Errc::ok;
-          continue;
-        }
-        r.done += m;
-        ++r.atomics;
-        i += m;
-        // A put may have dropped what kept the pagemap alive: nothing of it is touched after the
-        // last entry (the entries still to come are references the caller holds).
-        if (i == n) return Errc::ok;
-        PGMAP_YIELD_POINT("pagemap.batch_next_folio");
-      } while (a.contains(pages[i]));
-      if (torn_down()) [[unlikely]]
-        return torn_down_access(pages[i]);  // between ranges, as a single operation would
+          PGMAP_YIELD_POINT("pagemap.batch_next_folio");
+        } while (a.contains(pages[i]));
+        if (torn_down()) [[unlikely]]
+          return torn_down_access(pages[i]);  // between ranges, as a single operation would
+      }
+      return Errc::ok;
+    };
+
+    if constexpr (!kPerLookup) {
+      return loop();
+    } else if constexpr (kOp == kGet || kOp == kPin) {
+      if (!ref_.tryget_live()) [[unlikely]]
+        return torn_down() ? late_access() : Errc::dead;
+      const Errc e = loop();
+      // We hold one reference: neither call can fail.
+      if (refs_moved > 1) (void)ref_.get_many(refs_moved - 1);
+      if (refs_moved == 0) (void)ref_.put();
+      return e;
+    } else {
+      const Errc e = loop();
+      // Each dropped folio reference carried a pagemap reference; the pagemap may be gone after
+      // this (an underflow is reported by the ref itself).
+      if (refs_moved > 0) (void)ref_.put_many(refs_moved);
+      return e;
     }
-    return Errc::ok;
   });
 }
 

@@ -133,13 +133,17 @@ TEST_P(BatchTest, BatchEqualsSingleCallsPerEntry) {
   std::size_t step = 0;
   for (const Step& s : steps) {
     const std::size_t frees_before = log_.count();
+    const std::int64_t refs_before = pg_->ref_count_snapshot();
     BatchResult r;
     ASSERT_EQ(((*pg_).*s.batch)(a, &r), Errc::ok) << "step " << step;
     EXPECT_EQ(r.done, a.size());
     EXPECT_EQ(r.atomics, s.atomics);
     const std::size_t batch_frees = log_.count() - frees_before;
+    const std::int64_t refs_mid = pg_->ref_count_snapshot();
     for (Pfn p : b)
       ASSERT_EQ(((*pg_).*s.single)(p, 1), Errc::ok) << "step " << step;
+    // The pagemap references the batch took or dropped: what the single calls took or dropped.
+    EXPECT_EQ(refs_mid - refs_before, pg_->ref_count_snapshot() - refs_mid) << "step " << step;
     const std::size_t single_frees = log_.count() - frees_before - batch_frees;
     Counters ca = counters(0, 512);
     Counters cb = counters(16, 1024);

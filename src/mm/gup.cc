@@ -6,6 +6,7 @@
 #include <array>
 #include <atomic>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <span>
 #include <string>
@@ -80,9 +81,9 @@ class Gup {
     std::uint64_t addr = start;
     std::uint64_t left = nr_pages;
     while (left > 0) {
-      auto fast = walk(addr, left, false);
-      if (!fast) return fail(fast.error(), why);
-      std::uint64_t got = *fast;
+      std::uint64_t got = walk(addr, left, false);
+      if (got == kFailed) [[unlikely]]
+        return fail(*err_, why);
       if (got > 0) {
         stats_.fast += got;
       } else {
@@ -141,16 +142,25 @@ class Gup {
   // read-only for FOLL_WRITE, its entry changed under us); or an error. `slow`: called by the slow
   // path with mmap_lock held, right after faulting addr in: what would send the first page to the
   // slow path again is an error instead.
-  Result<std::uint64_t> walk(std::uint64_t addr, std::uint64_t max, bool slow) {
+  // (Errors go to err_ and return kFailed, so that the common path moves no Result around.)
+  std::uint64_t walk(std::uint64_t addr, std::uint64_t max, bool slow) {
     rcu::ReadGuard guard;
     std::uint64_t taken = 0;
     while (taken < max) {
-      auto got = walk_table(addr + (taken << kPageShift), max - taken, slow && taken == 0);
-      if (!got) return got.error();
-      if (*got == 0) break;
-      taken += *got;
+      const std::uint64_t got =
+          walk_table(addr + (taken << kPageShift), max - taken, slow && taken == 0);
+      if (got == kFailed) [[unlikely]]
+        return kFailed;
+      if (got == 0) break;
+      taken += got;
     }
     return taken;
+  }
+
+  static constexpr std::uint64_t kFailed = ~std::uint64_t{0};
+  [[gnu::cold, gnu::noinline]] std::uint64_t failed(Error e) {
+    err_.emplace(std::move(e));
+    return kFailed;
   }
 
   Error dead(std::string what, Pfn pfn, std::uint64_t addr) const {
@@ -158,9 +168,9 @@ class Gup {
   }
 
   // One table page (a PTE table from addr's slot, or one huge leaf).
-  Result<std::uint64_t> walk_table(std::uint64_t addr, std::uint64_t max, bool strict) {
+  std::uint64_t walk_table(std::uint64_t addr, std::uint64_t max, bool strict) {
     auto s = pt_.slots(addr);
-    if (!s) return std::uint64_t{0};
+    if (!s) return 0;
     const std::uint64_t count = s->depth == 0 ? std::min(max, s->count) : 1;
     std::array<std::uint64_t, PageTable::kEntries> seen;  // entry values, for the re-check
     std::uint64_t n = 0;                                  // entries read (depth 0)
@@ -186,16 +196,16 @@ class Gup {
       // A huge leaf: one folio run (or several, if the folio is smaller than the leaf).
       const std::uint64_t e = s->entry->load(std::memory_order_acquire);
       DevPagemap* pg = s->pgmap->load(std::memory_order_acquire);
-      if (s->entry->load(std::memory_order_acquire) != e) return std::uint64_t{0};
+      if (s->entry->load(std::memory_order_acquire) != e) return 0;
       const Pfn pfn = pte::pfn(e) + ((addr - s->addr) >> kPageShift);
       if (!usable(e, pg, pfn, addr)) {
-        if (error) return *error;
-        return std::uint64_t{0};
+        if (error) return failed(std::move(*error));
+        return 0;
       }
       PageArray* a = pg->array_for(pfn);
       if (a == nullptr) {
-        if (strict) return dead("is outside its pagemap", pfn, addr);
-        return std::uint64_t{0};
+        if (strict) return failed(dead("is outside its pagemap", pfn, addr));
+        return 0;
       }
       const std::uint64_t head = a->head_of(a->index_of(pfn));
       const Pfn folio_end = a->pfn_of(head) + order_pages(a->order(head));
@@ -208,21 +218,21 @@ class Gup {
       PGMAP_YIELD_POINT("gup.after_walk");
       if (Errc te = take(run); te != Errc::ok) {
         if (te == Errc::poisoned) {
-          return Error(te,
-                       fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfn, pg->name()));
+          return failed(
+              Error(te, fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfn, pg->name())));
         }
         if (strict) {
-          return Error(
+          return failed(Error(
               te, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
-                              pin() ? "pin" : "reference", pfn, addr, pg->name(), errc_name(te)));
+                              pin() ? "pin" : "reference", pfn, addr, pg->name(), errc_name(te))));
         }
-        return std::uint64_t{0};
+        return 0;
       }
       PGMAP_YIELD_POINT("gup.before_recheck");
       sanitizer::full_fence();  // our reference before the re-read
       if (s->entry->load(std::memory_order_acquire) != e) {
         (void)drop_run(run, pin());  // zapped meanwhile: the slow path faults it again
-        return std::uint64_t{0};
+        return 0;
       }
       const std::size_t at = out_.size();
       out_.resize(at + len);
@@ -251,8 +261,8 @@ class Gup {
       pfns[n] = pte::pfn(e);
     }
     if (n == 0) {
-      if (error) return *error;
-      return std::uint64_t{0};
+      if (error) return failed(std::move(*error));
+      return 0;
     }
 
     // The entries were read locklessly; their references are not taken yet. One batch: one
@@ -266,8 +276,8 @@ class Gup {
       while (k < n && pg->contains(pfns[k]))
         ++k;
       if (k == 0) {
-        if (strict) return dead("is outside its pagemap", pfns[0], s->addr);
-        return std::uint64_t{0};
+        if (strict) return failed(dead("is outside its pagemap", pfns[0], s->addr));
+        return 0;
       }
       n = k;
       e = take_batch(pg, {pfns.data(), n}, &taken);
@@ -276,15 +286,15 @@ class Gup {
     if (taken.done == 0) {
       // The first page could not be had: an error, or the slow path for it.
       if (e == Errc::poisoned) {
-        return Error(e,
-                     fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfns[0], pg->name()));
+        return failed(Error(
+            e, fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfns[0], pg->name())));
       }
       if (strict) {
-        return Error(
+        return failed(Error(
             e, fmt::format("GUP: cannot {} pfn {:#x} (at {:#x}) of {}: {}",
-                           pin() ? "pin" : "reference", pfns[0], addr, pg->name(), errc_name(e)));
+                           pin() ? "pin" : "reference", pfns[0], addr, pg->name(), errc_name(e))));
       }
-      return std::uint64_t{0};
+      return 0;
     }
     // What failed after the first page is found again by the next walk from there.
     n = taken.done;
@@ -347,8 +357,9 @@ class Gup {
                      fmt::format("GUP: {} {} at {:#x}: {}", signal_name(sig.signal),
                                  sig_code_name(sig.code), sig.addr, sig.why));
       }
-      auto got = walk(addr, max, true);
-      if (!got || *got > 0) return got;
+      const std::uint64_t got = walk(addr, max, true);
+      if (got == kFailed) return *err_;
+      if (got > 0) return got;
       // Zapped again between the fault and the walk (unmap_mapping_range): fault again.
     }
   }
@@ -359,6 +370,7 @@ class Gup {
   GupStats& stats_;
   std::vector<GupPage>& out_;
   DevPagemap* live_ = nullptr;  // the last pagemap found live by this call
+  std::optional<Error> err_;    // why a walk returned kFailed
   bool done_ = false;
 };
 
