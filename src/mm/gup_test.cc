@@ -18,6 +18,7 @@
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/pfn.h"
+#include "pgmap/memory/strategy.h"
 #include "pgmap/mm/address_space.h"
 #include "pgmap/mm/mapping.h"
 
@@ -325,9 +326,13 @@ TEST_F(GupTest, PinOfUnmappedAddressFailsAndChangesNothing) {
 // holds: explicitly (release(), with its status), through the kernel-shaped call, or on
 // destruction; a moved-from set holds nothing.
 template <typename Set>
-concept CanUnpin = requires(Set& s) { unpin_user_pages(s); };
+concept CanUnpin = requires(Set& s) {
+  unpin_user_pages(s);
+};
 template <typename Set>
-concept CanPut = requires(Set& s) { put_pages(s); };
+concept CanPut = requires(Set& s) {
+  put_pages(s);
+};
 static_assert(CanUnpin<PinnedPages> && !CanUnpin<ReferencedPages>);
 static_assert(CanPut<ReferencedPages> && !CanPut<PinnedPages>);
 static_assert(!std::is_copy_constructible_v<PinnedPages> &&
@@ -456,6 +461,154 @@ TEST_F(GupTest, PagemapLookupIsCachedAcrossTheWalk) {
   EXPECT_LE(st.pagemap_lookups, 2u);
   EXPECT_EQ(st.fast, 1024u);
   EXPECT_EQ(unpin_user_pages(pages), Errc::ok);
+}
+
+// ---- the batched walk under every strategy (DevPagemap::pin_folios / unpin_folios)
+// ---------------
+
+class GupStrategyTest : public GupTest, public ::testing::WithParamInterface<Strategy> {
+ protected:
+  FakeDevice& strategy_device(std::uint64_t bytes = 8 * kMiB, unsigned base_order = 0) {
+    devices_.push_back(make_fake_device(bytes, base_order, {}, PagemapType::fs_dax, GetParam()));
+    return devices_.back();
+  }
+  static void poison(const FakeDevice& d, std::uint64_t pgoff) {
+    PageArray* a = d.pgmap->array_for(d.pfn(pgoff));
+    a->flags(a->index_of(d.pfn(pgoff))).fetch_or(kPagePoisoned);
+  }
+};
+
+INSTANTIATE_TEST_SUITE_P(AllStrategies, GupStrategyTest, ::testing::ValuesIn(kAllStrategies),
+                         pgmap::testutil::strategy_param_name);
+
+// 512 mapped 4 KiB folios pinned and unpinned: one refcount operation per folio each way, every
+// refcount back where it was, no pagemap reference left over.
+TEST_P(GupStrategyTest, PinOf512SmallFoliosIsOneAtomicPerFolio) {
+  FakeDevice& d = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(512));
+  prefault(as, a, 512);
+  const Snapshot before = snapshot(d, 512);
+  GupStats st;
+  auto pins = must_pin(as, a, 512, 0, &st);
+  ASSERT_EQ(pins.size(), 512u);
+  EXPECT_EQ(st.fast, 512u);
+  EXPECT_EQ(st.folio_atomics, 512u);
+  for (std::uint64_t i = 0; i < 512; ++i) {
+    ASSERT_EQ(pins[i].pfn, d.pfn(i));
+    ASSERT_EQ(d.refcount(i), 1u + kBias) << i;
+  }
+  EXPECT_EQ(unpin_user_pages(pins), Errc::ok);
+  EXPECT_EQ(snapshot(d, 512), before);
+}
+
+// A poisoned folio in the middle of a 512-page pin: the batch pins the pages before it, the call
+// then fails with Errc::poisoned and gives every pin back (nothing leaks, bug 5.12). FOLL_GET is
+// not refused on poison, and a pin that stops before the poisoned page succeeds.
+TEST_P(GupStrategyTest, PoisonedFolioMidBatchFailsAndLeaksNothing) {
+  FakeDevice& d = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(512));
+  prefault(as, a, 512);
+  poison(d, 300);
+  const Snapshot before = snapshot(d, 512);
+  GupStats st;
+  Error r = must_fail(as, a, 512, kFollPin, &st);
+  EXPECT_EQ(r.code(), Errc::poisoned);
+  EXPECT_NE(r.message().find("poisoned"), std::string::npos) << r.message();
+  EXPECT_EQ(st.folio_atomics, 300u);  // the pages before it were pinned, then given back
+  EXPECT_EQ(snapshot(d, 512), before);
+  auto refs = must_get(as, a, 512, 0);
+  EXPECT_EQ(refs.size(), 512u);
+  EXPECT_EQ(put_pages(refs), Errc::ok);
+  auto pins = must_pin(as, a, 300, 0);
+  EXPECT_EQ(pins.size(), 300u);
+  EXPECT_EQ(unpin_user_pages(pins), Errc::ok);
+  EXPECT_EQ(snapshot(d, 512), before);
+}
+
+// A killed pagemap: the walk finds it dying at its first page, the call fails with Errc::dead
+// and nothing changes, whatever the strategy.
+TEST_P(GupStrategyTest, KilledPagemapRefusesTheWholeCall) {
+  FakeDevice& d = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(16));
+  prefault(as, a, 16);
+  const Snapshot before = snapshot(d, 16);
+  ASSERT_EQ(d.pgmap->kill(), Errc::ok);
+  for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}}) {
+    EXPECT_EQ(must_fail(as, a, 16, flags).code(), Errc::dead) << flags;
+    EXPECT_EQ(snapshot(d, 16).ref, before.ref) << flags;
+    EXPECT_EQ(snapshot(d, 16).pin, before.pin) << flags;
+  }
+}
+
+// 4 KiB and 2 MiB folios mixed in one PTE table: one operation per small folio and one for the
+// PTE-mapped pages of the 2 MiB folio (its exact pincount counts each page).
+TEST_P(GupStrategyTest, Mixed4KAnd2MFoliosInOneTable) {
+  FakeDevice& d = strategy_device();
+  PageArray* arr = d.pgmap->array_for(d.pfn(512));
+  ASSERT_EQ(arr->set_folio_order(arr->index_of(d.pfn(512)), kPmdOrder), Errc::ok);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(1024));
+  prefault(as, a + page(508), 12);  // 508..511 small, 512..519 of the 2 MiB folio
+  GupStats st;
+  auto pins = must_pin(as, a + page(508), 12, 0, &st);
+  ASSERT_EQ(pins.size(), 12u);
+  EXPECT_EQ(st.folio_atomics, 4u + 1u);
+  EXPECT_EQ(d.refcount(508), 1u + kBias);
+  EXPECT_EQ(d.refcount(512), 8u + 8u);  // 8 mappings + 8 pins
+  EXPECT_EQ(d.pincount(512), 8u);
+  EXPECT_TRUE(d.pgmap->folio_maybe_dma_pinned(d.pfn(515)));
+  EXPECT_EQ(unpin_user_pages(pins), Errc::ok);
+  EXPECT_EQ(d.refcount(508), 1u);
+  EXPECT_EQ(d.refcount(512), 8u);
+  EXPECT_EQ(d.pincount(512), 0u);
+  EXPECT_FALSE(d.pgmap->folio_maybe_dma_pinned(d.pfn(515)));
+}
+
+// One PTE table mapping pages of two pagemaps: the batch ends at the pagemap change and the next
+// one starts there; the release batches per pagemap.
+TEST_P(GupStrategyTest, OneTableTwoPagemaps) {
+  FakeDevice& d0 = strategy_device();
+  FakeDevice& d1 = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d0, page(8));
+  auto b = as.mmap(a + page(8), page(8), kRW, kMapShared | kMapFixed, d1.owner, 0);
+  ASSERT_TRUE(b) << b.error().to_string();
+  prefault(as, a, 16);
+  GupStats st;
+  auto pins = must_pin(as, a, 16, 0, &st);
+  ASSERT_EQ(pins.size(), 16u);
+  EXPECT_EQ(st.fast, 16u);
+  EXPECT_EQ(st.folio_atomics, 16u);
+  for (std::uint64_t i = 0; i < 16; ++i) {
+    const FakeDevice& d = i < 8 ? d0 : d1;
+    EXPECT_EQ(pins[i].pgmap, d.pgmap.get()) << i;
+    EXPECT_EQ(d.refcount(i % 8), 1u + kBias) << i;
+  }
+  EXPECT_EQ(unpin_user_pages(pins), Errc::ok);
+  for (std::uint64_t i = 0; i < 8; ++i) {
+    EXPECT_EQ(d0.refcount(i), 1u);
+    EXPECT_EQ(d1.refcount(i), 1u);
+  }
+}
+
+// A pinned set released after one of its pages lost its pin elsewhere (misuse): the underflow is
+// reported once, and every other page of the batch is still unpinned.
+TEST_P(GupStrategyTest, ReleaseSkipsAnEntryThatHoldsNothingAndReleasesTheRest) {
+  FakeDevice& d = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 8);
+  auto pins = must_pin(as, a, 8, 0);
+  ASSERT_EQ(pins.size(), 8u);
+  ASSERT_EQ(d.pgmap->unpin_folio(d.pfn(3)), Errc::ok);  // behind the set's back
+  const std::uint64_t misuse0 = misuse_.reported();
+  EXPECT_EQ(unpin_user_pages(pins), Errc::underflow);
+  EXPECT_EQ(misuse_.reported(), misuse0 + 1);
+  for (std::uint64_t i = 0; i < 8; ++i)
+    EXPECT_EQ(d.refcount(i), 1u) << i;
 }
 
 // I16: a waiter for an fsdax folio to go idle (dax_break_layout's wait_var_event on the refcount)

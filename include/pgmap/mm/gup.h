@@ -7,15 +7,17 @@
 // operation), not one per 4 KiB page.
 //
 // Fast path: one RCU read section per call and one walk per page-table page: the entries of a
-// PTE table are read directly, each run of pfns is resolved to its page array once, the folio
-// references are taken (one atomic per folio), then every entry is re-read from the same table
-// page; an entry that changed (a concurrent zap) gives its reference back and its page goes to
-// the slow path. Slow path: takes mmap_lock shared, faults the page in through its VMA (with
-// FOLL_WRITE a write fault), and retries. Pagemap liveness is checked once per pagemap along the
-// walk, not per page (the kernel's get_dev_pagemap with the cached argument: 1.04 s -> 0.38 s for
-// 12 GiB); no pagemap reference is held: inside the read section the entry's folio reference
-// keeps the pagemap, and the re-check of the entry orders a pin against a concurrent teardown's
-// zap (either the pin is given back, or the teardown's wait for idle folios sees it).
+// PTE table are read directly, their folio references are taken by one batched call
+// (DevPagemap::pin_folios / get_folios: one pfn -> page array resolution and one strategy
+// dispatch per batch, one atomic per folio), then every entry is re-read from the same table
+// page; the entries from the first that changed (a concurrent zap) give their references back and
+// their pages go to the slow path. docs/gup.md describes the design and its costs. Slow path: takes
+// mmap_lock shared, faults the page in through its VMA (with FOLL_WRITE a write fault), and
+// retries. Pagemap liveness is checked once per pagemap along the walk, not per page (the kernel's
+// get_dev_pagemap with the cached argument: 1.04 s -> 0.38 s for 12 GiB); no pagemap reference is
+// held: inside the read section the entry's folio reference keeps the pagemap, and the re-check of
+// the entry orders a pin against a concurrent teardown's zap (either the pin is given back, or the
+// teardown's wait for idle folios sees it).
 //
 // FOLL_LONGTERM is refused with Errc::not_supported on fsdax VMAs (kVmFsDax; I9, bug 5.2) and
 // allowed on devdax. Failure midway (a hole, a signal, a dead pagemap) drops every reference taken
@@ -24,9 +26,9 @@
 //
 // Results. The pages come back as a typed, move-only page set that knows what it holds:
 // pin_user_pages returns PinnedPages (FOLL_PIN), get_user_pages ReferencedPages (FOLL_GET). A set
-// releases itself on destruction (unpin or put, in runs: one operation per folio run) and has an
-// explicit release() returning the status; unpinning a referenced set or putting a pinned set
-// does not compile (issue 7 item 10: put_pages() on pinned pages used to turn each pin into a
+// releases itself on destruction (unpin or put, batched per pagemap: one operation per folio) and
+// has an explicit release() returning the status; unpinning a referenced set or putting a pinned
+// set does not compile (issue 7 item 10: put_pages() on pinned pages used to turn each pin into a
 // leaked reference). The `_into` forms fill an empty set the caller keeps across calls, so a
 // repeated pin/unpin cycle allocates nothing.
 //
