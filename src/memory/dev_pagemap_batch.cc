@@ -99,7 +99,8 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
     std::uint64_t refs_moved = 0;  // per_lookup: the pagemap references the folios carry
     // One refcount operation on the folio at `head` for `m` pages. `bias`: a small folio's pin
     // (m == 1). Errors and effects are those of the single operation.
-    auto one = [&](PageArray& a, std::uint64_t head, std::uint32_t m, bool bias) -> Errc {
+    auto one = [&](PageArray & a, std::uint64_t head, std::uint32_t m, bool bias)
+        __attribute__((always_inline)) {
       if constexpr (kOp == kGet) {
         Errc e = S::get(*this, a, head, m);
         if (e == Errc::ok) refs_moved += m;
@@ -168,7 +169,7 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
       }
     };
 
-    auto loop = [&]() -> Errc {
+    auto loop = [&]() __attribute__((always_inline)) {
       std::size_t i = 0;
       while (i < n) {
         // A new run of entries in one range (the first array inline, others out of line).
