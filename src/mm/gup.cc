@@ -163,7 +163,7 @@ class Gup {
     return kFailed;
   }
 
-  Error dead(std::string what, Pfn pfn, std::uint64_t addr) const {
+  [[gnu::cold, gnu::noinline]] Error dead(std::string what, Pfn pfn, std::uint64_t addr) const {
     return Error(Errc::dead, fmt::format("GUP: pfn {:#x} (at {:#x}) {}", pfn, addr, what));
   }
 
@@ -174,7 +174,6 @@ class Gup {
     const std::uint64_t count = s->depth == 0 ? std::min(max, s->count) : 1;
     std::array<std::uint64_t, PageTable::kEntries> seen;  // entry values, for the re-check
     std::uint64_t n = 0;                                  // entries read (depth 0)
-    std::optional<Error> error;
 
     // An entry is usable if it is a present leaf (writable for FOLL_WRITE), its pagemap is the
     // live one of its pfn, and (fast) FOLL_LONGTERM is not asked of an fsdax page.
@@ -182,7 +181,7 @@ class Gup {
       if (!pte::leaf(e) || (write() && !pte::writable(e)) || pg == nullptr) return false;
       if (!pagemap_live(pg)) {
         if (strict && n == 0) {
-          error = dead("is mapped from a pagemap that is being torn down", pfn, at);
+          (void)failed(dead("is mapped from a pagemap that is being torn down", pfn, at));
         }
         return false;
       }
@@ -199,7 +198,7 @@ class Gup {
       if (s->entry->load(std::memory_order_acquire) != e) return 0;
       const Pfn pfn = pte::pfn(e) + ((addr - s->addr) >> kPageShift);
       if (!usable(e, pg, pfn, addr)) {
-        if (error) return failed(std::move(*error));
+        if (err_) return kFailed;
         return 0;
       }
       PageArray* a = pg->array_for(pfn);
@@ -261,7 +260,7 @@ class Gup {
       pfns[n] = pte::pfn(e);
     }
     if (n == 0) {
-      if (error) return failed(std::move(*error));
+      if (err_) return kFailed;
       return 0;
     }
 
