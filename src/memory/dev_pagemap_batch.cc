@@ -68,22 +68,28 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
   // Bad input first, before any reference moves. The common case, every entry in the first
   // range, is a branch-free min/max over the entries and one range check.
   {
-    // Four independent accumulators: the compare chains overlap instead of queueing.
-    Pfn lo[4] = {pages[0], pages[0], pages[0], pages[0]};
-    Pfn hi[4] = {pages[0], pages[0], pages[0], pages[0]};
+    // Four independent accumulators (scalars, so that they stay in registers): the compare
+    // chains overlap instead of queueing.
+    Pfn lo0 = pages[0], lo1 = lo0, lo2 = lo0, lo3 = lo0;
+    Pfn hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
     std::size_t k = 0;
     for (; k + 4 <= n; k += 4) {
-      for (std::size_t j = 0; j < 4; ++j) {
-        lo[j] = pages[k + j] < lo[j] ? pages[k + j] : lo[j];
-        hi[j] = pages[k + j] > hi[j] ? pages[k + j] : hi[j];
-      }
+      const Pfn p0 = pages[k], p1 = pages[k + 1], p2 = pages[k + 2], p3 = pages[k + 3];
+      lo0 = p0 < lo0 ? p0 : lo0;
+      lo1 = p1 < lo1 ? p1 : lo1;
+      lo2 = p2 < lo2 ? p2 : lo2;
+      lo3 = p3 < lo3 ? p3 : lo3;
+      hi0 = p0 > hi0 ? p0 : hi0;
+      hi1 = p1 > hi1 ? p1 : hi1;
+      hi2 = p2 > hi2 ? p2 : hi2;
+      hi3 = p3 > hi3 ? p3 : hi3;
     }
     for (; k < n; ++k) {
-      lo[0] = pages[k] < lo[0] ? pages[k] : lo[0];
-      hi[0] = pages[k] > hi[0] ? pages[k] : hi[0];
+      lo0 = pages[k] < lo0 ? pages[k] : lo0;
+      hi0 = pages[k] > hi0 ? pages[k] : hi0;
     }
-    const Pfn min = std::min({lo[0], lo[1], lo[2], lo[3]});
-    const Pfn max = std::max({hi[0], hi[1], hi[2], hi[3]});
+    const Pfn min = std::min({lo0, lo1, lo2, lo3});
+    const Pfn max = std::max({hi0, hi1, hi2, hi3});
     const PfnRange first = first_array_->range();
     if (min < first.start || max >= first.end()) [[unlikely]] {
       for (const Pfn q : pages) {
