@@ -54,10 +54,24 @@ constexpr bool is_pin_op(int op) {
   return op == kPin || op == kUnpin;
 }
 
+// The entries of a batch: a list of pfns, or consecutive pfns (entry i = start + i).
+struct PfnList {
+  static constexpr bool kConsecutive = false;
+  std::span<const Pfn> pfns;
+  std::size_t size() const noexcept { return pfns.size(); }
+  Pfn operator[](std::size_t i) const noexcept { return pfns[i]; }
+};
+struct PfnRun {
+  static constexpr bool kConsecutive = true;
+  PfnRange range;
+  std::size_t size() const noexcept { return range.count; }
+  Pfn operator[](std::size_t i) const noexcept { return range.start + i; }
+};
+
 }  // namespace
 
-template <int kOp>
-Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) noexcept {
+template <int kOp, typename Pages>
+Errc DevPagemap::folio_batch(const Pages& pages, BatchResult* result) noexcept {
   BatchResult local;
   BatchResult& r = result != nullptr ? *result : local;
   r = BatchResult{};
@@ -68,32 +82,39 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
   // Bad input first, before any reference moves. The common case, every entry in the first
   // range, is a branch-free min/max over the entries and one range check.
   {
-    // Four independent accumulators (scalars, so that they stay in registers): the compare
-    // chains overlap instead of queueing.
-    Pfn lo0 = pages[0], lo1 = lo0, lo2 = lo0, lo3 = lo0;
-    Pfn hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
-    std::size_t k = 0;
-    for (; k + 4 <= n; k += 4) {
-      const Pfn p0 = pages[k], p1 = pages[k + 1], p2 = pages[k + 2], p3 = pages[k + 3];
-      lo0 = p0 < lo0 ? p0 : lo0;
-      lo1 = p1 < lo1 ? p1 : lo1;
-      lo2 = p2 < lo2 ? p2 : lo2;
-      lo3 = p3 < lo3 ? p3 : lo3;
-      hi0 = p0 > hi0 ? p0 : hi0;
-      hi1 = p1 > hi1 ? p1 : hi1;
-      hi2 = p2 > hi2 ? p2 : hi2;
-      hi3 = p3 > hi3 ? p3 : hi3;
+    Pfn min = pages[0];
+    Pfn max = pages[0];
+    if constexpr (Pages::kConsecutive) {
+      if (n > total_pages() || n - 1 > ~Pfn{0} - min) return Errc::out_of_range;  // or wraps
+      max = min + (n - 1);
+    } else {
+      // Four independent accumulators (scalars, so that they stay in registers): the compare
+      // chains overlap instead of queueing.
+      Pfn lo0 = pages[0], lo1 = lo0, lo2 = lo0, lo3 = lo0;
+      Pfn hi0 = lo0, hi1 = lo0, hi2 = lo0, hi3 = lo0;
+      std::size_t k = 0;
+      for (; k + 4 <= n; k += 4) {
+        const Pfn p0 = pages[k], p1 = pages[k + 1], p2 = pages[k + 2], p3 = pages[k + 3];
+        lo0 = p0 < lo0 ? p0 : lo0;
+        lo1 = p1 < lo1 ? p1 : lo1;
+        lo2 = p2 < lo2 ? p2 : lo2;
+        lo3 = p3 < lo3 ? p3 : lo3;
+        hi0 = p0 > hi0 ? p0 : hi0;
+        hi1 = p1 > hi1 ? p1 : hi1;
+        hi2 = p2 > hi2 ? p2 : hi2;
+        hi3 = p3 > hi3 ? p3 : hi3;
+      }
+      for (; k < n; ++k) {
+        lo0 = pages[k] < lo0 ? pages[k] : lo0;
+        hi0 = pages[k] > hi0 ? pages[k] : hi0;
+      }
+      min = std::min({lo0, lo1, lo2, lo3});
+      max = std::max({hi0, hi1, hi2, hi3});
     }
-    for (; k < n; ++k) {
-      lo0 = pages[k] < lo0 ? pages[k] : lo0;
-      hi0 = pages[k] > hi0 ? pages[k] : hi0;
-    }
-    const Pfn min = std::min({lo0, lo1, lo2, lo3});
-    const Pfn max = std::max({hi0, hi1, hi2, hi3});
     const PfnRange first = first_array_->range();
     if (min < first.start || max >= first.end()) [[unlikely]] {
-      for (const Pfn q : pages) {
-        if (!contains(q)) return Errc::out_of_range;
+      for (std::size_t q = 0; q < n; ++q) {
+        if (!contains(pages[q])) return Errc::out_of_range;
       }
     }
   }
@@ -192,8 +213,12 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
           if (!bias && ord > 0) {
             // Consecutive pages of one multi-page folio: one operation for all of them.
             const Pfn folio_end = a.pfn_of(head) + order_pages(ord);
-            while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
-              ++m;
+            if constexpr (Pages::kConsecutive) {
+              m = static_cast<std::uint32_t>(std::min<std::uint64_t>(n - i, folio_end - pfn));
+            } else {
+              while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
+                ++m;
+            }
           }
           Errc e = m == 1 || run_fits(a, head, m) ? one(a, head, m, bias) : Errc::underflow;
           if (e != Errc::ok) [[unlikely]] {
@@ -244,19 +269,35 @@ Errc DevPagemap::folio_batch(std::span<const Pfn> pages, BatchResult* result) no
 }
 
 Errc DevPagemap::get_folios(std::span<const Pfn> pages, BatchResult* result) noexcept {
-  return folio_batch<kGet>(pages, result);
+  return folio_batch<kGet>(PfnList{pages}, result);
+}
+
+Errc DevPagemap::get_folios(PfnRange pages, BatchResult* result) noexcept {
+  return folio_batch<kGet>(PfnRun{pages}, result);
 }
 
 Errc DevPagemap::put_folios(std::span<const Pfn> pages, BatchResult* result) noexcept {
-  return folio_batch<kPut>(pages, result);
+  return folio_batch<kPut>(PfnList{pages}, result);
+}
+
+Errc DevPagemap::put_folios(PfnRange pages, BatchResult* result) noexcept {
+  return folio_batch<kPut>(PfnRun{pages}, result);
 }
 
 Errc DevPagemap::pin_folios(std::span<const Pfn> pages, BatchResult* result) noexcept {
-  return folio_batch<kPin>(pages, result);
+  return folio_batch<kPin>(PfnList{pages}, result);
+}
+
+Errc DevPagemap::pin_folios(PfnRange pages, BatchResult* result) noexcept {
+  return folio_batch<kPin>(PfnRun{pages}, result);
 }
 
 Errc DevPagemap::unpin_folios(std::span<const Pfn> pages, BatchResult* result) noexcept {
-  return folio_batch<kUnpin>(pages, result);
+  return folio_batch<kUnpin>(PfnList{pages}, result);
+}
+
+Errc DevPagemap::unpin_folios(PfnRange pages, BatchResult* result) noexcept {
+  return folio_batch<kUnpin>(PfnRun{pages}, result);
 }
 
 }  // namespace pgmap

@@ -25,6 +25,8 @@ using testutil::make_backing;
 using testutil::make_params;
 using testutil::must_memremap;
 using BatchResult = DevPagemap::BatchResult;
+using ListOp = Errc (DevPagemap::*)(std::span<const Pfn>, BatchResult*) noexcept;
+using RangeOp = Errc (DevPagemap::*)(PfnRange, BatchResult*) noexcept;
 
 constexpr std::uint64_t kMiB = std::uint64_t{1} << 20;
 constexpr std::uint32_t kBias = PageArray::kPinBias;
@@ -115,7 +117,7 @@ TEST_P(BatchTest, BatchEqualsSingleCallsPerEntry) {
     c.pin.push_back(pincount(big));
     return c;
   };
-  using BatchOp = Errc (DevPagemap::*)(std::span<const Pfn>, BatchResult*) noexcept;
+  using BatchOp = ListOp;
   using SingleOp = Errc (DevPagemap::*)(Pfn, std::uint32_t) noexcept;
   struct Step {
     BatchOp batch;
@@ -266,8 +268,8 @@ TEST_P(BatchTest, EntryOutsideThePagemapChangesNothing) {
   std::vector<Pfn> v = pfns(0, 4);
   v.push_back(pg_->range(0).end() + 7);
   v.push_back(pfn(4));
-  for (auto op : {&DevPagemap::get_folios, &DevPagemap::pin_folios, &DevPagemap::put_folios,
-                  &DevPagemap::unpin_folios}) {
+  for (ListOp op : {ListOp{&DevPagemap::get_folios}, ListOp{&DevPagemap::pin_folios},
+                    ListOp{&DevPagemap::put_folios}, ListOp{&DevPagemap::unpin_folios}}) {
     BatchResult r{99, 99};
     EXPECT_EQ(((*pg_).*op)(v, &r), Errc::out_of_range);
     EXPECT_EQ(r.done, 0u);
@@ -280,12 +282,51 @@ TEST_P(BatchTest, EntryOutsideThePagemapChangesNothing) {
   EXPECT_EQ(pg_->ref_count_snapshot(), refs0_);
 }
 
+// The range form (consecutive pfns) is the list form without the list: the same counters, one
+// operation for the pages of the 2M folio it covers; a range leaving the pagemap (or wrapping
+// around) changes nothing.
+TEST_P(BatchTest, RangeFormEqualsListForm) {
+  make_pmd_folio(512);
+  const PfnRange range{pfn(500), 40};  // 500..511 small, 512..539 of the 2M folio
+  BatchResult r;
+  ASSERT_EQ(pg_->pin_folios(range, &r), Errc::ok);
+  EXPECT_EQ(r.done, 40u);
+  EXPECT_EQ(r.atomics, 12u + 1u);
+  EXPECT_EQ(ref(500), kBias);
+  EXPECT_EQ(ref(512), 28u);
+  EXPECT_EQ(pincount(512), 28u);
+  const std::vector<Pfn> list = pfns(500, 40);
+  ASSERT_EQ(pg_->unpin_folios(list, &r), Errc::ok);
+  EXPECT_EQ(r.atomics, 13u);
+  EXPECT_EQ(ref(512), 0u);
+  ASSERT_EQ(pg_->get_folios(list, &r), Errc::ok);
+  ASSERT_EQ(pg_->put_folios(range, &r), Errc::ok);
+  EXPECT_EQ(r.atomics, 13u);
+  EXPECT_EQ(ref(500), 0u);
+  EXPECT_EQ(ref(512), 0u);
+  // A poisoned folio in the middle of a range: the same partial result as the list form.
+  poison(505);
+  EXPECT_EQ(pg_->pin_folios(range, &r), Errc::poisoned);
+  EXPECT_EQ(r.done, 5u);
+  ASSERT_EQ(pg_->unpin_folios(PfnRange{pfn(500), 5}, &r), Errc::ok);
+  for (RangeOp op : {RangeOp{&DevPagemap::get_folios}, RangeOp{&DevPagemap::pin_folios},
+                     RangeOp{&DevPagemap::put_folios}, RangeOp{&DevPagemap::unpin_folios}}) {
+    EXPECT_EQ(((*pg_).*op)(PfnRange{pfn(2040), 16}, &r), Errc::out_of_range);  // past the end
+    EXPECT_EQ(r.done, 0u);
+    EXPECT_EQ(((*pg_).*op)(PfnRange{pfn(1), ~std::uint64_t{0}}, &r), Errc::out_of_range);
+    EXPECT_EQ(ref(2040), 0u);
+    EXPECT_EQ(ref(1), 0u);
+  }
+  EXPECT_EQ(misuse_.reported(), 0u);
+  EXPECT_EQ(pg_->ref_count_snapshot(), refs0_);
+}
+
 TEST_P(BatchTest, EmptyBatchIsANoOp) {
   BatchResult r{5, 5};
-  EXPECT_EQ(pg_->pin_folios({}, &r), Errc::ok);
+  EXPECT_EQ(pg_->pin_folios(std::span<const Pfn>{}, &r), Errc::ok);
   EXPECT_EQ(r.done, 0u);
   EXPECT_EQ(r.atomics, 0u);
-  EXPECT_EQ(pg_->unpin_folios({}), Errc::ok);
+  EXPECT_EQ(pg_->unpin_folios(std::span<const Pfn>{}), Errc::ok);
 }
 
 // A killed pagemap, with some folios of the batch already busy: each strategy refuses exactly the
@@ -333,8 +374,8 @@ TEST_P(BatchTest, TornDownPagemap) {
   ASSERT_TRUE(m) << m.error().to_string();
   const std::uint64_t late0 = pg_->late_accesses();
   const std::vector<Pfn> v = pfns(0, 8);
-  for (auto op : {&DevPagemap::get_folios, &DevPagemap::pin_folios, &DevPagemap::put_folios,
-                  &DevPagemap::unpin_folios}) {
+  for (ListOp op : {ListOp{&DevPagemap::get_folios}, ListOp{&DevPagemap::pin_folios},
+                    ListOp{&DevPagemap::put_folios}, ListOp{&DevPagemap::unpin_folios}}) {
     BatchResult r{3, 3};
     EXPECT_EQ(((*pg_).*op)(v, &r), Errc::use_after_teardown);
     EXPECT_EQ(r.done, 0u);

@@ -245,6 +245,7 @@ class Gup {
     // ends it, and the next call starts there (with that pagemap's checks).
     std::array<Pfn, PageTable::kEntries> pfns;
     DevPagemap* const pg = s->pgmap[0].load(std::memory_order_acquire);
+    bool consecutive = true;  // pfns[i] == pfns[0] + i (a device mapped in order)
     for (; n < count; ++n) {
       const std::atomic<std::uint64_t>& slot = s->entry[n];
       const std::uint64_t e = slot.load(std::memory_order_acquire);
@@ -258,6 +259,7 @@ class Gup {
       }
       seen[n] = e;
       pfns[n] = pte::pfn(e);
+      consecutive &= pfns[n] == pfns[0] + n;
     }
     if (n == 0) {
       if (err_) return kFailed;
@@ -268,7 +270,8 @@ class Gup {
     // refcount operation per folio (consecutive pages of a large folio share one).
     PGMAP_YIELD_POINT("gup.after_walk");
     DevPagemap::BatchResult taken;
-    Errc e = take_batch(pg, {pfns.data(), n}, &taken);
+    Errc e = consecutive ? take_batch(pg, PfnRange{pfns[0], n}, &taken)
+                         : take_batch(pg, std::span<const Pfn>(pfns.data(), n), &taken);
     if (e == Errc::out_of_range && taken.done == 0) [[unlikely]] {
       // An entry outside its pagemap (the batch refused as a whole): keep those before it.
       std::uint64_t k = 0;
@@ -279,7 +282,7 @@ class Gup {
         return 0;
       }
       n = k;
-      e = take_batch(pg, {pfns.data(), n}, &taken);
+      e = take_batch(pg, std::span<const Pfn>(pfns.data(), n), &taken);
     }
     stats_.folio_atomics += taken.atomics;
     if (taken.done == 0) {
@@ -312,7 +315,7 @@ class Gup {
     if (good < n) [[unlikely]] {
       // Give back what lies at or after the first changed entry: references this call just took
       // (cannot underflow; the ones kept still hold the pagemap).
-      (void)drop_batch(pg, {pfns.data() + good, n - good});
+      (void)drop_batch(pg, std::span<const Pfn>(pfns.data() + good, n - good));
     }
     const std::size_t at = out_.size();
     out_.resize(at + good);
@@ -322,7 +325,8 @@ class Gup {
     return good;
   }
 
-  Errc take_batch(DevPagemap* pg, std::span<const Pfn> pfns, DevPagemap::BatchResult* r) noexcept {
+  template <typename Pfns>  // std::span<const Pfn> or PfnRange
+  Errc take_batch(DevPagemap* pg, Pfns pfns, DevPagemap::BatchResult* r) noexcept {
     return pin() ? pg->pin_folios(pfns, r) : pg->get_folios(pfns, r);
   }
   Errc drop_batch(DevPagemap* pg, std::span<const Pfn> pfns) noexcept {
@@ -410,6 +414,30 @@ Errc gup_into(std::vector<GupPage>& out, AddressSpace& as, std::uint64_t start,
 
 }  // namespace
 
+namespace {
+
+// Releases `run` (entries of pg), reporting each failure to `note`: an entry that does not hold
+// what it should is reported (once) and skipped; the others are still released. After teardown
+// each entry reports its late access, as a single unpin would.
+template <typename Note>
+void release_list(DevPagemap* pg, std::span<const Pfn> run, bool pin, Note& note) noexcept {
+  while (!run.empty()) {
+    DevPagemap::BatchResult r;
+    const Errc e = pin ? pg->unpin_folios(run, &r) : pg->put_folios(run, &r);
+    if (e == Errc::ok) return;
+    note(e);
+    if (e == Errc::out_of_range && r.done == 0) [[unlikely]] {
+      // Refused as a whole (an entry outside the pagemap): one by one.
+      for (const Pfn p : run)
+        note(pin ? pg->unpin_folio(p) : pg->put_folio(p));
+      return;
+    }
+    run = run.subspan(r.done + 1);
+  }
+}
+
+}  // namespace
+
 Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept {
   const bool pin = kind == PageSetKind::pinned;
   Errc result = Errc::ok;
@@ -425,26 +453,36 @@ Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noe
       ++i;
       continue;
     }
-    // The entries of one pagemap, up to a table's worth: one batch (one operation per folio run).
-    std::size_t k = 0;
-    while (i < pages.size() && pages[i].pgmap == pg && k < pfns.size())
-      pfns[k++] = pages[i++].pfn;
-    std::span<const Pfn> run(pfns.data(), k);
-    // An entry that does not hold what it should is reported (once) and skipped; the others are
-    // still released. After teardown each entry reports its late access, as a single unpin would.
-    while (!run.empty()) {
+    // The entries of one pagemap, up to a table's worth: one batch (one operation per folio).
+    const std::size_t from = i;
+    const Pfn first = pages[i].pfn;
+    bool consecutive = true;
+    while (i < pages.size() && pages[i].pgmap == pg && i - from < pfns.size()) {
+      consecutive &= pages[i].pfn == first + (i - from);
+      ++i;
+    }
+    const std::size_t k = i - from;
+    if (consecutive) [[likely]] {
+      // The common case (a device mapped in order): a range, no list to build or search.
       DevPagemap::BatchResult r;
-      const Errc e = pin ? pg->unpin_folios(run, &r) : pg->put_folios(run, &r);
-      if (e == Errc::ok) break;
+      const PfnRange all{first, k};
+      const Errc e = pin ? pg->unpin_folios(all, &r) : pg->put_folios(all, &r);
+      if (e == Errc::ok) continue;
       note(e);
       if (e == Errc::out_of_range && r.done == 0) [[unlikely]] {
-        // Refused as a whole (an entry outside the pagemap): one by one.
-        for (const Pfn p : run)
-          note(pin ? pg->unpin_folio(p) : pg->put_folio(p));
-        break;
+        for (std::size_t j = 0; j < k; ++j)
+          note(pin ? pg->unpin_folio(first + j) : pg->put_folio(first + j));
+        continue;
       }
-      run = run.subspan(r.done + 1);
+      // Past the entry that failed, the rest as a list.
+      for (std::size_t j = r.done + 1; j < k; ++j)
+        pfns[j] = first + j;
+      release_list(pg, std::span<const Pfn>(pfns.data() + r.done + 1, k - (r.done + 1)), pin, note);
+      continue;
     }
+    for (std::size_t j = 0; j < k; ++j)
+      pfns[j] = pages[from + j].pfn;
+    release_list(pg, std::span<const Pfn>(pfns.data(), k), pin, note);
   }
   return result;
 }

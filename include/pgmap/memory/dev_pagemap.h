@@ -257,6 +257,12 @@ class DevPagemap {
   Errc put_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
   Errc pin_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
   Errc unpin_folios(std::span<const Pfn> pages, BatchResult* result = nullptr) noexcept;
+  // The same over the consecutive pages [pages.start, pages.end()) (entry i is pages.start + i):
+  // no list to read, no search for the runs of a large folio.
+  Errc get_folios(PfnRange pages, BatchResult* result = nullptr) noexcept;
+  Errc put_folios(PfnRange pages, BatchResult* result = nullptr) noexcept;
+  Errc pin_folios(PfnRange pages, BatchResult* result = nullptr) noexcept;
+  Errc unpin_folios(PfnRange pages, BatchResult* result = nullptr) noexcept;
 
   // ---- the allocation event (alloc_event strategy; usable by any strategy) ----
   // Takes one pagemap reference for [first, first + nr) that the caller keeps for as long as it
@@ -359,9 +365,10 @@ class DevPagemap {
     return {a, a->head_of(a->index_of(pfn))};
   }
   Loc locate_slow(Pfn pfn) const noexcept;
-  // The batch operations (dev_pagemap_batch.cc): kOp is one of its BatchOp values.
-  template <int kOp>
-  Errc folio_batch(std::span<const Pfn> pages, BatchResult* result) noexcept;
+  // The batch operations (dev_pagemap_batch.cc): kOp is one of its BatchOp values, Pages a list
+  // or a consecutive range of pfns.
+  template <int kOp, typename Pages>
+  Errc folio_batch(const Pages& pages, BatchResult* result) noexcept;
   bool torn_down() const noexcept {
     return (life_.load(std::memory_order_relaxed) & kTornDown) != 0;
   }
