@@ -34,6 +34,16 @@ std::string_view check_name(Check c) noexcept {
       return "mapcount_matches_entries";
     case Check::holds_match:
       return "holds_match";
+    case Check::fs_entry_folio:
+      return "fs_entry_folio";
+    case Check::fs_block_in_use_free:
+      return "fs_block_in_use_free";
+    case Check::fs_share_count:
+      return "fs_share_count";
+    case Check::fs_entry_pagemap_refs:
+      return "fs_entry_pagemap_refs";
+    case Check::fs_nrpages:
+      return "fs_nrpages";
   }
   return "?";
 }

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <utility>
 #include <vector>
@@ -16,11 +17,12 @@ namespace pgmap::fs {
 // ---- File
 // ----------------------------------------------------------------------------------------
 
-File::File(File&& o) noexcept : inode_(std::move(o.inode_)) {}
+File::File(File&& o) noexcept : fs_(std::move(o.fs_)), inode_(std::move(o.inode_)) {}
 
 File& File::operator=(File&& o) noexcept {
   if (this != &o) {
     close();
+    fs_ = std::move(o.fs_);
     inode_ = std::move(o.inode_);
   }
   return *this;
@@ -29,7 +31,22 @@ File& File::operator=(File&& o) noexcept {
 void File::close() noexcept {
   if (!inode_) return;
   std::shared_ptr<Inode> ino = std::move(inode_);
-  ino->fs().put_open(*ino);
+  std::shared_ptr<DaxFs> fs = std::move(fs_);
+  fs->put_open(*ino);
+  ino.reset();
+  // `fs` goes last: if it was the last reference, the filesystem unmounts now.
+}
+
+std::shared_ptr<Inode> File::mapping() const {
+  if (!inode_) return nullptr;
+  // The VMA's owner reference keeps the filesystem alive too: its on_close reaches the DaxFs.
+  struct Both {
+    std::shared_ptr<DaxFs> fs;
+    std::shared_ptr<Inode> inode;
+  };
+  auto both = std::make_shared<Both>(Both{fs_, inode_});
+  Inode* raw = both->inode.get();
+  return std::shared_ptr<Inode>(std::move(both), raw);
 }
 
 // ---- mount / unmount
@@ -71,11 +88,12 @@ Result<std::shared_ptr<DaxFs>> DaxFs::mount(std::shared_ptr<dax::DaxDevice> dax,
   if (Errc e = za->set_folio_order(za->index_of(fs->zero_pmd_pfn_), kPmdOrder); e != Errc::ok) {
     return Error(e, "mount: cannot build the 2 MiB zero folio");
   }
-  fs->holder_ops_.notify_failure = [](dax::DaxDevice&, void* holder, std::uint64_t, std::uint64_t,
-                                      int flags) -> Errc {
+  fs->holder_ops_.notify_failure = [](dax::DaxDevice&, void* holder, std::uint64_t offset,
+                                      std::uint64_t len, int flags) -> Errc {
     auto* self = static_cast<DaxFs*>(holder);
     if ((flags & dax::kMfMemPreRemove) != 0) return self->pre_remove();
-    return Errc::not_supported;  // media errors: not modelled by this filesystem yet
+    auto r = self->memory_failure(offset, len, flags);
+    return r ? Errc::ok : r.code();
   };
   if (Errc e = fs->dax_->set_holder(fs.get(), &fs->holder_ops_); e != Errc::ok) {
     return Error(e, fmt::format("mount: cannot hold {}", fs->dax_->name()));
@@ -159,7 +177,7 @@ Result<File> DaxFs::create(std::string_view name) {
   inode->opens_ = 1;
   names_.emplace(std::string(name), inode);
   inodes_.emplace(ino, inode);
-  return File(std::move(inode));
+  return File(shared_from_this(), std::move(inode));
 }
 
 Result<File> DaxFs::open(std::string_view name) {
@@ -171,7 +189,7 @@ Result<File> DaxFs::open(std::string_view name) {
     std::lock_guard<std::mutex> il(it->second->mu_);
     ++it->second->opens_;
   }
-  return File(it->second);
+  return File(shared_from_this(), it->second);
 }
 
 Errc DaxFs::unlink(std::string_view name) {
@@ -193,6 +211,47 @@ Errc DaxFs::unlink(std::string_view name) {
 std::size_t DaxFs::nr_inodes() const {
   std::lock_guard<std::mutex> lock(mu_);
   return inodes_.size();
+}
+
+std::vector<std::shared_ptr<Inode>> DaxFs::inodes() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<Inode>> out;
+  out.reserve(inodes_.size());
+  for (const auto& [ino, inode] : inodes_)
+    out.push_back(inode);
+  return out;
+}
+
+// ---- memory failure (§3.10, §3.13; xfstests xfs/550-552)
+// ------------------------------------------
+
+Result<std::uint64_t> DaxFs::memory_failure(std::uint64_t offset, std::uint64_t len, int mf_flags) {
+  const std::uint64_t nr = alloc_.nr_blocks();
+  const std::uint64_t first = offset >> kPageShift;
+  if (first >= nr) return Error(Errc::out_of_range, "memory_failure: offset past the device");
+  const std::uint64_t end_byte =
+      len > (nr << kPageShift) - offset ? nr << kPageShift : offset + len;
+  const std::uint64_t last = std::max(first + 1, align_up(end_byte, kPageSize) >> kPageShift);
+  if (!mounted()) return Error(Errc::dead, opts_.name + " is unmounted");
+  // PG_hwpoison on every failed page's folio: faults on it now consume poison.
+  DevPagemap& pg = pagemap();
+  if (pg.state() != DevPagemap::State::dead) {
+    const Pfn base = pg.range(0).start;
+    for (std::uint64_t b = first; b < last; ++b) {
+      if (PageArray* a = pg.array_for(base + b)) {
+        a->flags(a->head_of(a->index_of(base + b))).fetch_or(kPagePoisoned);
+      }
+    }
+  }
+  // No rmap: ask every file (a shared block has no single owner, I12), as XFS's notify_failure
+  // walks the reverse map to every owner.
+  std::uint64_t owners = 0;
+  for (const auto& inode : inodes()) {
+    const std::size_t before = inode->memory_failures().size();
+    inode->memory_failure(first, last, mf_flags);
+    owners += inode->memory_failures().size() - before;
+  }
+  return owners;
 }
 
 // ---- inode references and eviction

@@ -47,6 +47,12 @@ bool folio_busy(const Folio& f) {
   return ref > static_cast<std::uint32_t>(std::max(map, 0));
 }
 
+// A memory failure was recorded on pfn's folio (DaxFs::memory_failure).
+bool poisoned(const DevPagemap& pg, Pfn pfn) {
+  Folio f = folio_of(pg, pfn);
+  return f && (f.a->flags(f.head).load(std::memory_order_acquire) & kPagePoisoned) != 0;
+}
+
 // The folio reference taken under the entry lock inside the read section becomes the
 // page-table entry's reference (the address space adopts it).
 mm::FaultResult hand_to_mm(PageRef ref) {
@@ -169,11 +175,13 @@ Errc Inode::associate(std::uint64_t index, Pfn pfn, unsigned order, DevPagemap::
     std::lock_guard<std::mutex> ml(mu_);
     allocations_[index] = std::move(alloc);
   }
+  nrpages_.fetch_add(pages, std::memory_order_acq_rel);  // the entry is inserted next
   return Errc::ok;
 }
 
 void Inode::disassociate(std::uint64_t index, Entry e) {
   DevPagemap& pg = fs_->pagemap();
+  nrpages_.fetch_sub(e.pages(), std::memory_order_acq_rel);  // the entry is deleted next
   if (Folio f = folio_of(pg, e.pfn())) {
     std::lock_guard<std::mutex> lock(fs_->folio_mu(e.pfn()));
     bool reset = true;
@@ -205,6 +213,59 @@ void Inode::disassociate(std::uint64_t index, Entry e) {
       allocations_.erase(it);
     }
   }
+}
+
+// ---- memory failure (§3.10, §3.13) and checker snapshots
+// ---------------------------------------------------------
+
+void Inode::memory_failure(std::uint64_t first, std::uint64_t last, int mf_flags) {
+  std::vector<std::uint64_t> hit;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (state_ == State::evicted) return;
+    for (const auto& [page, block] : blocks_) {
+      if (block >= first && block < last) hit.push_back(page);
+    }
+  }
+  for (std::uint64_t page : hit) {
+    // The users of every mapping of the page lose it: their next access faults and consumes the
+    // poison (BUS_MCEERR_AR), as mf_dax_kill_procs makes them.
+    const std::uint64_t zapped = unmap_mapping_range(page, 1);
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = blocks_.find(page);
+    failures_.push_back(
+        MemoryFailure{page, it == blocks_.end() ? 0 : it->second, mf_flags, zapped});
+  }
+}
+
+DevPagemap::Allocation Inode::testing_swap_allocation(std::uint64_t index,
+                                                     DevPagemap::Allocation a) {
+  std::lock_guard<std::mutex> lock(mu_);
+  DevPagemap::Allocation old;
+  if (auto it = allocations_.find(index); it != allocations_.end()) {
+    old = std::move(it->second);
+    allocations_.erase(it);
+  }
+  if (a) allocations_.emplace(index, std::move(a));
+  return old;
+}
+
+std::vector<MemoryFailure> Inode::memory_failures() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failures_;
+}
+
+InodeSnapshot Inode::snapshot() const {
+  InodeSnapshot s;
+  s.ino = ino_;
+  s.entries = entries_.snapshot();
+  s.nrpages = nrpages();
+  std::lock_guard<std::mutex> lock(mu_);
+  s.size = size_;
+  s.blocks = blocks_;
+  for (const auto& [index, a] : allocations_)
+    s.allocations.emplace(index, InodeSnapshot::Alloc{a.first(), a.count()});
+  return s;
 }
 
 // ---- faults (§3.4)
@@ -281,6 +342,10 @@ mm::FaultResult Inode::fault_locked(const mm::Vma& vma, const mm::FaultRequest& 
     auto blk = block_of(index);
     if (req.write && blk && fs_->allocator().share_count(*blk) > 1) {
       return mm::FaultResult::sigbus(name() + ": write to a shared (reflinked) block");
+    }
+    if (poisoned(pg, pfn)) {
+      return mm::FaultResult::memory_failure(
+          fmt::format("{}: pfn {:#x} is poisoned (memory failure)", name(), pfn));
     }
     auto ref = PageRef::get(pg, pfn);
     if (!ref) return mm::FaultResult::sigbus(ref.error().to_string());
@@ -367,6 +432,13 @@ mm::FaultResult Inode::fault_locked(const mm::Vma& vma, const mm::FaultRequest& 
   if (acc->nr < pages || !is_aligned(acc->pfn, pages)) {
     if (order != 0) return fallback();  // the device's pfns are not 2 MiB aligned here
     return mm::FaultResult::sigbus(name() + ": block outside the device");
+  }
+  for (std::uint64_t i = 0; i < pages; ++i) {
+    if (poisoned(pg, acc->pfn + i)) {
+      if (order != 0) return fallback();  // the 4 KiB fault reports the poisoned page
+      return mm::FaultResult::memory_failure(
+          fmt::format("{}: pfn {:#x} is poisoned (memory failure)", name(), acc->pfn));
+    }
   }
   if (Errc e = associate(slot.index, acc->pfn, order, std::move(acc->allocation)); e != Errc::ok) {
     if (order != 0 && e == Errc::busy) return fallback();

@@ -28,6 +28,10 @@
 //   holds_match             (complete universes) each folio's refcount is exactly its entries
 //                           plus the universe's held pages (pins weighted as pin_folio does).
 //
+// The fs checks (fs_*) run only through debug::check_fs_invariants (fs_invariants.h), which adds
+// the filesystems' pagemaps, holders and allocators to a universe; this file and the layers below
+// the fs know nothing of it.
+//
 // When to call: at quiescent points only — no operation on the universe's objects may run
 // concurrently (the checker reads counters that are legitimately transient mid-operation, and
 // reads the metadata of every pagemap that is not dead, which a concurrent memunmap may retire).
@@ -62,8 +66,13 @@ enum class Check : std::uint8_t {
   strategy_ref_count,
   mapcount_matches_entries,
   holds_match,
+  fs_entry_folio,         // I11/I12 association: each block entry's folio (fs_invariants.h)
+  fs_block_in_use_free,   // I7/I8: a block a file or an entry still uses is free
+  fs_share_count,         // I12: share counts equal the number of users
+  fs_entry_pagemap_refs,  // what each entry holds of the pagemap, per strategy
+  fs_nrpages,             // T3: nrpages equals the pages of the block entries
 };
-inline constexpr std::size_t kNumChecks = 8;
+inline constexpr std::size_t kNumChecks = 13;
 
 std::string_view check_name(Check c) noexcept;
 

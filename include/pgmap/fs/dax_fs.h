@@ -48,6 +48,7 @@
 #include <string>
 #include <string_view>
 #include <thread>
+#include <vector>
 
 #include "pgmap/core/diagnostics.h"
 #include "pgmap/core/error.h"
@@ -71,7 +72,10 @@ struct MountOptions {
   std::chrono::milliseconds pre_remove_wait{10000};
 };
 
-// An open file (RAII). Empty when default-constructed or moved from.
+// An open file (RAII). Empty when default-constructed or moved from. A File and every mapping
+// made from it (mapping()) keep their DaxFs object alive (shared ownership): dropping the last
+// outside reference to a DaxFs while Files are open or mapped defers its destruction (and the
+// unmount it does) to the last of them.
 class File {
  public:
   File() = default;
@@ -85,12 +89,14 @@ class File {
   void close() noexcept;
   explicit operator bool() const noexcept { return inode_ != nullptr; }
   Inode& inode() const noexcept { return *inode_; }
-  // The MappingOwner to mmap (keeps the inode object alive, not open).
-  std::shared_ptr<Inode> mapping() const noexcept { return inode_; }
+  // The MappingOwner to mmap (keeps the inode object and its filesystem alive, not open).
+  std::shared_ptr<Inode> mapping() const;
 
  private:
   friend class DaxFs;
-  explicit File(std::shared_ptr<Inode> inode) noexcept : inode_(std::move(inode)) {}
+  File(std::shared_ptr<DaxFs> fs, std::shared_ptr<Inode> inode) noexcept
+      : fs_(std::move(fs)), inode_(std::move(inode)) {}
+  std::shared_ptr<DaxFs> fs_;  // declared first: released after the inode reference
   std::shared_ptr<Inode> inode_;
 };
 
@@ -134,10 +140,22 @@ class DaxFs : public std::enable_shared_from_this<DaxFs> {
   // Waits until every queued eviction has run.
   void flush_evictions();
 
+  // A memory failure (media error) on device bytes [offset, offset + len), as notify_failure
+  // delivers it: every block of the range is marked poisoned, and EVERY file mapping one of them
+  // — each sharer of a reflinked block — records the failure (Inode::memory_failures) and has
+  // the mappings of those pages zapped, so each mapping user gets SIGBUS BUS_MCEERR_AR at its
+  // next access (faults on a poisoned block raise it). Returns the number of (file, page) owners
+  // notified. Errc::out_of_range (offset past the device), Errc::dead (unmounted).
+  Result<std::uint64_t> memory_failure(std::uint64_t offset, std::uint64_t len, int mf_flags);
+
+  // The live (not yet evicted) inodes, for checkers and diagnostics.
+  std::vector<std::shared_ptr<Inode>> inodes() const;
+
   // ---- device ----
   dax::DaxDevice& dax_device() const noexcept { return *dax_; }
   DevPagemap& pagemap() const noexcept { return dax_->pagemap(); }
   BlockAllocator& allocator() noexcept { return alloc_; }
+  const BlockAllocator& allocator() const noexcept { return alloc_; }
   const MountOptions& options() const noexcept { return opts_; }
   const std::string& name() const noexcept { return opts_.name; }
   // The zero pages (4 KiB page, 2 MiB folio) mapped read-only over holes.

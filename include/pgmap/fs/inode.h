@@ -127,6 +127,30 @@ struct FaultStats {
   std::uint64_t pmd(Outcome o) const { return by_size[1][o]; }
 };
 
+// A memory failure recorded on one of a file's pages (DaxFs::memory_failure): every file sharing
+// the failed block gets its own record.
+struct MemoryFailure {
+  std::uint64_t page = 0;    // file page
+  std::uint64_t block = 0;   // device block
+  int mf_flags = 0;          // as passed to notify_failure (dax::kMfActionRequired ...)
+  std::uint64_t zapped = 0;  // user page-table entries zapped: their users get SIGBUS
+                             // BUS_MCEERR_AR at their next access of the page
+};
+
+// What a checker reads of an inode (debug::check_fs_invariants), copied under its locks.
+struct InodeSnapshot {
+  std::uint64_t ino = 0;
+  std::uint64_t size = 0;
+  std::uint64_t nrpages = 0;
+  std::map<std::uint64_t, std::uint64_t> blocks;  // file page -> device block
+  std::vector<EntryMap::Slot> entries;
+  struct Alloc {
+    Pfn first = 0;
+    std::uint64_t count = 0;
+  };
+  std::map<std::uint64_t, Alloc> allocations;  // alloc_event: entry index -> its allocation
+};
+
 class Inode final : public mm::MappingOwner, public std::enable_shared_from_this<Inode> {
  public:
   enum class State { live, evicting, evicted };
@@ -173,6 +197,21 @@ class Inode final : public mm::MappingOwner, public std::enable_shared_from_this
   std::optional<std::uint64_t> block_of(std::uint64_t page) const;
   FaultStats fault_stats() const;
   const EntryMap& entries() const noexcept { return entries_; }
+  // mapping->nrpages: the pages covered by the block entries of the entry map (a PMD entry counts
+  // 512; zero and empty entries count nothing). Maintained at entry insert and delete.
+  std::uint64_t nrpages() const noexcept { return nrpages_.load(std::memory_order_acquire); }
+  // The memory failures recorded on this file's pages (oldest first).
+  std::vector<MemoryFailure> memory_failures() const;
+  // A copy of the block map, entries, nrpages and allocations, for checkers (call at quiescent
+  // points: it takes the locks one after the other).
+  InodeSnapshot snapshot() const;
+  // Test hook for the invariant checker's tests: corrupts nrpages by `delta`.
+  void testing_adjust_nrpages(std::int64_t delta) noexcept {
+    nrpages_.fetch_add(static_cast<std::uint64_t>(delta), std::memory_order_acq_rel);
+  }
+  // Test hook for the invariant checker's tests: exchanges the alloc_event allocation held for
+  // the entry at `index` (an empty one removes it) and returns the previous one.
+  DevPagemap::Allocation testing_swap_allocation(std::uint64_t index, DevPagemap::Allocation a);
 
   // ---- MappingOwner ----
   std::string name() const override;
@@ -209,6 +248,9 @@ class Inode final : public mm::MappingOwner, public std::enable_shared_from_this
   // Final eviction: uninterruptible break of the whole file, delete entries, free blocks.
   void evict();
   void count(mm::Level level, FaultStats::Outcome o) noexcept;
+  // DaxFs::memory_failure for this file: records the failure of device blocks [first, last) on
+  // every page of the file mapping one and zaps those pages' mappings.
+  void memory_failure(std::uint64_t first, std::uint64_t last, int mf_flags);
 
   DaxFs* const fs_;
   const std::uint64_t ino_;
@@ -226,6 +268,8 @@ class Inode final : public mm::MappingOwner, public std::enable_shared_from_this
   EntryMap entries_;
   std::array<std::array<std::atomic<std::uint64_t>, FaultStats::kOutcomes>, 2> stats_{};
   std::atomic<std::uint64_t> mkwrite_refaults_{0};
+  std::atomic<std::uint64_t> nrpages_{0};
+  std::vector<MemoryFailure> failures_;  // under mu_
 };
 
 }  // namespace pgmap::fs
