@@ -1,7 +1,7 @@
 // pgmap-stress: race-widening stress of the liveness strategies (stress.h describes a run).
 //
 //   pgmap-stress [--duration S] [--threads N] [--strategy all|safe|none|per_lookup|...]
-//                [--seed X] [--quick] [--phase S] [-v]
+//                [--seed X] [--quick] [--fs] [--phase S] [-v]
 //
 // --duration is the whole run, split evenly over the strategies. The seed is printed first; the
 // same --seed replays the same operation choices and yield-point decisions (thread timing still
@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   auto usage = [] {
     std::fprintf(stderr,
                  "usage: pgmap-stress [--duration S] [--threads N] [--strategy all|safe|NAME] "
-                 "[--seed X] [--quick] [--phase S] [-v]\n");
+                 "[--seed X] [--quick] [--fs] [--phase S] [-v]\n");
     return 2;
   };
   for (int i = 1; i < argc; ++i) {
@@ -64,6 +64,8 @@ int main(int argc, char** argv) {
     char* end = nullptr;
     if (a == "--quick") {
       o.quick = true;
+    } else if (a == "--fs") {
+      o.fs = true;
     } else if (a == "-v" || a == "--verbose") {
       o.verbose = true;
     } else if (a == "-h" || a == "--help") {
@@ -109,9 +111,9 @@ int main(int argc, char** argv) {
               static_cast<unsigned long long>(seed), o.threads, o.seconds,
               kYieldPointsEnabled ? "compiled in" : "compiled out (release)");
   std::printf(
-      "  reproduce: pgmap-stress --seed %llu --threads %u --duration %.1f --strategy %s%s\n",
+      "  reproduce: pgmap-stress --seed %llu --threads %u --duration %.1f --strategy %s%s%s\n",
       static_cast<unsigned long long>(seed), o.threads, duration, strategy.c_str(),
-      o.quick ? " --quick" : "");
+      o.quick ? " --quick" : "", o.fs ? " --fs" : "");
   std::fflush(stdout);
   stress::install_yield_hook(seed);
   g_seed = seed;
@@ -122,7 +124,7 @@ int main(int argc, char** argv) {
 
   bool failed = false;
   for (Strategy s : strategies) {
-    stress::Figures f = stress::run_strategy(s, o);
+    stress::Figures f = o.fs ? stress::run_fs_strategy(s, o) : stress::run_strategy(s, o);
     const std::uint64_t v = f.total_violations();
     const bool expected = s == Strategy::none;
     std::printf(

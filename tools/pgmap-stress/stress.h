@@ -38,6 +38,7 @@ struct Options {
   bool quick = false;        // smaller devices, shorter phases
   double phase_seconds = 0;  // 0: automatic
   bool verbose = false;
+  bool fs = false;  // --fs: the DAX filesystem workload (run_fs_strategy) instead
 };
 
 struct Figures {
@@ -67,6 +68,19 @@ struct Figures {
 };
 
 Figures run_strategy(Strategy s, const Options& opts);
+
+// --fs (fs_stress.cc): one DaxFs on an FS_DAX device, `threads` workers each with its own
+// address space doing random file operations on shared files — create/open/close, write/read,
+// mmap and faults (PTE and PMD), munmap, truncate, punch hole, zero and collapse range,
+// fallocate (2 MiB-aligned extents too), reflink, unlink and eviction — while holding pipe
+// buffers (page references) and DIO requests (pins, completed synchronously or asynchronously)
+// across operations. Every third phase the device is unbound (kill_dax) under the mounted,
+// busy filesystem, then everything is torn down (unmount, memunmap) and re-created over the same
+// memory. Between phases: the fs invariant checker (debug::check_fs_invariants, holders
+// included) and the generic/503 oracle: every page a file, a mapping, a pipe or a DIO pin shows
+// holds zeros, a record written through that file (or one reflinked into it) or that file's DIO
+// mark; no held block belongs to an unrelated file.
+Figures run_fs_strategy(Strategy s, const Options& opts);
 
 // The yield hook: installs it (seeded) and reports how often each named point was reached.
 void install_yield_hook(std::uint64_t seed);
