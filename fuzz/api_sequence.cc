@@ -20,7 +20,11 @@
 #include "pgmap/core/error.h"
 #include "pgmap/core/percpu_ref.h"
 #include "pgmap/core/rcu.h"
+#include "pgmap/dax/dax_device.h"
 #include "pgmap/dax/devdax.h"
+#include "pgmap/debug/fs_invariants.h"
+#include "pgmap/fs/dax_fs.h"
+#include "pgmap/fs/inode.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
@@ -159,6 +163,17 @@ struct HeldGup {
   Errc release() { return pinned ? pins.release() : refs.release(); }
 };
 
+// The DAX filesystem of the sequence: one FS_DAX device (4 MiB) under a strategy the input picks.
+struct FsWorld {
+  std::shared_ptr<Backing> backing;
+  std::shared_ptr<DevPagemap> pg;
+  std::shared_ptr<dax::DaxDevice> dax;
+  std::shared_ptr<fs::DaxFs> fs;
+  std::vector<fs::File> files;
+};
+constexpr std::uint64_t kFsBytes = 4 * kMiB;
+constexpr unsigned kFsNames = 4;
+
 struct PercpuModel {
   std::unique_ptr<PercpuRef> ref;
   std::int64_t count = 0;  // the exact count the model predicts
@@ -167,6 +182,10 @@ struct PercpuModel {
   bool exact = true;  // false after an undetectable stray put in percpu mode
   std::shared_ptr<std::atomic<int>> releases = std::make_shared<std::atomic<int>>(0);
 };
+
+std::string fmt_name(std::uint8_t v) {
+  return "f" + std::to_string(v % kFsNames);
+}
 
 class World {
  public:
@@ -210,6 +229,10 @@ class World {
   void op_percpu(Input& in);
   void op_rcu(Input& in);
   void op_lookup(Input& in);
+  void op_fs(Input& in);
+  void op_fs_file(Input& in);
+  void fs_teardown();
+  bool fs_pages_held() const;
 
   Dev* live_dev(Input& in);
   std::uint64_t pick_addr(Input& in);
@@ -227,6 +250,7 @@ class World {
   std::vector<HeldGup> gups_;
   std::vector<DevPagemap::Allocation> allocs_;
   PercpuModel pc_;
+  FsWorld fs_;
   int rcu_depth_ = 0;
   // Set for one call whose error is documented to change state (see op_percpu).
   bool exempt_next_error_ = false;
@@ -336,6 +360,48 @@ std::uint64_t World::digest() {
   };
   add_as(*as_);
   if (child_) add_as(*child_);
+  if (fs_.fs) {
+    h.add(fs_.fs->mounted() ? 1 : 0);
+    h.add(fs_.fs->shut_down() ? 1 : 0);
+    h.add(fs_.fs->allocator().free_blocks());
+    h.add(fs_.files.size());
+    for (const auto& inode : fs_.fs->inodes()) {
+      const fs::InodeSnapshot snap = inode->snapshot();
+      h.add(snap.ino);
+      h.add(snap.size);
+      h.add(snap.nrpages);
+      h.add(static_cast<std::uint64_t>(inode->state()));
+      h.add(inode->nlink());
+      for (const auto& [page, block] : snap.blocks) {
+        h.add(page);
+        h.add(block);
+        h.add(fs_.fs->allocator().share_count(block));
+      }
+      if (!faults_allowed_) {
+        for (const auto& e : snap.entries) {
+          h.add(e.index);
+          h.add(e.entry.raw());
+        }
+      }
+    }
+    if (fs_.pg->state() != DevPagemap::State::dead) {
+      PageArray* a = fs_.pg->array_for(fs_.pg->range(0).start);
+      for (std::uint64_t e = 0; e < a->entries(); ++e) {
+        const std::uint32_t ref = a->ref(e).load();
+        if (faults_allowed_) {
+          h.add(ref - static_cast<std::uint32_t>(a->mapcount(e).load()));
+        } else {
+          h.add(ref);
+          h.add(static_cast<std::uint64_t>(a->mapcount(e).load()));
+          // An unmapped entry's association goes with the entry (a refaultable change).
+          h.add(a->order(e));
+          h.add(reinterpret_cast<std::uintptr_t>(a->mapping(e).load()));
+          h.add(a->index_or_share(e).load());
+        }
+        h.add(a->flags(e).load());
+      }
+    }
+  }
   if (pc_.ref) {
     h.add(pc_.ref->is_dying() ? 1 : 0);
     h.add(pc_.ref->is_percpu() ? 1 : 0);
@@ -453,6 +519,15 @@ void World::check_consistency(const char* after) {
         std::to_string(pc_.count));
   }
   if (pc_.releases->load() > 1) bad("PercpuRef release ran more than once in one life");
+  // The filesystem: the fs invariant checker over its pagemaps, inodes and allocator (the
+  // address spaces are left out: they also map the devices above, checked by the loops above).
+  if (fs_.fs && fs_.pg->state() != DevPagemap::State::dead) {
+    fs_.fs->flush_evictions();
+    debug::FsUniverse fu;
+    fu.filesystems.push_back(fs_.fs.get());
+    debug::Report r = debug::check_fs_invariants(debug::Universe{}, fu);
+    if (!r.ok()) bad(r.to_string(4));
+  }
 }
 
 Dev* World::live_dev(Input& in) {
@@ -1036,6 +1111,192 @@ void World::op_lookup(Input& in) {
   });
 }
 
+// ---- the filesystem ----------------------------------------------------------------------------
+
+bool World::fs_pages_held() const {
+  if (!fs_.pg) return false;
+  for (const auto& g : gups_) {
+    for (const auto& pg : g.pages()) {
+      if (pg.pgmap == fs_.pg.get()) return true;
+    }
+  }
+  return false;
+}
+
+// Mount, unbind under the mounted filesystem, unmount, memory failure.
+void World::op_fs(Input& in) {
+  switch (in.u8() % 5) {
+    case 0: {
+      if (fs_.fs) return;
+      BackingOptions bo;
+      bo.size = kFsBytes;
+      bo.align = kPmdSize;
+      bo.name = "fuzz-fs";
+      auto b = make_anonymous_backing(bo);
+      if (!b) return fail("fs backing: " + b.error().to_string());
+      fs_.backing = std::shared_ptr<Backing>(std::move(b).value());
+      MemremapParams p;
+      p.type = PagemapType::fs_dax;
+      p.strategy = kSafeStrategies[in.u8() % kSafeStrategies.size()];
+      p.ranges.push_back(PagemapRangeSpec{fs_.backing, 0, 0});
+      p.name = "fuzz-fs";
+      auto pg = memremap(std::move(p));
+      if (!pg) return fail("fs memremap: " + pg.error().to_string());
+      fs_.pg = std::move(pg).value();
+      auto d = dax::DaxDevice::create(fs_.pg, "fuzz-pmem");
+      if (!d) return fail("fs DaxDevice::create: " + d.error().to_string());
+      fs_.dax = std::move(d).value();
+      fs::MountOptions mo;
+      mo.pre_remove_wait = std::chrono::milliseconds(20);
+      mo.evict_report_every = std::chrono::seconds(60);
+      auto m = fs::DaxFs::mount(fs_.dax, mo);
+      if (!m) return fail("mount: " + m.error().to_string());
+      fs_.fs = std::move(m).value();
+      call(
+          "DaxFs::mount again", [&] { return fs::DaxFs::mount(fs_.dax).code(); }, true);
+      break;
+    }
+    case 1:
+      if (!fs_.fs) return;
+      call("DaxDevice::kill under a mounted fs", [&] { return fs_.dax->kill(); });
+      break;
+    case 2:
+      if (!fs_.fs) return;
+      call("DaxFs::unmount", [&] { return fs_.fs->unmount(); });
+      break;
+    case 3: {
+      if (!fs_.fs) return;
+      const std::uint64_t off = (in.u8() % 1100) * kPageSize;
+      const std::uint64_t len = (in.u8() % 3) * kPageSize + 1;
+      call("DaxFs::memory_failure", [&] { return fs_.fs->memory_failure(off, len, 0).code(); });
+      break;
+    }
+    default:
+      if (!fs_.fs) return;
+      call("DaxFs::unlink", [&] { return fs_.fs->unlink(fmt_name(in.u8())); });
+      break;
+  }
+}
+
+// File operations (on the files the sequence holds open).
+void World::op_fs_file(Input& in) {
+  if (!fs_.fs) return;
+  fs::DaxFs& fs = *fs_.fs;
+  const std::uint8_t k = in.u8();
+  fs::File* f = fs_.files.empty() ? nullptr : &fs_.files[in.u8() % fs_.files.size()];
+  // One input byte per statement: the decoding must not depend on evaluation order (the fuzzer is
+  // built with clang, the replay test with gcc).
+  std::uint64_t off = (in.u8() % 64) * kPageSize;
+  if (in.flag()) off *= 8;
+  if (in.flag()) off += 7;
+  std::uint64_t len = (in.u8() % 16) * kPageSize;
+  if (!in.flag()) len += 3;
+  fs::BreakOptions brk;
+  brk.nowait = in.flag();
+  if (!brk.nowait) brk.timeout = std::chrono::milliseconds(20);
+  switch (k % 10) {
+    case 0:
+    case 1: {
+      if (fs_.files.size() >= kMaxHandles / 4) return;
+      const std::string name = fmt_name(in.u8());
+      call("DaxFs::create/open", [&] {
+        Result<fs::File> r = (k & 1) != 0 ? fs.create(name) : fs.open(name);
+        if (!r) return r.code();
+        fs_.files.push_back(std::move(r).value());
+        return Errc::ok;
+      });
+      break;
+    }
+    case 2:
+      // The last close of an unlinked file evicts it: that waits for every pin, without bound.
+      if (f == nullptr || fs_pages_held()) return;
+      fs_.files.erase(fs_.files.begin() + (f - fs_.files.data()));
+      break;
+    case 3: {
+      if (f == nullptr) return;
+      std::vector<std::uint8_t> buf(len, static_cast<std::uint8_t>(k));
+      call("Inode::write", [&] { return f->inode().write(off, buf.data(), buf.size()).code(); });
+      break;
+    }
+    case 4: {
+      if (f == nullptr) return;
+      std::vector<std::uint8_t> buf(len);
+      call("Inode::read", [&] { return f->inode().read(off, buf.data(), buf.size()).code(); });
+      break;
+    }
+    case 5:
+      if (f == nullptr) return;
+      faults_allowed_ = true;  // a failed break may have unmapped (refaultable)
+      call("Inode::truncate", [&] { return f->inode().truncate(off, brk).code(); });
+      faults_allowed_ = false;
+      break;
+    case 6: {
+      if (f == nullptr) return;
+      const fs::FallocMode mode = static_cast<fs::FallocMode>(in.u8() % 4);
+      fs::FallocOptions o;
+      o.brk = brk;
+      o.keep_size = in.flag();
+      o.pmd_aligned = in.flag();  // separate statements: sequenced
+      faults_allowed_ = true;
+      call("Inode::fallocate", [&] { return f->inode().fallocate(mode, off, len, o).code(); });
+      faults_allowed_ = false;
+      break;
+    }
+    case 7: {
+      // reflink waits for busy pages of both files without bound once its NOWAIT pass fails.
+      if (fs_.files.size() < 2 || fs_pages_held()) return;
+      fs::File& a = fs_.files[in.u8() % fs_.files.size()];
+      fs::File& b = fs_.files[in.u8() % fs_.files.size()];  // after a's byte
+      faults_allowed_ = true;
+      call(
+          "DaxFs::reflink", [&] { return fs.reflink(a.inode(), b.inode()); },
+          &a.inode() == &b.inode());
+      faults_allowed_ = false;
+      break;
+    }
+    case 8: {
+      if (f == nullptr) return;
+      AddressSpace* as = pick_as(in);
+      const std::uint64_t addr = pick_addr(in);
+      const std::uint32_t prot = in.u8() % 4;
+      std::uint32_t flags = mm::kMapShared;
+      if (in.flag()) flags |= mm::kMapFixed;
+      std::uint64_t mlen = 2 * kPmdSize;
+      if (!in.flag()) mlen = (1 + in.u8() % 16) * kPageSize;
+      call("AddressSpace::mmap of a file",
+           [&] { return as->mmap(addr, mlen, prot, flags, f->mapping(), 0).code(); });
+      break;
+    }
+    default:
+      if (f == nullptr) return;
+      faults_allowed_ = true;
+      call("Inode::break_layout", [&] {
+        return f->inode().break_layout(off >> kPageShift, (off + len) >> kPageShift, brk).code();
+      });
+      faults_allowed_ = false;
+      break;
+  }
+}
+
+void World::fs_teardown() {
+  if (!fs_.fs) return;
+  CallScope scope("teardown: filesystem");
+  fs_.files.clear();  // the address spaces (their mappings) are gone already: evictions run
+  fs_.fs->flush_evictions();
+  if (fs_.fs->mounted()) {
+    if (Errc e = fs_.fs->unmount(); e != Errc::ok) {
+      fail(std::string("teardown: unmount with nothing open: ") + errc_name(e));
+    }
+  }
+  fs_.fs.reset();
+  if (!fs_.dax->killed()) (void)fs_.dax->kill();  // already_dead is fine
+  MemunmapOptions o;
+  o.timeout = std::chrono::seconds(2);
+  auto r = fs_.pg->memunmap(o);
+  if (!r) fail("teardown: fs memunmap with nothing held: " + r.error().to_string());
+  fs_ = FsWorld{};
+}
+
 void World::teardown() {
   while (rcu_depth_ > 0) {
     rcu::read_unlock();
@@ -1064,6 +1325,7 @@ void World::teardown() {
     child_.reset();
     as_.reset();
   }
+  fs_teardown();
   MemunmapOptions o;
   o.policy = UnmapPolicy::wait;
   o.timeout = std::chrono::seconds(2);
@@ -1109,7 +1371,8 @@ SequenceResult World::run(Input& in) {
       &World::op_access,      &World::op_fork,     &World::op_gup,          &World::op_gup,
       &World::op_gup_release, &World::op_page_ref, &World::op_pin,          &World::op_stray,
       &World::op_alloc,       &World::op_percpu,   &World::op_percpu,       &World::op_rcu,
-      &World::op_lookup,
+      &World::op_lookup,      &World::op_fs,       &World::op_fs_file,      &World::op_fs_file,
+      &World::op_fs_file,
   };
   constexpr std::size_t kNumOps = sizeof(kOps) / sizeof(kOps[0]);
   for (std::size_t n = 0; n < kMaxCalls && !in.empty() && failure_.empty(); ++n) {
