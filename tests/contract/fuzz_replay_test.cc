@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -26,8 +27,19 @@ std::vector<std::filesystem::path> inputs() {
 }
 
 TEST(FuzzReplay, EveryCommittedInputKeepsEveryOracle) {
-  const auto files = inputs();
-  ASSERT_GE(files.size(), 6u) << "seed corpus missing under " << PGMAP_FUZZ_DIR;
+  // PGMAP_FUZZ_TRACE=1 prints every call, as for the fuzzer itself; PGMAP_FUZZ_ONLY=name replays
+  // only the inputs whose file name contains `name`.
+  const char* t = std::getenv("PGMAP_FUZZ_TRACE");
+  pgmap::fuzz::set_trace(t != nullptr && t[0] == '1');
+  const char* only = std::getenv("PGMAP_FUZZ_ONLY");
+  auto files = inputs();
+  if (only != nullptr) {
+    std::erase_if(files, [&](const std::filesystem::path& p) {
+      return p.filename().string().find(only) == std::string::npos;
+    });
+  }
+  ASSERT_GE(files.size(), only != nullptr ? 1u : 6u)
+      << "seed corpus missing under " << PGMAP_FUZZ_DIR;
   std::uint64_t calls = 0;
   for (const auto& f : files) {
     std::ifstream in(f, std::ios::binary);
