@@ -11,6 +11,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <shared_mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -133,17 +134,57 @@ class Input {
 
 class Digest {
  public:
+  // One word per step. Each step is a bijection of the running value for a fixed input and of the
+  // input for a fixed running value (xor, multiply by an odd constant, xorshift), so a change of
+  // any single value always changes the digest — as the byte-wise FNV it replaces, at an eighth
+  // of the multiplies.
   void add(std::uint64_t v) {
-    for (int k = 0; k < 8; ++k) {
-      h_ ^= (v >> (8 * k)) & 0xff;
-      h_ *= 1099511628211ull;
-    }
+    h_ = (h_ ^ v) * 0x9e3779b97f4a7c15ull;
+    h_ ^= h_ >> 29;
   }
   std::uint64_t value() const { return h_; }
 
  private:
   std::uint64_t h_ = 14695981039346656037ull;
 };
+
+// ---- address-space walks ------------------------------------------------------------------------
+
+// Visits every VMA of the probe windows (at most as.nr_vmas()) and, unless `entries` is false,
+// every present page-table entry inside them, in address order. One shared mmap_lock for the whole
+// walk and find_vma_locked (no VMA copy per probe): the walk is the harness's hottest loop. Returns
+// whether every VMA was found.
+template <typename OnVma, typename OnPte>
+bool visit_vmas(const AddressSpace& as, bool entries, OnVma&& on_vma, OnPte&& on_pte) {
+  std::shared_lock<std::shared_mutex> lock(as.mmap_lock());
+  const std::size_t want = as.nr_vmas();
+  std::size_t found = 0;
+  auto scan = [&](std::uint64_t from, std::uint64_t bytes) {
+    for (std::uint64_t addr = from; addr < from + bytes && found < want;) {
+      const mm::Vma* v = as.find_vma_locked(addr);
+      if (v == nullptr) {
+        addr += kPageSize;
+        continue;
+      }
+      ++found;
+      on_vma(*v);
+      for (std::uint64_t p = v->start; p < v->end && entries;) {
+        auto pte = as.lookup(p);
+        if (!pte) {
+          p += kPageSize;
+          continue;
+        }
+        on_pte(*pte);
+        p = pte->addr + mm::level_bytes(pte->level);
+      }
+      addr = v->end;
+    }
+  };
+  scan(kWindow, kWindowBytes);
+  for (std::size_t k = 1; k <= kExtraWindows; ++k)
+    scan(kWindow + k * kGiB, kExtraWindowBytes);
+  return found >= want;
+}
 
 // ---- the world ---------------------------------------------------------------------------------
 
@@ -322,41 +363,23 @@ std::uint64_t World::digest() {
     }
   }
   auto add_as = [&](AddressSpace& as) {
-    const std::size_t want = as.nr_vmas();
-    h.add(want);
+    h.add(as.nr_vmas());
     if (!faults_allowed_) h.add(as.nr_entries());
-    std::size_t found = 0;
-    auto scan = [&](std::uint64_t from, std::uint64_t bytes) {
-      for (std::uint64_t addr = from; addr < from + bytes && found < want;) {
-        auto v = as.find_vma(addr);
-        if (!v) {
-          addr += kPageSize;
-          continue;
-        }
-        ++found;
-        h.add(v->start);
-        h.add(v->end);
-        h.add(v->flags);
-        h.add(v->pgoff);
-        h.add(reinterpret_cast<std::uintptr_t>(v->owner.get()));
-        for (std::uint64_t p = v->start; p < v->end && !faults_allowed_;) {
-          auto pte = as.lookup(p);
-          if (!pte) {
-            p += kPageSize;
-            continue;
-          }
-          h.add(pte->addr);
-          h.add(pte->pfn);
-          h.add(static_cast<std::uint64_t>(pte->level));
-          h.add(pte->writable ? 1 : 0);
-          p = pte->addr + mm::level_bytes(pte->level);
-        }
-        addr = v->end;
-      }
-    };
-    scan(kWindow, kWindowBytes);
-    for (std::size_t k = 1; k <= kExtraWindows; ++k)
-      scan(kWindow + k * kGiB, kExtraWindowBytes);
+    (void)visit_vmas(
+        as, !faults_allowed_,
+        [&](const mm::Vma& v) {
+          h.add(v.start);
+          h.add(v.end);
+          h.add(v.flags);
+          h.add(v.pgoff);
+          h.add(reinterpret_cast<std::uintptr_t>(v.owner.get()));
+        },
+        [&](const mm::PtEntry& pte) {
+          h.add(pte.addr);
+          h.add(pte.pfn);
+          h.add(static_cast<std::uint64_t>(pte.level));
+          h.add(pte.writable ? 1 : 0);
+        });
   };
   add_as(*as_);
   if (child_) add_as(*child_);
@@ -414,6 +437,16 @@ std::uint64_t World::digest() {
 void World::check_consistency(const char* after) {
   if (!failure_.empty()) return;
   auto bad = [&](const std::string& why) { fail(std::string("after ") + after + ": " + why); };
+  // Every entry of both address spaces, collected in one walk each (not one per device).
+  std::vector<mm::PtEntry> ptes;
+  bool all_found = true;
+  for (AddressSpace* as : {as_.get(), child_.get()}) {
+    if (as == nullptr) continue;
+    all_found = visit_vmas(
+                    *as, true, [](const mm::Vma&) {},
+                    [&](const mm::PtEntry& pte) { ptes.push_back(pte); }) &&
+                all_found;
+  }
   for (const Dev& d : devs_) {
     if (!d.pg) continue;
     const bool dead = d.pg->state() == DevPagemap::State::dead;
@@ -454,42 +487,14 @@ void World::check_consistency(const char* after) {
       continue;
     }
     // Entries mapping this pagemap, in both address spaces (found when every VMA was scanned).
-    bool all_found = true;
-    auto walk = [&](AddressSpace& as) {
-      std::size_t found = 0;
-      const std::size_t want = as.nr_vmas();
-      auto scan = [&](std::uint64_t from, std::uint64_t bytes) {
-        for (std::uint64_t addr = from; addr < from + bytes && found < want;) {
-          auto v = as.find_vma(addr);
-          if (!v) {
-            addr += kPageSize;
-            continue;
-          }
-          ++found;
-          for (std::uint64_t p = v->start; p < v->end;) {
-            auto pte = as.lookup(p);
-            if (!pte) {
-              p += kPageSize;
-              continue;
-            }
-            if (pte->pgmap == d.pg.get()) {
-              if (!d.pg->contains(pte->pfn))
-                bad("entry maps a pfn outside its pagemap");
-              else
-                ++entries_seen[a->head_of(a->index_of(pte->pfn))];
-            }
-            p = pte->addr + mm::level_bytes(pte->level);
-          }
-          addr = v->end;
-        }
-      };
-      scan(kWindow, kWindowBytes);
-      for (std::size_t k = 1; k <= kExtraWindows; ++k)
-        scan(kWindow + k * kGiB, kExtraWindowBytes);
-      if (found < want) all_found = false;
-    };
-    walk(*as_);
-    if (child_) walk(*child_);
+    for (const mm::PtEntry& pte : ptes) {
+      if (pte.pgmap != d.pg.get()) continue;
+      if (!d.pg->contains(pte.pfn)) {
+        bad("entry maps a pfn outside its pagemap");
+      } else {
+        ++entries_seen[a->head_of(a->index_of(pte.pfn))];
+      }
+    }
     for (std::uint64_t e = 0; e < a->entries(); ++e) {
       const std::uint32_t ref = a->ref(e).load();
       const std::int32_t mc = a->mapcount(e).load();
