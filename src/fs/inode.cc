@@ -239,7 +239,7 @@ void Inode::memory_failure(std::uint64_t first, std::uint64_t last, int mf_flags
 }
 
 DevPagemap::Allocation Inode::testing_swap_allocation(std::uint64_t index,
-                                                     DevPagemap::Allocation a) {
+                                                      DevPagemap::Allocation a) {
   std::lock_guard<std::mutex> lock(mu_);
   DevPagemap::Allocation old;
   if (auto it = allocations_.find(index); it != allocations_.end()) {
