@@ -199,19 +199,23 @@ class DevPagemap {
   // Never block. tryget_live fails once the pagemap is killed. put_ref without a matching get is
   // misuse: in percpu mode it is found only at the kill, which then refuses (Errc::underflow).
   // Prefer the RAII PagemapRef (get_dev_pagemap).
-  bool tryget_live() noexcept { return ref_.tryget_live(); }
-  Errc put_ref() noexcept { return ref_.put(); }
+  // Always inlined: an out-of-line copy would carry its own rseq descriptor in __rseq_cs, which
+  // the linker cannot drop with a discarded duplicate (clang -O1 builds failed to link).
+  [[gnu::always_inline]] bool tryget_live() noexcept { return ref_.tryget_live(); }
+  [[gnu::always_inline]] Errc put_ref() noexcept { return ref_.put(); }
   // `n` references at once, all or none: tryget_live, then the other n - 1 while that one keeps
   // the count above zero (the kernel's percpu_ref_tryget_live + percpu_ref_get_many). put_refs
   // drops n. For holders of many references, such as a 2 MiB file entry (fs/entry_refs.h).
-  bool tryget_live_many(std::uint64_t n) noexcept {
+  [[gnu::always_inline]] bool tryget_live_many(std::uint64_t n) noexcept {
     if (n == 0) return true;
     if (!ref_.tryget_live()) return false;
     if (n == 1 || ref_.get_many(n - 1) == Errc::ok) return true;
     (void)ref_.put();  // the one taken just above; the count cannot reach zero here
     return false;
   }
-  Errc put_refs(std::uint64_t n) noexcept { return n == 0 ? Errc::ok : ref_.put_many(n); }
+  [[gnu::always_inline]] Errc put_refs(std::uint64_t n) noexcept {
+    return n == 0 ? Errc::ok : ref_.put_many(n);
+  }
   // Whether the pagemap reference is in percpu (cheap) mode: true while live, including after a
   // refused or timed-out memunmap (diagnostics and tests).
   bool ref_is_percpu() const noexcept { return ref_.is_percpu(); }
