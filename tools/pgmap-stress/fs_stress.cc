@@ -71,11 +71,13 @@ struct WorkerState {
 struct Pipe {
   std::unique_ptr<fs::PipeBuffer> buf;
   std::uint64_t ino = 0;
+  std::shared_ptr<fs::Inode> inode;  // the file it was spliced from
 };
 struct Dio {
   std::unique_ptr<fs::DioRequest> req;
   std::uint64_t ino = 0;
   bool async = false;
+  std::shared_ptr<fs::Inode> inode;
 };
 
 class FsWorld {
@@ -101,6 +103,7 @@ class FsWorld {
   void worker(unsigned t, Rng rng);
   void op(unsigned t, Rng& rng);
   void drain(bool all);
+  void settle();
   void quiescent_checks(std::uint64_t index);
 
   void add(const std::string& kind, std::string what) {
@@ -264,6 +267,55 @@ void FsWorld::drain(bool all) {
     Errc e = d.async ? d.req->wait() : d.req->complete(dio_fill(d.ino));
     if (e != Errc::ok) add("unexpected", fmt::format("dio completion: {}", errc_name(e)));
   }
+}
+
+// Waits for the queued evictions. An eviction waits without bound for its pages' holders, which
+// only this thread releases now: those of files that are no longer live go (then all of them).
+void FsWorld::settle() {
+  std::atomic<bool> flushed{false};
+  std::thread t([&] {
+    fs_->flush_evictions();
+    flushed.store(true);
+  });
+  const auto t0 = Clock::now();
+  while (!flushed.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    std::vector<Pipe> pipes;
+    std::vector<Dio> dios;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto dying = [](const std::shared_ptr<fs::Inode>& i) {
+        return i->state() != fs::Inode::State::live || i->nlink() == 0;
+      };
+      for (auto it = pipes_.begin(); it != pipes_.end();) {
+        if (dying(it->inode)) {
+          pipes.push_back(std::move(*it));
+          it = pipes_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+      for (auto it = dios_.begin(); it != dios_.end();) {
+        if (dying(it->inode) || it->async) {
+          dios.push_back(std::move(*it));
+          it = dios_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (Pipe& p : pipes) {
+      if (auto bytes = p.buf->consume()) {
+        check_page(bytes->data(), p.ino, fmt::format("pipe of ino {}", p.ino));
+      }
+    }
+    for (Dio& d : dios) {
+      Errc e = d.async ? d.req->wait() : d.req->complete(dio_fill(d.ino));
+      if (e != Errc::ok) add("unexpected", fmt::format("dio completion: {}", errc_name(e)));
+    }
+    if (Clock::now() - t0 > std::chrono::seconds(1)) drain(true);
+  }
+  t.join();
 }
 
 void FsWorld::op(unsigned t, Rng& rng) {
@@ -435,13 +487,14 @@ void FsWorld::op(unsigned t, Rng& rng) {
         auto p = fs::PipeBuffer::vmsplice(*w.as, m->addr + pg * kPageSize, 1);
         if (!p) break;  // a hole past EOF, a shut-down filesystem
         std::lock_guard<std::mutex> lock(mu_);
-        pipes_.push_back(Pipe{std::make_unique<fs::PipeBuffer>(std::move(p).value()), ino});
+        pipes_.push_back(
+            Pipe{std::make_unique<fs::PipeBuffer>(std::move(p).value()), ino, m->inode});
       } else {
         count("dio");
         auto d = fs::DioRequest::submit(*w.as, m->addr + pg * kPageSize, 1);
         if (!d) break;
         std::lock_guard<std::mutex> lock(mu_);
-        dios_.push_back(Dio{std::move(d).value(), ino, false});
+        dios_.push_back(Dio{std::move(d).value(), ino, false, m->inode});
       }
       break;
     }
@@ -507,7 +560,7 @@ void FsWorld::worker(unsigned t, Rng rng) {
 }
 
 void FsWorld::quiescent_checks(std::uint64_t index) {
-  fs_->flush_evictions();
+  settle();
   debug::Universe u;
   for (const WorkerState& w : workers_)
     u.address_spaces.push_back(w.as.get());
@@ -570,7 +623,7 @@ void FsWorld::destroy_stack(std::uint64_t index) {
     w.maps.clear();
     w.files.clear();
   }
-  fs_->flush_evictions();
+  settle();
   if (Errc e = fs_->unmount(); e != Errc::ok) {
     add("unexpected", fmt::format("phase {}: unmount: {}", index, errc_name(e)));
   }
