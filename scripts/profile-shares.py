@@ -14,7 +14,9 @@ name of the function it ran in. Categories (first match wins):
   rcu           RCU read sections and grace periods (pgmap::rcu, liburcu)
   strategy      the strategies' hooks and what only they do: pagemap lookup for liveness
                 (get_dev_pagemap, PagemapRegistry::lookup), tryget_live, allocations (alloc_event),
-                the sweep scan, the DAX device's liveness check, src/memory/strategy/*, the fs
+                the sweep scan, the DAX device's liveness check, the four strategy files
+                (src/memory/strategy/{per_lookup,transition,sweep,alloc_event}.h; the refcount code
+                every strategy shares, folio_refcount.h / strategy_ops.h / access.h, is rest), the fs
                 entry's pagemap references (src/fs/entry_refs.*)
   wait_table    the hashed wait table (waits and wakes of teardown)
   harness       pgmap-bench itself: the timed loops, the in-run floors (lock_pair,
@@ -36,14 +38,15 @@ FILES = [
                            r"removal_suite|dax_suites|fsdax_suite|gup_floor)\.(cc|h)$")),
     ("percpu_ref", re.compile(r"^(percpu_ref|heavy_barrier|rseq)")),
     ("rcu", re.compile(r"^(rcu|urcu)")),
-    ("strategy", re.compile(r"strategy|pagemap_registry|pagemap_ref|entry_refs")),
+    ("strategy", re.compile(r"^(per_lookup|transition|sweep|alloc_event)\.h$|pagemap_registry|"
+                            r"pagemap_ref|entry_refs")),
     ("wait_table", re.compile(r"^wait_table")),
 ]
 CATEGORIES = [
     ("harness", re.compile(r"pgmap::bench::|CLI::|nlohmann")),
     ("percpu_ref", re.compile(r"PercpuRef|heavy_barrier|membarrier")),
     ("rcu", re.compile(r"pgmap::rcu::|\burcu_|rcu_read|synchronize_rcu|ReadSection|call_rcu")),
-    ("strategy", re.compile(r"[Ss]trategy|get_dev_pagemap|PagemapRegistry::lookup|tryget_live|"
+    ("strategy", re.compile(r"get_dev_pagemap|PagemapRegistry::lookup|tryget_live|"
                             r"Allocation|DevPagemap::sweep|DevPagemap::request|DaxDevice::alive|"
                             r"pagemap_ref|PagemapRef|entry_refs|EntryRefs")),
     ("wait_table", re.compile(r"WaitTable")),
