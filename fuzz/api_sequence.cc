@@ -1171,7 +1171,7 @@ void World::op_fs(Input& in) {
       break;
     case 3: {
       if (!fs_.fs) return;
-      const std::uint64_t off = (in.u8() % 1100) * kPageSize;
+      const std::uint64_t off = (std::uint64_t{in.u8()} % 1100) * kPageSize;
       const std::uint64_t len = (in.u8() % 3) * kPageSize + 1;
       call("DaxFs::memory_failure", [&] { return fs_.fs->memory_failure(off, len, 0).code(); });
       break;
