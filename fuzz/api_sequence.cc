@@ -1133,6 +1133,9 @@ void World::op_fs(Input& in) {
   switch (in.u8() % 5) {
     case 0: {
       if (fs_.fs) return;
+      // Inside an open read section memremap is refused (it waits for a grace period): that
+      // refusal is op_memremap's to check; mounting needs a pagemap, so there is nothing to do.
+      if (rcu_depth_ > 0) return;
       BackingOptions bo;
       bo.size = kFsBytes;
       bo.align = kPmdSize;
