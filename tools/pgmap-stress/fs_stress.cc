@@ -316,6 +316,24 @@ void FsWorld::settle() {
     if (Clock::now() - t0 > std::chrono::seconds(1)) drain(true);
   }
   t.join();
+  // Join the asynchronous completions still running: a DioRequest is not thread-safe as an
+  // object (dio.h), so the checker may read only requests no completion thread is touching.
+  std::vector<Dio> async;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    for (auto it = dios_.begin(); it != dios_.end();) {
+      if (it->async) {
+        async.push_back(std::move(*it));
+        it = dios_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (Dio& d : async) {
+    if (Errc e = d.req->wait(); e != Errc::ok)
+      add("unexpected", fmt::format("dio completion: {}", errc_name(e)));
+  }
 }
 
 void FsWorld::op(unsigned t, Rng& rng) {
