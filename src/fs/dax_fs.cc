@@ -124,6 +124,10 @@ bool DaxFs::mounted() const {
 }
 
 Errc DaxFs::unmount() {
+  // Unregistering the holder and tearing down the zero pages wait for a grace period: refused
+  // inside a read section before anything changes (half an unmount left the holder registered
+  // on a destroyed filesystem).
+  if (rcu::in_read_section()) return Errc::invalid_argument;
   std::vector<std::shared_ptr<Inode>> all;
   {
     std::lock_guard<std::mutex> lock(mu_);

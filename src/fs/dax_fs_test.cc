@@ -8,6 +8,7 @@
 #include <cstring>
 
 #include "fs/testing/fs_fixture.h"
+#include "pgmap/core/rcu.h"
 #include "pgmap/fs/inode.h"
 #include "pgmap/mm/address_space.h"
 
@@ -125,6 +126,34 @@ TEST_P(DaxFsTest, ReflinkAcrossFilesystemsIsRefused) {
     bf->close();
     EXPECT_EQ(fs2->unmount(), Errc::ok);
     EXPECT_EQ(fs2->unmount(), Errc::already_dead);
+    EXPECT_EQ(dax2->kill(), Errc::ok);
+  }
+  EXPECT_TRUE(pg2->memunmap());
+}
+
+// Unmount waits for grace periods (the holder's unregistration, the zero pages): inside a read
+// section it is refused and changes nothing. Before, it went half-way and left the destroyed
+// filesystem registered as the device's holder (a later kill called into freed memory; found by
+// the fuzzer).
+TEST_P(DaxFsTest, UnmountInsideAReadSectionIsRefusedAndChangesNothing) {
+  auto b2 = pgmap::testutil::make_backing(8ull << 20);
+  auto pg2 = pgmap::testutil::must_memremap(pgmap::testutil::make_params(GetParam(), b2));
+  ASSERT_TRUE(pg2);
+  {
+    auto dax2 = *dax::DaxDevice::create(pg2, "pmem1");
+    auto fs2 = *DaxFs::mount(dax2);
+    {
+      rcu::ReadGuard guard;
+      EXPECT_EQ(fs2->unmount(), Errc::invalid_argument);
+    }
+    EXPECT_TRUE(fs2->mounted());
+    EXPECT_EQ(fs2->unmount(), Errc::ok);
+    // The holder is gone with the unmount: another holder can register, and kill calls no one.
+    static const dax::HolderOps kNoOps{};
+    int other = 0;
+    EXPECT_EQ(dax2->set_holder(&other, &kNoOps), Errc::ok);
+    EXPECT_EQ(dax2->clear_holder(&other), Errc::ok);
+    fs2.reset();
     EXPECT_EQ(dax2->kill(), Errc::ok);
   }
   EXPECT_TRUE(pg2->memunmap());
