@@ -85,7 +85,9 @@ Errc DevPagemap::folio_batch(const Pages& pages, BatchResult* result) noexcept {
     Pfn min = pages[0];
     Pfn max = pages[0];
     if constexpr (Pages::kConsecutive) {
-      if (n > total_pages() || n - 1 > ~Pfn{0} - min) return Errc::out_of_range;  // or wraps
+      // Only the wrap needs a check of its own: a run that does not wrap and leaves the first
+      // range is checked entry by entry below, which stops at the first pfn no range holds.
+      if (n - 1 > ~Pfn{0} - min) return Errc::out_of_range;
       max = min + (n - 1);
     } else {
       // Four independent accumulators (scalars, so that they stay in registers): the compare
@@ -119,153 +121,155 @@ Errc DevPagemap::folio_batch(const Pages& pages, BatchResult* result) noexcept {
     }
   }
 
-  return strategy_impl::dispatch(strategy_, [&](auto strategy) -> Errc {
-    constexpr bool kPerLookup =
-        std::is_same_v<decltype(strategy), strategy_impl::PerLookupStrategy>;
-    using S = std::conditional_t<kPerLookup, PerLookupFolios, decltype(strategy)>;
-    std::uint64_t refs_moved = 0;  // per_lookup: the pagemap references the folios carry
-    // One refcount operation on the folio at `head` for `m` pages. `bias`: a small folio's pin
-    // (m == 1). Errors and effects are those of the single operation.
-    auto one = [&](PageArray & a, std::uint64_t head, std::uint32_t m, bool bias)
-        __attribute__((always_inline)) {
-      if constexpr (kOp == kGet) {
-        Errc e = S::get(*this, a, head, m);
-        if (e == Errc::ok) refs_moved += m;
-        return e;
-      } else if constexpr (kOp == kPut) {
-        Errc e = S::put(*this, a, head, m);
-        if (e == Errc::ok) refs_moved += m;
-        return e;
-      } else if constexpr (kOp == kPin) {
-        if ((a.flags(head).load(std::memory_order_acquire) & kPagePoisoned) != 0) [[unlikely]]
-          return Errc::poisoned;
-        if (bias) {
-          Errc e = S::get(*this, a, head, PageArray::kPinBias);
-          if (e == Errc::ok) refs_moved += PageArray::kPinBias;
-          return e;
-        }
-        Errc e = S::get(*this, a, head, m);
-        if (e == Errc::ok) {
-          a.pincount(head).fetch_add(m, std::memory_order_acq_rel);
-          refs_moved += m;
-        }
-        return e;
-      } else {
-        if (bias) {
-          const std::uint32_t v = a.ref(head).load(std::memory_order_acquire);
-          if (v < PageArray::kPinBias || v > PageArray::kMaxRef) [[unlikely]] {
-            if (torn_down()) return late_access();
-            if (v > PageArray::kMaxRef && v != strategy_impl::kFreeingRef) return late_access();
-            report_misuse(Errc::underflow,
-                          "DevPagemap::unpin_folios of a folio that is not pinned");
-            return Errc::underflow;
-          }
-          Errc e = S::put(*this, a, head, PageArray::kPinBias);
-          if (e == Errc::ok) refs_moved += PageArray::kPinBias;
-          return e;
-        }
-        std::atomic<std::uint32_t>& pc = a.pincount(head);
-        std::uint32_t old = pc.load(std::memory_order_relaxed);
-        do {
-          if (old < m) [[unlikely]] {
-            if (torn_down()) return late_access();
-            report_misuse(Errc::underflow,
-                          "DevPagemap::unpin_folios of a folio that is not pinned");
-            return Errc::underflow;
-          }
-        } while (!pc.compare_exchange_weak(old, old - m, std::memory_order_acq_rel,
-                                           std::memory_order_relaxed));
-        Errc e = S::put(*this, a, head, m);
-        if (e == Errc::ok) refs_moved += m;
-        return e;
-      }
-    };
-
-    // Whether one operation of m pages on a multi-page folio would succeed where m single ones
-    // would: checked without side effects first, so that a run that cannot be goes page by page
-    // at once and reports (misuse, late access) exactly what the single calls report.
-    auto run_fits = [](PageArray& a, std::uint64_t head, std::uint32_t m) -> bool {
-      const std::uint32_t v = a.ref(head).load(std::memory_order_relaxed);
-      if constexpr (kOp == kGet || kOp == kPin) {
-        return v <= PageArray::kMaxRef - m;
-      } else if constexpr (kOp == kPut) {
-        return v >= m && v <= PageArray::kMaxRef;
-      } else {
-        return v >= m && v <= PageArray::kMaxRef &&
-               a.pincount(head).load(std::memory_order_relaxed) >= m;
-      }
-    };
-
-    auto loop = [&]() __attribute__((always_inline)) {
-      std::size_t i = 0;
-      while (i < n) {
-        // A new run of entries in one range (the first array inline, others out of line).
-        PageArray* const ap = locate(pages[i]).array;
-        PageArray& a = *ap;  // validated above: every entry is in some range
-        const unsigned base = a.base_order();
-        do {
-          const Pfn pfn = pages[i];
-          const std::uint64_t idx = a.index_of(pfn);
-          const unsigned ord = a.order(idx);
-          const std::uint64_t head = ord == base ? idx : a.head_of(idx);
-          const bool bias = is_pin_op(kOp) && ord <= 1;
-          std::uint32_t m = 1;
-          if (!bias && ord > 0) {
-            // Consecutive pages of one multi-page folio: one operation for all of them.
-            const Pfn folio_end = a.pfn_of(head) + order_pages(ord);
-            if constexpr (Pages::kConsecutive) {
-              m = static_cast<std::uint32_t>(std::min<std::uint64_t>(n - i, folio_end - pfn));
-            } else {
-              while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
-                ++m;
+  // The strategy's body is inlined into each entry point (one switch, no call per batch).
+  return strategy_impl::dispatch(
+      strategy_, [&](auto strategy) __attribute__((always_inline))->Errc {
+        constexpr bool kPerLookup =
+            std::is_same_v<decltype(strategy), strategy_impl::PerLookupStrategy>;
+        using S = std::conditional_t<kPerLookup, PerLookupFolios, decltype(strategy)>;
+        std::uint64_t refs_moved = 0;  // per_lookup: the pagemap references the folios carry
+        // One refcount operation on the folio at `head` for `m` pages. `bias`: a small folio's pin
+        // (m == 1). Errors and effects are those of the single operation.
+        auto one = [&](PageArray & a, std::uint64_t head, std::uint32_t m, bool bias)
+            __attribute__((always_inline)) {
+          if constexpr (kOp == kGet) {
+            Errc e = S::get(*this, a, head, m);
+            if (e == Errc::ok) refs_moved += m;
+            return e;
+          } else if constexpr (kOp == kPut) {
+            Errc e = S::put(*this, a, head, m);
+            if (e == Errc::ok) refs_moved += m;
+            return e;
+          } else if constexpr (kOp == kPin) {
+            if ((a.flags(head).load(std::memory_order_acquire) & kPagePoisoned) != 0) [[unlikely]]
+              return Errc::poisoned;
+            if (bias) {
+              Errc e = S::get(*this, a, head, PageArray::kPinBias);
+              if (e == Errc::ok) refs_moved += PageArray::kPinBias;
+              return e;
             }
+            Errc e = S::get(*this, a, head, m);
+            if (e == Errc::ok) {
+              a.pincount(head).fetch_add(m, std::memory_order_acq_rel);
+              refs_moved += m;
+            }
+            return e;
+          } else {
+            if (bias) {
+              const std::uint32_t v = a.ref(head).load(std::memory_order_acquire);
+              if (v < PageArray::kPinBias || v > PageArray::kMaxRef) [[unlikely]] {
+                if (torn_down()) return late_access();
+                if (v > PageArray::kMaxRef && v != strategy_impl::kFreeingRef) return late_access();
+                report_misuse(Errc::underflow,
+                              "DevPagemap::unpin_folios of a folio that is not pinned");
+                return Errc::underflow;
+              }
+              Errc e = S::put(*this, a, head, PageArray::kPinBias);
+              if (e == Errc::ok) refs_moved += PageArray::kPinBias;
+              return e;
+            }
+            std::atomic<std::uint32_t>& pc = a.pincount(head);
+            std::uint32_t old = pc.load(std::memory_order_relaxed);
+            do {
+              if (old < m) [[unlikely]] {
+                if (torn_down()) return late_access();
+                report_misuse(Errc::underflow,
+                              "DevPagemap::unpin_folios of a folio that is not pinned");
+                return Errc::underflow;
+              }
+            } while (!pc.compare_exchange_weak(old, old - m, std::memory_order_acq_rel,
+                                               std::memory_order_relaxed));
+            Errc e = S::put(*this, a, head, m);
+            if (e == Errc::ok) refs_moved += m;
+            return e;
           }
-          Errc e = m == 1 || run_fits(a, head, m) ? one(a, head, m, bias) : Errc::underflow;
-          if (e != Errc::ok) [[unlikely]] {
-            if (m == 1) return e;
-            // The run as a whole cannot be (or failed and changed nothing): page by page, so that
-            // exactly what single calls would leave is held and reported.
-            for (std::uint32_t j = 0; j < m; ++j) {
-              if (Errc e1 = one(a, head, 1, false); e1 != Errc::ok) return e1;
-              ++r.done;
+        };
+
+        // Whether one operation of m pages on a multi-page folio would succeed where m single ones
+        // would: checked without side effects first, so that a run that cannot be goes page by page
+        // at once and reports (misuse, late access) exactly what the single calls report.
+        auto run_fits = [](PageArray& a, std::uint64_t head, std::uint32_t m) -> bool {
+          const std::uint32_t v = a.ref(head).load(std::memory_order_relaxed);
+          if constexpr (kOp == kGet || kOp == kPin) {
+            return v <= PageArray::kMaxRef - m;
+          } else if constexpr (kOp == kPut) {
+            return v >= m && v <= PageArray::kMaxRef;
+          } else {
+            return v >= m && v <= PageArray::kMaxRef &&
+                   a.pincount(head).load(std::memory_order_relaxed) >= m;
+          }
+        };
+
+        auto loop = [&]() __attribute__((always_inline)) {
+          std::size_t i = 0;
+          while (i < n) {
+            // A new run of entries in one range (the first array inline, others out of line).
+            PageArray* const ap = locate(pages[i]).array;
+            PageArray& a = *ap;  // validated above: every entry is in some range
+            const unsigned base = a.base_order();
+            do {
+              const Pfn pfn = pages[i];
+              const std::uint64_t idx = a.index_of(pfn);
+              const unsigned ord = a.order(idx);
+              const std::uint64_t head = ord == base ? idx : a.head_of(idx);
+              const bool bias = is_pin_op(kOp) && ord <= 1;
+              std::uint32_t m = 1;
+              if (!bias && ord > 0) {
+                // Consecutive pages of one multi-page folio: one operation for all of them.
+                const Pfn folio_end = a.pfn_of(head) + order_pages(ord);
+                if constexpr (Pages::kConsecutive) {
+                  m = static_cast<std::uint32_t>(std::min<std::uint64_t>(n - i, folio_end - pfn));
+                } else {
+                  while (i + m < n && pages[i + m] == pfn + m && pfn + m < folio_end)
+                    ++m;
+                }
+              }
+              Errc e = m == 1 || run_fits(a, head, m) ? one(a, head, m, bias) : Errc::underflow;
+              if (e != Errc::ok) [[unlikely]] {
+                if (m == 1) return e;
+                // The run as a whole cannot be (or failed and changed nothing): page by page, so
+                // that exactly what single calls would leave is held and reported.
+                for (std::uint32_t j = 0; j < m; ++j) {
+                  if (Errc e1 = one(a, head, 1, false); e1 != Errc::ok) return e1;
+                  ++r.done;
+                  ++r.atomics;
+                }
+                i += m;
+                if (i == n) return Errc::ok;
+                continue;
+              }
+              r.done += m;
               ++r.atomics;
-            }
-            i += m;
-            if (i == n) return Errc::ok;
-            continue;
+              i += m;
+              // A put may have dropped what kept the pagemap alive: nothing of it is touched after
+              // the last entry (the entries still to come are references the caller holds).
+              if (i == n) return Errc::ok;
+              PGMAP_YIELD_POINT("pagemap.batch_next_folio");
+            } while (a.contains(pages[i]));
+            if (torn_down()) [[unlikely]]
+              return torn_down_access(pages[i]);  // between ranges, as a single operation would
           }
-          r.done += m;
-          ++r.atomics;
-          i += m;
-          // A put may have dropped what kept the pagemap alive: nothing of it is touched after the
-          // last entry (the entries still to come are references the caller holds).
-          if (i == n) return Errc::ok;
-          PGMAP_YIELD_POINT("pagemap.batch_next_folio");
-        } while (a.contains(pages[i]));
-        if (torn_down()) [[unlikely]]
-          return torn_down_access(pages[i]);  // between ranges, as a single operation would
-      }
-      return Errc::ok;
-    };
+          return Errc::ok;
+        };
 
-    if constexpr (!kPerLookup) {
-      return loop();
-    } else if constexpr (kOp == kGet || kOp == kPin) {
-      if (!ref_.tryget_live()) [[unlikely]]
-        return torn_down() ? late_access() : Errc::dead;
-      const Errc e = loop();
-      // We hold one reference: neither call can fail.
-      if (refs_moved > 1) (void)ref_.get_many(refs_moved - 1);
-      if (refs_moved == 0) (void)ref_.put();
-      return e;
-    } else {
-      const Errc e = loop();
-      // Each dropped folio reference carried a pagemap reference; the pagemap may be gone after
-      // this (an underflow is reported by the ref itself).
-      if (refs_moved > 0) (void)ref_.put_many(refs_moved);
-      return e;
-    }
-  });
+        if constexpr (!kPerLookup) {
+          return loop();
+        } else if constexpr (kOp == kGet || kOp == kPin) {
+          if (!ref_.tryget_live()) [[unlikely]]
+            return torn_down() ? late_access() : Errc::dead;
+          const Errc e = loop();
+          // We hold one reference: neither call can fail.
+          if (refs_moved > 1) (void)ref_.get_many(refs_moved - 1);
+          if (refs_moved == 0) (void)ref_.put();
+          return e;
+        } else {
+          const Errc e = loop();
+          // Each dropped folio reference carried a pagemap reference; the pagemap may be gone after
+          // this (an underflow is reported by the ref itself).
+          if (refs_moved > 0) (void)ref_.put_many(refs_moved);
+          return e;
+        }
+      });
 }
 
 Errc DevPagemap::get_folios(std::span<const Pfn> pages, BatchResult* result) noexcept {

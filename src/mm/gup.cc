@@ -64,20 +64,21 @@ Errc drop_run(const Run& r, bool pin) noexcept {
 
 class Gup {
  public:
-  Gup(AddressSpace& as, std::uint32_t flags, GupStats& stats, std::vector<GupPage>& out)
+  Gup(AddressSpace& as, std::uint32_t flags, GupStats& stats, detail::PageBuffer& out)
       : as_(as), pt_(detail::GupAccess::page_table(as)), flags_(flags), stats_(stats), out_(out) {}
   Gup(const Gup&) = delete;
   Gup& operator=(const Gup&) = delete;
   // A call that failed gives every reference back (bug 5.12: nothing leaks).
   ~Gup() {
     if (!done_ && !out_.empty()) {
-      (void)detail::release_pages(out_, pin() ? PageSetKind::pinned : PageSetKind::referenced);
+      (void)detail::release_pages({out_.data(), out_.size()},
+                                  pin() ? PageSetKind::pinned : PageSetKind::referenced);
       out_.clear();
     }
   }
 
   Errc run(std::uint64_t start, std::uint64_t nr_pages, std::string* why) {
-    if (out_.capacity() < nr_pages) out_.reserve(nr_pages);
+    out_.reserve(nr_pages);
     std::uint64_t addr = start;
     std::uint64_t left = nr_pages;
     while (left > 0) {
@@ -233,9 +234,7 @@ class Gup {
         (void)drop_run(run, pin());  // zapped meanwhile: the slow path faults it again
         return 0;
       }
-      const std::size_t at = out_.size();
-      out_.resize(at + len);
-      GupPage* o = out_.data() + at;
+      GupPage* o = out_.append(len);
       for (std::uint64_t i = 0; i < len; ++i)
         o[i] = GupPage{pfn + i, pg};
       return len;
@@ -317,9 +316,7 @@ class Gup {
       // (cannot underflow; the ones kept still hold the pagemap).
       (void)drop_batch(pg, std::span<const Pfn>(pfns.data() + good, n - good));
     }
-    const std::size_t at = out_.size();
-    out_.resize(at + good);
-    GupPage* o = out_.data() + at;
+    GupPage* o = out_.append(good);
     for (std::uint64_t i = 0; i < good; ++i)
       o[i] = GupPage{pfns[i], pg};
     return good;
@@ -371,39 +368,49 @@ class Gup {
   const PageTable& pt_;
   const std::uint32_t flags_;
   GupStats& stats_;
-  std::vector<GupPage>& out_;
+  detail::PageBuffer& out_;
   DevPagemap* live_ = nullptr;  // the last pagemap found live by this call
   std::optional<Error> err_;    // why a walk returned kFailed
   bool done_ = false;
 };
 
-Errc check_args(std::uint64_t start, std::uint64_t nr_pages, std::uint32_t flags,
-                std::string* why) {
+[[gnu::cold, gnu::noinline]] Errc bad_args(std::uint64_t start, std::uint64_t nr_pages,
+                                           std::uint32_t flags, std::string* why) {
+  std::string msg;
+  Errc e = Errc::invalid_argument;
   if (!is_aligned(start, kPageSize)) {
-    *why = fmt::format("GUP: unaligned start {:#x}", start);
-    return Errc::invalid_argument;
+    msg = fmt::format("GUP: unaligned start {:#x}", start);
+  } else if ((flags & kFollLongterm) != 0 && (flags & kFollPin) == 0) {
+    msg = "GUP: FOLL_LONGTERM is only valid with FOLL_PIN";
+  } else if ((flags & ~(kFollWrite | kFollPin | kFollLongterm | kFollFastOnly)) != 0) {
+    msg = fmt::format("GUP: unknown flags {:#x}", flags);
+  } else {
+    msg = fmt::format("GUP: range of {} pages from {:#x} past the task size", nr_pages, start);
+    e = Errc::out_of_range;
   }
-  if ((flags & kFollLongterm) != 0 && (flags & kFollPin) == 0) {
-    *why = "GUP: FOLL_LONGTERM is only valid with FOLL_PIN";
-    return Errc::invalid_argument;
-  }
-  if ((flags & ~(kFollWrite | kFollPin | kFollLongterm | kFollFastOnly)) != 0) {
-    *why = fmt::format("GUP: unknown flags {:#x}", flags);
-    return Errc::invalid_argument;
-  }
-  // start + nr_pages * 4 KiB without overflow, inside the task size.
-  if (nr_pages > (AddressSpace::kTaskSize >> kPageShift) ||
-      start > AddressSpace::kTaskSize - (nr_pages << kPageShift)) {
-    *why = "GUP: range past the task size";
-    return Errc::out_of_range;
-  }
-  return Errc::ok;
+  if (why != nullptr) *why = std::move(msg);
+  return e;
 }
 
-Errc gup_into(std::vector<GupPage>& out, AddressSpace& as, std::uint64_t start,
+// The checks of bad_args, without a message (the common path: everything fine).
+inline Errc check_args(std::uint64_t start, std::uint64_t nr_pages, std::uint32_t flags,
+                       std::string* why) {
+  const bool ok = is_aligned(start, kPageSize) &&
+                  ((flags & kFollLongterm) == 0 || (flags & kFollPin) != 0) &&
+                  (flags & ~(kFollWrite | kFollPin | kFollLongterm | kFollFastOnly)) == 0 &&
+                  // start + nr_pages * 4 KiB without overflow, inside the task size.
+                  nr_pages <= (AddressSpace::kTaskSize >> kPageShift) &&
+                  start <= AddressSpace::kTaskSize - (nr_pages << kPageShift);
+  if (ok) [[likely]]
+    return Errc::ok;
+  return bad_args(start, nr_pages, flags, why);
+}
+
+// `why` (may be null): the error's message.
+Errc gup_into(detail::PageBuffer& out, AddressSpace& as, std::uint64_t start,
               std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats, std::string* why) {
   if (!out.empty()) {
-    *why = "GUP: the page set to fill is not empty";
+    if (why != nullptr) *why = "GUP: the page set to fill is not empty";
     return Errc::invalid_argument;
   }
   if (Errc e = check_args(start, nr_pages, flags, why); e != Errc::ok) return e;
@@ -416,11 +423,18 @@ Errc gup_into(std::vector<GupPage>& out, AddressSpace& as, std::uint64_t start,
 
 namespace {
 
+// Keeps the first error seen.
+struct FirstError {
+  Errc result = Errc::ok;
+  void operator()(Errc e) noexcept {
+    if (e != Errc::ok && result == Errc::ok) result = e;
+  }
+};
+
 // Releases `run` (entries of pg), reporting each failure to `note`: an entry that does not hold
 // what it should is reported (once) and skipped; the others are still released. After teardown
 // each entry reports its late access, as a single unpin would.
-template <typename Note>
-void release_list(DevPagemap* pg, std::span<const Pfn> run, bool pin, Note& note) noexcept {
+void release_list(DevPagemap* pg, std::span<const Pfn> run, bool pin, FirstError& note) noexcept {
   while (!run.empty()) {
     DevPagemap::BatchResult r;
     const Errc e = pin ? pg->unpin_folios(run, &r) : pg->put_folios(run, &r);
@@ -436,15 +450,37 @@ void release_list(DevPagemap* pg, std::span<const Pfn> run, bool pin, Note& note
   }
 }
 
+// The entries of one pagemap that are not consecutive pfns: one list batch.
+[[gnu::noinline]] void release_scattered(DevPagemap* pg, std::span<const GupPage> run, bool pin,
+                                         FirstError& note) noexcept {
+  std::array<Pfn, PageTable::kEntries> pfns;
+  for (std::size_t j = 0; j < run.size(); ++j)
+    pfns[j] = run[j].pfn;
+  release_list(pg, std::span<const Pfn>(pfns.data(), run.size()), pin, note);
+}
+
+// A range batch that failed at entry r.done with e: that entry is reported, the rest go as a list.
+[[gnu::cold, gnu::noinline]] void release_range_failed(DevPagemap* pg, PfnRange all,
+                                                       const DevPagemap::BatchResult& r, Errc e,
+                                                       bool pin, FirstError& note) noexcept {
+  note(e);
+  if (e == Errc::out_of_range && r.done == 0) {
+    for (std::uint64_t j = 0; j < all.count; ++j)
+      note(pin ? pg->unpin_folio(all.start + j) : pg->put_folio(all.start + j));
+    return;
+  }
+  std::array<Pfn, PageTable::kEntries> pfns;
+  const std::uint64_t from = r.done + 1;
+  for (std::uint64_t j = from; j < all.count; ++j)
+    pfns[j - from] = all.start + j;
+  release_list(pg, std::span<const Pfn>(pfns.data(), all.count - from), pin, note);
+}
+
 }  // namespace
 
 Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept {
   const bool pin = kind == PageSetKind::pinned;
-  Errc result = Errc::ok;
-  auto note = [&result](Errc e) {
-    if (e != Errc::ok && result == Errc::ok) result = e;
-  };
-  std::array<Pfn, PageTable::kEntries> pfns;
+  FirstError note;
   std::size_t i = 0;
   while (i < pages.size()) {
     DevPagemap* const pg = pages[i].pgmap;
@@ -455,53 +491,39 @@ Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noe
     }
     // The entries of one pagemap, up to a table's worth: one batch (one operation per folio).
     const std::size_t from = i;
+    const std::size_t most = from + std::min<std::size_t>(pages.size() - from, PageTable::kEntries);
     const Pfn first = pages[i].pfn;
     bool consecutive = true;
-    while (i < pages.size() && pages[i].pgmap == pg && i - from < pfns.size()) {
+    for (++i; i < most && pages[i].pgmap == pg; ++i)
       consecutive &= pages[i].pfn == first + (i - from);
-      ++i;
-    }
-    const std::size_t k = i - from;
     if (consecutive) [[likely]] {
       // The common case (a device mapped in order): a range, no list to build or search.
       DevPagemap::BatchResult r;
-      const PfnRange all{first, k};
+      const PfnRange all{first, i - from};
       const Errc e = pin ? pg->unpin_folios(all, &r) : pg->put_folios(all, &r);
-      if (e == Errc::ok) continue;
-      note(e);
-      if (e == Errc::out_of_range && r.done == 0) [[unlikely]] {
-        for (std::size_t j = 0; j < k; ++j)
-          note(pin ? pg->unpin_folio(first + j) : pg->put_folio(first + j));
-        continue;
-      }
-      // Past the entry that failed, the rest as a list.
-      for (std::size_t j = r.done + 1; j < k; ++j)
-        pfns[j] = first + j;
-      release_list(pg, std::span<const Pfn>(pfns.data() + r.done + 1, k - (r.done + 1)), pin, note);
+      if (e != Errc::ok) [[unlikely]]
+        release_range_failed(pg, all, r, e, pin, note);
       continue;
     }
-    for (std::size_t j = 0; j < k; ++j)
-      pfns[j] = pages[from + j].pfn;
-    release_list(pg, std::span<const Pfn>(pfns.data(), k), pin, note);
+    release_scattered(pg, pages.subspan(from, i - from), pin, note);
   }
-  return result;
+  return note.result;
 }
 
 template class PageSet<PageSetKind::pinned>;
 template class PageSet<PageSetKind::referenced>;
 
+// The `_into` forms return only the code: no message is built.
 Errc get_user_pages_into(ReferencedPages& out, AddressSpace& as, std::uint64_t start,
                          std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats) {
-  std::string why;
   if ((flags & kFollPin) != 0) return Errc::invalid_argument;  // pins: pin_user_pages
-  return gup_into(detail::GupAccess::pages(out), as, start, nr_pages, flags, stats, &why);
+  return gup_into(detail::GupAccess::pages(out), as, start, nr_pages, flags, stats, nullptr);
 }
 
 Errc pin_user_pages_into(PinnedPages& out, AddressSpace& as, std::uint64_t start,
                          std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats) {
-  std::string why;
   return gup_into(detail::GupAccess::pages(out), as, start, nr_pages, flags | kFollPin, stats,
-                  &why);
+                  nullptr);
 }
 
 Result<ReferencedPages> get_user_pages(AddressSpace& as, std::uint64_t start,

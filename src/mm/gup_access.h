@@ -2,8 +2,6 @@
 // an address space (AddressSpace::Impl is private) and the storage of a page set.
 #pragma once
 
-#include <vector>
-
 #include "mm/page_table.h"
 #include "pgmap/mm/address_space.h"
 #include "pgmap/mm/gup.h"
@@ -12,8 +10,8 @@ namespace pgmap::mm::detail {
 
 struct GupAccess {
   static const PageTable& page_table(const AddressSpace& as) noexcept;  // address_space.cc
-  static std::vector<GupPage>& pages(PinnedPages& s) noexcept { return s.pages_; }
-  static std::vector<GupPage>& pages(ReferencedPages& s) noexcept { return s.pages_; }
+  static PageBuffer& pages(PinnedPages& s) noexcept { return s.pages_; }
+  static PageBuffer& pages(ReferencedPages& s) noexcept { return s.pages_; }
 };
 
 }  // namespace pgmap::mm::detail

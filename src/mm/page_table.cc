@@ -36,12 +36,6 @@ void wait_unlocked() noexcept {
 
 }  // namespace
 
-// 4 KiB aligned, so a table's address fits the frame bits of an entry.
-struct alignas(4096) PageTable::Table {
-  std::atomic<std::uint64_t> entry[kEntries];
-  std::atomic<DevPagemap*> pgmap[kEntries];
-};
-
 namespace {
 
 std::uint64_t table_entry(const void* t) noexcept {
@@ -122,21 +116,6 @@ std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexc
       t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
     }
   }
-}
-
-std::optional<PageTable::Slots> PageTable::slots(std::uint64_t addr) const noexcept {
-  if (addr >= kSpan) return std::nullopt;
-  const Table* t = root_;
-  for (unsigned depth = kDepths - 1; depth > 0; --depth) {
-    const std::uint64_t i = index_of(addr, depth);
-    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
-    if (!pte::present(e)) return std::nullopt;
-    if (pte::leaf(e))
-      return Slots{&t->entry[i], &t->pgmap[i], 1, depth, align_down(addr, span_of(depth))};
-    t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
-  }
-  const std::uint64_t i = index_of(addr, 0);
-  return Slots{&t->entry[i], &t->pgmap[i], kEntries - i, 0, align_down(addr, kPageSize)};
 }
 
 bool PageTable::can_install(std::uint64_t addr, Level level) const noexcept {

@@ -124,6 +124,7 @@ class PageTable {
     unsigned depth = 0;
     std::uint64_t addr = 0;  // virtual address mapped by entry[0] (aligned to its level)
   };
+  // Inline: GUP calls it once per table page, and a 1-page call is mostly fixed costs.
   std::optional<Slots> slots(std::uint64_t addr) const noexcept;
   // True if a leaf of `level` could be installed at addr now (no leaf covers it, no lower table).
   bool can_install(std::uint64_t addr, Level level) const noexcept;
@@ -172,7 +173,11 @@ class PageTable {
   void for_each_present(const std::function<void(const Leaf&)>& fn) const;
 
  private:
-  struct Table;
+  // 4 KiB aligned, so a table's address fits the frame bits of an entry.
+  struct alignas(4096) Table {
+    std::atomic<std::uint64_t> entry[kEntries];
+    std::atomic<DevPagemap*> pgmap[kEntries];
+  };
   template <typename Fn>
   void for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std::uint64_t start,
                      std::uint64_t end, Fn& fn) noexcept;
@@ -193,5 +198,22 @@ class PageTable {
   std::vector<Table*> retired_;  // unlinked, waiting for a grace period (retired_mu_)
   std::vector<Table*> cache_;    // past a grace period, all entries empty (retired_mu_)
 };
+
+inline std::optional<PageTable::Slots> PageTable::slots(std::uint64_t addr) const noexcept {
+  if (addr >= kSpan) return std::nullopt;
+  const Table* t = root_;
+  unsigned shift = kPageShift + kIndexBits * (kDepths - 1);
+  for (unsigned depth = kDepths - 1; depth > 0; --depth, shift -= kIndexBits) {
+    const std::uint64_t i = (addr >> shift) & (kEntries - 1);
+    const std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
+    if (!pte::present(e)) return std::nullopt;
+    if (pte::leaf(e)) {
+      return Slots{&t->entry[i], &t->pgmap[i], 1, depth, addr & ~((std::uint64_t{1} << shift) - 1)};
+    }
+    t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
+  }
+  const std::uint64_t i = (addr >> kPageShift) & (kEntries - 1);
+  return Slots{&t->entry[i], &t->pgmap[i], kEntries - i, 0, addr & ~(kPageSize - 1)};
+}
 
 }  // namespace pgmap::mm

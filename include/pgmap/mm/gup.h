@@ -47,7 +47,6 @@
 #include <cstdint>
 #include <span>
 #include <utility>
-#include <vector>
 
 #include "pgmap/core/error.h"
 #include "pgmap/memory/dev_pagemap.h"
@@ -82,6 +81,75 @@ namespace detail {
 // reported) for a page that does not hold what it should; the others are still released.
 Errc release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept;
 struct GupAccess;
+
+// The storage of a page set: room for kInline pages inside the object, so that a small call
+// allocates nothing (the Result forms included), and an array on the heap beyond that. Clearing
+// keeps the capacity. One owner, like the set. Entries past size() are not initialised;
+// append() hands them to the caller to fill (GUP writes each one exactly once).
+class PageBuffer {
+ public:
+  static constexpr std::size_t kInline = 4;
+
+  PageBuffer() noexcept = default;
+  PageBuffer(PageBuffer&& o) noexcept { take(o); }
+  PageBuffer& operator=(PageBuffer&& o) noexcept {
+    if (this != &o) {
+      free_heap();
+      take(o);
+    }
+    return *this;
+  }
+  PageBuffer(const PageBuffer&) = delete;
+  PageBuffer& operator=(const PageBuffer&) = delete;
+  ~PageBuffer() { free_heap(); }
+
+  std::size_t size() const noexcept { return size_; }
+  bool empty() const noexcept { return size_ == 0; }
+  std::size_t capacity() const noexcept { return cap_; }
+  const GupPage* data() const noexcept { return data_; }
+  void clear() noexcept { size_ = 0; }
+  // Room for n entries in all (may throw std::bad_alloc; the entries held are kept).
+  void reserve(std::size_t n) {
+    if (n <= cap_) return;
+    auto* grown = new GupPage[n];
+    for (std::size_t i = 0; i < size_; ++i)
+      grown[i] = data_[i];
+    free_heap();
+    data_ = grown;
+    cap_ = n;
+  }
+  // n more entries (size() + n <= capacity()), returned for the caller to fill.
+  GupPage* append(std::size_t n) noexcept {
+    GupPage* p = data_ + size_;
+    size_ += n;
+    return p;
+  }
+
+ private:
+  void take(PageBuffer& o) noexcept {
+    size_ = o.size_;
+    if (o.data_ == o.inline_) {
+      for (std::size_t i = 0; i < size_; ++i)
+        inline_[i] = o.inline_[i];
+    } else {
+      data_ = o.data_;
+      cap_ = o.cap_;
+      o.data_ = o.inline_;
+      o.cap_ = kInline;
+    }
+    o.size_ = 0;
+  }
+  void free_heap() noexcept {
+    if (data_ != inline_) delete[] data_;
+    data_ = inline_;
+    cap_ = kInline;
+  }
+
+  GupPage* data_ = inline_;
+  std::size_t size_ = 0;
+  std::size_t cap_ = kInline;
+  GupPage inline_[kInline];
+};
 }  // namespace detail
 
 // A set of pages that each hold one pin (PageSetKind::pinned) or one plain reference
@@ -93,11 +161,11 @@ class PageSet {
   static constexpr PageSetKind kKind = K;
 
   PageSet() = default;
-  PageSet(PageSet&& o) noexcept : pages_(std::exchange(o.pages_, {})) {}
+  PageSet(PageSet&& o) noexcept : pages_(std::move(o.pages_)) {}  // o is empty afterwards
   PageSet& operator=(PageSet&& o) noexcept {
     if (this != &o) {
       (void)release();  // a failed release is already reported (misuse report, late_accesses)
-      pages_ = std::exchange(o.pages_, {});
+      pages_ = std::move(o.pages_);
     }
     return *this;
   }
@@ -109,21 +177,21 @@ class PageSet {
   // kept). Errc::use_after_teardown under `none` after the device was removed, for example.
   [[nodiscard]] Errc release() noexcept {
     if (pages_.empty()) return Errc::ok;
-    Errc e = detail::release_pages(pages_, K);
+    Errc e = detail::release_pages(pages(), K);
     pages_.clear();
     return e;
   }
 
   std::size_t size() const noexcept { return pages_.size(); }
   bool empty() const noexcept { return pages_.empty(); }
-  const GupPage& operator[](std::size_t i) const noexcept { return pages_[i]; }
-  auto begin() const noexcept { return pages_.begin(); }
-  auto end() const noexcept { return pages_.end(); }
-  std::span<const GupPage> pages() const noexcept { return pages_; }
+  const GupPage& operator[](std::size_t i) const noexcept { return pages_.data()[i]; }
+  const GupPage* begin() const noexcept { return pages_.data(); }
+  const GupPage* end() const noexcept { return pages_.data() + pages_.size(); }
+  std::span<const GupPage> pages() const noexcept { return {pages_.data(), pages_.size()}; }
 
  private:
   friend struct detail::GupAccess;
-  std::vector<GupPage> pages_;
+  detail::PageBuffer pages_;
 };
 
 using PinnedPages = PageSet<PageSetKind::pinned>;
