@@ -77,12 +77,17 @@ class Gup {
     }
   }
 
-  Errc run(std::uint64_t start, std::uint64_t nr_pages, std::string* why) {
+  // `first_slow`: the first page's lockless walk was already made (one_page_fast) and found
+  // that it needs the slow path, having found `live` live (counted in the stats already).
+  Errc run(std::uint64_t start, std::uint64_t nr_pages, std::string* why, bool first_slow = false,
+           DevPagemap* live = nullptr) {
+    live_ = live;
     out_.reserve(nr_pages);
     std::uint64_t addr = start;
     std::uint64_t left = nr_pages;
     while (left > 0) {
-      std::uint64_t got = walk(addr, left, false);
+      std::uint64_t got = first_slow ? 0 : walk(addr, left, false);
+      first_slow = false;
       if (got == kFailed) [[unlikely]]
         return fail(*err_, why);
       if (got > 0) {
@@ -406,6 +411,76 @@ inline Errc check_args(std::uint64_t start, std::uint64_t nr_pages, std::uint32_
   return bad_args(start, nr_pages, flags, why);
 }
 
+// What one_page_fast found.
+enum class FastResult {
+  taken,     // the page is in the set
+  fallback,  // not a case for it: nothing was tried that has an effect (Gup::run from the start)
+  slow,      // the reference was refused or the entry changed: the page needs the slow path
+  poisoned,  // FOLL_PIN of a poisoned folio (the error the general walk gives at once)
+};
+
+// The lockless walk for a call of one 4 KiB-mapped page, the case whose cost is all fixed
+// overhead: the same steps as Gup::walk_table's PTE path (load the entry, its pagemap between two
+// equal loads, the pagemap's liveness and the FOLL_LONGTERM/fsdax refusal, the reference, a full
+// fence, the re-check against the same slot) and the same outcomes, without the machinery for
+// many pages. No PTE table, a huge leaf, or an entry not usable as it is: `fallback`, and
+// Gup::run makes the call from the start. A refused reference or a changed entry (given back):
+// `slow`, where walk_table would also have sent the page to the slow path. Stats are counted only
+// for a page taken (a fallback leaves them to Gup).
+[[gnu::cold, gnu::noinline]] void poisoned_why(Pfn pfn, const DevPagemap& pg, std::string* why) {
+  if (why != nullptr)
+    *why = fmt::format("GUP: cannot pin pfn {:#x} of {}: poisoned", pfn, pg.name());
+}
+
+// `why` (may be null): the message of a `poisoned` result.
+FastResult one_page_fast(detail::PageBuffer& out, AddressSpace& as, std::uint64_t addr,
+                         std::uint32_t flags, GupStats* stats, std::string* why,
+                         DevPagemap** live) {
+  const bool pin = (flags & kFollPin) != 0;
+  const PageTable& pt = detail::GupAccess::page_table(as);
+  rcu::ReadGuard guard;
+  const auto s = pt.slots(addr);
+  if (!s || s->depth != 0) return FastResult::fallback;
+  const std::uint64_t e = s->entry->load(std::memory_order_acquire);
+  if (!pte::leaf(e) || ((flags & kFollWrite) != 0 && !pte::writable(e))) {
+    return FastResult::fallback;
+  }
+  DevPagemap* const pg = s->pgmap->load(std::memory_order_acquire);
+  if (pg == nullptr || s->entry->load(std::memory_order_acquire) != e) return FastResult::fallback;
+  if (pg->state() != DevPagemap::State::live) return FastResult::fallback;
+  if ((flags & kFollLongterm) != 0 && pg->type() == PagemapType::fs_dax) {
+    return FastResult::fallback;
+  }
+  const Pfn pfn = pte::pfn(e);
+  *live = pg;
+  // The entry was read locklessly; its reference is not taken yet.
+  PGMAP_YIELD_POINT("gup.after_walk");
+  if (Errc te = pin ? pg->pin_folio(pfn) : pg->get_folio(pfn); te != Errc::ok) [[unlikely]] {
+    if (stats != nullptr) ++stats->pagemap_lookups;  // as walk_table counts its liveness check
+    if (te != Errc::poisoned) return FastResult::slow;
+    poisoned_why(pfn, *pg, why);
+    return FastResult::poisoned;
+  }
+  PGMAP_YIELD_POINT("gup.before_recheck");
+  sanitizer::full_fence();  // our reference before the re-read
+  if (s->entry->load(std::memory_order_acquire) != e) [[unlikely]] {
+    // Zapped meanwhile: give back the reference this call just took (it cannot underflow).
+    (void)(pin ? pg->unpin_folio(pfn) : pg->put_folio(pfn));
+    if (stats != nullptr) {
+      ++stats->pagemap_lookups;
+      ++stats->folio_atomics;
+    }
+    return FastResult::slow;
+  }
+  *out.append(1) = GupPage{pfn, pg};
+  if (stats != nullptr) {
+    ++stats->fast;
+    ++stats->folio_atomics;
+    ++stats->pagemap_lookups;
+  }
+  return FastResult::taken;
+}
+
 // `why` (may be null): the error's message.
 Errc gup_into(detail::PageBuffer& out, AddressSpace& as, std::uint64_t start,
               std::uint64_t nr_pages, std::uint32_t flags, GupStats* stats, std::string* why) {
@@ -414,9 +489,18 @@ Errc gup_into(detail::PageBuffer& out, AddressSpace& as, std::uint64_t start,
     return Errc::invalid_argument;
   }
   if (Errc e = check_args(start, nr_pages, flags, why); e != Errc::ok) return e;
+  FastResult fast = FastResult::fallback;
+  DevPagemap* live = nullptr;
+  if (nr_pages == 1) {
+    fast = one_page_fast(out, as, start, flags, stats, why, &live);
+    if (fast == FastResult::taken) [[likely]]
+      return Errc::ok;
+    if (fast == FastResult::poisoned) return Errc::poisoned;
+  }
   GupStats local;
   Gup gup(as, flags, stats != nullptr ? *stats : local, out);
-  return gup.run(start, nr_pages, why);
+  return fast == FastResult::slow ? gup.run(start, nr_pages, why, true, live)
+                                  : gup.run(start, nr_pages, why);
 }
 
 }  // namespace
@@ -480,6 +564,11 @@ void release_list(DevPagemap* pg, std::span<const Pfn> run, bool pin, FirstError
 
 Errc detail::release_pages(std::span<const GupPage> pages, PageSetKind kind) noexcept {
   const bool pin = kind == PageSetKind::pinned;
+  if (pages.size() == 1 && pages[0].pgmap != nullptr) {
+    // A batch of one entry is the single operation (and the set's most common size).
+    DevPagemap* const pg = pages[0].pgmap;
+    return pin ? pg->unpin_folio(pages[0].pfn) : pg->put_folio(pages[0].pfn);
+  }
   FirstError note;
   std::size_t i = 0;
   while (i < pages.size()) {

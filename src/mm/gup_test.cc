@@ -15,11 +15,13 @@
 #include "mm/testing/fake_owner.h"
 #include "pgmap/core/error.h"
 #include "pgmap/core/wait_table.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "pgmap/memory/page_array.h"
 #include "pgmap/memory/pfn.h"
 #include "pgmap/memory/strategy.h"
 #include "pgmap/mm/address_space.h"
+#include "pgmap/mm/anon_pool.h"
 #include "pgmap/mm/mapping.h"
 
 namespace pgmap::mm {
@@ -292,6 +294,43 @@ TEST_F(GupTest, LongtermRefusedOnFsdax) {
   EXPECT_EQ(unpin_user_pages(*transient), Errc::ok);
 }
 
+// The same for 1-page calls (their own lockless walk): FOLL_LONGTERM of one mapped fsdax page is
+// refused with Errc::not_supported and nothing is taken, by the _into form too.
+TEST_F(GupTest, LongtermRefusedOnFsdaxOnePage) {
+  FakeOwner::Options o;
+  o.vma_flags = kVmDax | kVmFsDax;
+  FakeDevice& d = device(8 * kMiB, 0, o, PagemapType::fs_dax);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(2));
+  prefault(as, a, 2);
+  const Snapshot before = snapshot(d, 2);
+  auto r = pin_user_pages(as, a, 1, kFollLongterm | kFollWrite);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), Errc::not_supported);
+  PinnedPages into;
+  EXPECT_EQ(pin_user_pages_into(into, as, a + page(1), 1, kFollLongterm), Errc::not_supported);
+  EXPECT_TRUE(into.empty());
+  EXPECT_EQ(snapshot(d, 2), before);
+}
+
+// FOLL_WRITE of one page of a private mapping breaks COW first: the pin is on the anonymous copy,
+// the owner's page is neither pinned nor referenced by the call.
+TEST_F(GupTest, OnePageWritePinOfPrivateMappingPinsTheCopy) {
+  FakeDevice& d = device();
+  AddressSpace as;
+  auto a = as.mmap(0, page(2), kRW, kMapPrivate, d.owner, 0);
+  ASSERT_TRUE(a) << a.error().to_string();
+  ASSERT_FALSE(as.handle_fault(*a, false));  // the owner's page, mapped read-only
+  EXPECT_EQ(d.refcount(0), 1u);
+  auto pin = must_pin(as, *a, 1, kFollWrite);
+  ASSERT_EQ(pin.size(), 1u);
+  EXPECT_TRUE(AnonPool::is_anon(pin[0].pgmap));
+  EXPECT_TRUE(pin[0].pgmap->folio_maybe_dma_pinned(pin[0].pfn));
+  EXPECT_EQ(d.refcount(0), 0u);  // the copy replaced the owner's page in the entry
+  EXPECT_EQ(unpin_user_pages(pin), Errc::ok);
+  ASSERT_EQ(as.munmap(*a, page(2)), Errc::ok);
+}
+
 // T9: FOLL_LONGTERM is allowed on device-dax (RDMA on /dev/dax).
 TEST_F(GupTest, LongtermAllowedOnDevdax) {
   FakeDevice& d = device(8 * kMiB, 0, {}, PagemapType::generic);
@@ -540,6 +579,144 @@ TEST_P(GupStrategyTest, KilledPagemapRefusesTheWholeCall) {
     EXPECT_EQ(must_fail(as, a, 16, flags).code(), Errc::dead) << flags;
     EXPECT_EQ(snapshot(d, 16).ref, before.ref) << flags;
     EXPECT_EQ(snapshot(d, 16).pin, before.pin) << flags;
+  }
+}
+
+// A 1-page call (its own lean lockless walk, gup.cc one_page_fast) keeps every semantic of the
+// general walk: the fast case counts one page, one atomic, one liveness check; an unfaulted page
+// and a read-only entry under FOLL_WRITE take the slow path (a write fault); a poisoned folio
+// fails a pin with Errc::poisoned and nothing changed (FOLL_GET is fine); a killed pagemap fails
+// with Errc::dead and nothing changed; and the _into forms give the same results.
+TEST_P(GupStrategyTest, OnePageCallsKeepEverySemantic) {
+  FakeDevice& d = strategy_device();
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(8));
+  prefault(as, a, 4);  // pages 0-3 mapped read-only; 4-7 not mapped
+  const Snapshot before = snapshot(d, 8);
+
+  GupStats st;
+  auto pin = must_pin(as, a + page(1), 1, 0, &st);
+  ASSERT_EQ(pin.size(), 1u);
+  EXPECT_EQ(pin[0].pfn, d.pfn(1));
+  EXPECT_EQ(pin[0].pgmap, d.pgmap.get());
+  EXPECT_EQ(st.fast, 1u);
+  EXPECT_EQ(st.slow, 0u);
+  EXPECT_EQ(st.folio_atomics, 1u);
+  EXPECT_EQ(st.pagemap_lookups, 1u);
+  EXPECT_EQ(d.refcount(1), 1u + kBias);
+  EXPECT_EQ(d.pincount(1), 0u);  // a small folio: the bias, no exact pincount
+  EXPECT_EQ(unpin_user_pages(pin), Errc::ok);
+  auto ref = must_get(as, a + page(2), 1, 0);
+  EXPECT_EQ(d.refcount(2), 2u);
+  EXPECT_EQ(put_pages(ref), Errc::ok);
+  EXPECT_EQ(snapshot(d, 8), before);
+
+  // Not mapped yet: the slow path faults it in.
+  st = {};
+  auto faulted = must_pin(as, a + page(5), 1, 0, &st);
+  ASSERT_EQ(faulted.size(), 1u);
+  EXPECT_EQ(st.slow, 1u);
+  EXPECT_EQ(d.refcount(5), 1u + kBias);  // the new mapping + our pin
+  EXPECT_EQ(unpin_user_pages(faulted), Errc::ok);
+  EXPECT_EQ(d.refcount(5), 1u);
+
+  // FOLL_WRITE on a read-only entry of a writable VMA: a write fault makes it writable first.
+  ASSERT_FALSE(as.lookup(a + page(3))->writable);
+  st = {};
+  auto wr = must_pin(as, a + page(3), 1, kFollWrite, &st);
+  ASSERT_EQ(wr.size(), 1u);
+  EXPECT_EQ(st.slow, 1u);
+  EXPECT_TRUE(as.lookup(a + page(3))->writable);
+  EXPECT_EQ(unpin_user_pages(wr), Errc::ok);
+  // Now writable: the fast path serves FOLL_WRITE.
+  st = {};
+  PinnedPages into;
+  EXPECT_EQ(pin_user_pages_into(into, as, a + page(3), 1, kFollWrite, &st), Errc::ok);
+  EXPECT_EQ(st.fast, 1u);
+  EXPECT_EQ(unpin_user_pages(into), Errc::ok);
+
+  // Poison: the pin is refused, nothing changed; a plain reference is not refused.
+  poison(d, 0);
+  const Snapshot mapped = snapshot(d, 8);
+  Error r = must_fail(as, a, 1, kFollPin);
+  EXPECT_EQ(r.code(), Errc::poisoned);
+  EXPECT_NE(r.message().find("poisoned"), std::string::npos) << r.message();
+  EXPECT_EQ(pin_user_pages_into(into, as, a, 1, 0), Errc::poisoned);
+  EXPECT_TRUE(into.empty());
+  EXPECT_EQ(snapshot(d, 8), mapped);
+  ReferencedPages refs;
+  EXPECT_EQ(get_user_pages_into(refs, as, a, 1, 0), Errc::ok);
+  EXPECT_EQ(put_pages(refs), Errc::ok);
+  EXPECT_EQ(snapshot(d, 8), mapped);
+
+  // A killed pagemap: Errc::dead, nothing changed.
+  ASSERT_EQ(d.pgmap->kill(), Errc::ok);
+  for (std::uint32_t flags : {0u, std::uint32_t{kFollPin}}) {
+    EXPECT_EQ(must_fail(as, a + page(1), 1, flags).code(), Errc::dead) << flags;
+    EXPECT_EQ(snapshot(d, 8).ref, mapped.ref) << flags;
+    EXPECT_EQ(snapshot(d, 8).pin, mapped.pin) << flags;
+  }
+}
+
+// 1-page pins and gets (the 1-page walk) racing a thread that zaps every mapping of the owner
+// (unmap_mapping_range): each call either takes its page (the entry was still there at the
+// re-check) or faults it in again; afterwards every folio holds exactly its mappings' references
+// and no pin. With yield points compiled in (debug, asan, tsan) the walk's race windows
+// ("gup.after_walk", "gup.before_recheck") are widened.
+namespace one_page_race {
+std::atomic<unsigned> tick{0};
+void widen(const char* name) noexcept {
+  (void)name;
+  const unsigned t = tick.fetch_add(1, std::memory_order_relaxed);
+  if (t % 5 == 0) std::this_thread::yield();
+  if (t % 97 == 0) std::this_thread::sleep_for(std::chrono::microseconds(20));
+}
+}  // namespace one_page_race
+
+TEST_F(GupTest, OnePageCallsRacingZapsTakeOrFaultAndLeakNothing) {
+  constexpr std::uint64_t kPages = 16;
+  constexpr int kRounds = 2000;
+  FakeDevice& d = device(4 * kMiB, 0, {}, PagemapType::generic);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, page(kPages));
+  const YieldHook old = set_yield_hook(&one_page_race::widen);
+  std::atomic<bool> go{false};
+  std::atomic<bool> stop{false};
+  std::thread zapper([&] {
+    while (!go.load())
+      std::this_thread::yield();
+    while (!stop.load()) {
+      (void)d.owner->unmap_mapping_range(0, 0);
+      std::this_thread::yield();
+    }
+  });
+  go.store(true);
+  PinnedPages pins;
+  ReferencedPages refs;
+  std::uint64_t failures = 0;
+  for (int round = 0; round < kRounds; ++round) {
+    for (std::uint64_t p = 0; p < kPages; ++p) {
+      const std::uint64_t at = a + page(p);
+      if (pin_user_pages_into(pins, as, at, 1, kFollWrite) != Errc::ok || pins.size() != 1 ||
+          pins[0].pfn != d.pfn(p) || unpin_user_pages(pins) != Errc::ok) {
+        ++failures;
+      }
+      if (get_user_pages_into(refs, as, at, 1, 0) != Errc::ok || refs.size() != 1 ||
+          refs[0].pfn != d.pfn(p) || put_pages(refs) != Errc::ok) {
+        ++failures;
+      }
+    }
+  }
+  stop.store(true);
+  zapper.join();
+  (void)set_yield_hook(old);
+  EXPECT_EQ(failures, 0u);
+  for (std::uint64_t p = 0; p < kPages; ++p) {
+    auto e = as.lookup(a + page(p));
+    const std::uint32_t mapped = e ? 1u : 0u;
+    EXPECT_EQ(d.refcount(p), mapped) << p;
+    EXPECT_EQ(d.mapcount(p), static_cast<std::int32_t>(mapped)) << p;
+    EXPECT_EQ(d.pincount(p), 0u) << p;
   }
 }
 
