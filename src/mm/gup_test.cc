@@ -675,7 +675,7 @@ void widen(const char* name) noexcept {
 
 TEST_F(GupTest, OnePageCallsRacingZapsTakeOrFaultAndLeakNothing) {
   constexpr std::uint64_t kPages = 16;
-  constexpr int kRounds = 2000;
+  const int kRounds = pgmap::testutil::kSanitized ? 300 : 2000;  // bounded under TSan too
   FakeDevice& d = device(4 * kMiB, 0, {}, PagemapType::generic);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, page(kPages));
