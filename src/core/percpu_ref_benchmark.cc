@@ -135,7 +135,7 @@ void BM_RseqFloor(benchmark::State& state) {
   std::atomic<std::uint64_t>* cpu0 = rseq_floor_counters();
   for (auto _ : state) {
     detail::rseq_floor_add(cpu0, 1);
-    detail::rseq_floor_add(cpu0, ~std::uint64_t{0});
+    detail::rseq_floor_add(cpu0, -1);
     benchmark::ClobberMemory();
   }
   state.SetItemsProcessed(state.iterations());

@@ -1069,7 +1069,7 @@ TEST(RseqFloorAdd, CountsExactlyWithMoreThreadsThanCpus) {
     threads.emplace_back([cpu0] {
       for (std::uint64_t i = 0; i < kAdds; ++i) {
         detail::rseq_floor_add(cpu0, 3);
-        detail::rseq_floor_add(cpu0, ~std::uint64_t{0});  // -1
+        detail::rseq_floor_add(cpu0, -1);
       }
     });
   }

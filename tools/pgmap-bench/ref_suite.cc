@@ -173,7 +173,7 @@ ThreadBody body_of(RefObjects& o, const std::string& name) {
       std::atomic<std::uint64_t>* cpu0 = counters;
       for (std::uint64_t i = 0; i < ops; ++i) {
         detail::rseq_floor_add(cpu0, 1);
-        detail::rseq_floor_add(cpu0, ~std::uint64_t{0});
+        detail::rseq_floor_add(cpu0, -1);
         clobber_memory();
       }
     };

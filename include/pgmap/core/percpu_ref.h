@@ -156,7 +156,11 @@ enum class ThreadAddResult { done, not_percpu, no_block };
     for (std::uint32_t i = g_rseq_widen_spins.load(std::memory_order_relaxed); i > 0; --i)
       compiler_barrier();  // test-only: widen the window between the check and the add
 #endif
-    std::atomic<std::uint64_t>& c = t->counts[m >> kPercpuWordSlotShift];
+    // A live word is slot << 3 | PER_THREAD, so m - PER_THREAD is the slot's byte offset in
+    // `counts`: one addressing mode, no shift.
+    static_assert(sizeof(std::atomic<std::uint64_t>) == std::uintptr_t{1} << kPercpuWordSlotShift);
+    auto& c = *reinterpret_cast<std::atomic<std::uint64_t>*>(reinterpret_cast<char*>(t->counts) +
+                                                             (m - kPercpuWordPerThread));
     c.store(c.load(std::memory_order_relaxed) + delta, std::memory_order_relaxed);
   }
   t->active.store(0, std::memory_order_release);
@@ -283,20 +287,25 @@ class PercpuRef {
 
 inline bool PercpuRef::percpu_add(std::uint64_t delta) noexcept {
 #if PGMAP_PERCPU_RSEQ_INLINE
-  if (detail::rseq_percpu_add(&mode_, delta)) [[likely]]
+  // The cast is exact mod 2^64 (put passes 0 - n); a constant delta becomes an immediate.
+  if (detail::rseq_percpu_add(&mode_, static_cast<std::int64_t>(delta))) [[likely]]
     return true;
 #endif
-  std::uintptr_t w = mode_.load(std::memory_order_relaxed);
-  // Live per-thread words have only PER_THREAD set; a live rseq word seen by a translation unit
-  // without the rseq fast path takes the shared atomic, which is always correct (the bias).
-  if ((w & kFlagMask) != kPerThread) return false;
   return thread_add(delta);
 }
 
 inline bool PercpuRef::thread_add(std::uint64_t delta) noexcept {
+  // The thread's block pointer is tested first, not the word: only threads of a process using
+  // the per-thread implementation ever get a block, so for them this is the whole dispatch (the
+  // block's own word check decides percpu or atomic), and rseq threads (no block) fall through
+  // to the word check below on their way to the shared atomic.
   detail::ThreadAddResult r = detail::thread_slot_add(mode_, delta);
-  if (r == detail::ThreadAddResult::no_block) [[unlikely]]
+  if (r == detail::ThreadAddResult::no_block) [[unlikely]] {
+    // Live per-thread words have only PER_THREAD set; a live rseq word seen by a translation unit
+    // without the rseq fast path takes the shared atomic, which is always correct (the bias).
+    if ((mode_.load(std::memory_order_relaxed) & kFlagMask) != kPerThread) return false;
     return thread_add_first(delta);
+  }
   return r == detail::ThreadAddResult::done;
 }
 

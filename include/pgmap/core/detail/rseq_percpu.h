@@ -83,7 +83,7 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
 // Adds `delta` to this CPU's counter and returns true, or returns false, having changed nothing,
 // when the word has a flag set (not percpu-by-CPU).
 [[gnu::always_inline]] inline bool rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
-                                                   std::uint64_t delta) noexcept {
+                                                   std::int64_t delta) noexcept {
   std::uintptr_t w;
   std::uint64_t cpu;
 #ifdef PGMAP_YIELD_POINTS
@@ -121,7 +121,7 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
       "1:\n\t"
       "movl %%fs:%c[cpu_off](%[area]), %k[cpu]\n\t"
       "movq %[word], %[w]\n\t"
-      "testq $7, %[w]\n\t"
+      "testb $7, %b[w]\n\t"
       "jnz %l[flagged]\n\t"
       "shlq %[shift], %[cpu]\n\t" PGMAP_RSEQ_WIDEN
       "addq %[delta], (%[w], %[cpu])\n\t"
@@ -132,7 +132,7 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
       "jmp 0b\n\t"
       ".popsection\n\t"
       : [w] "=&r"(w), [cpu] "=&r"(cpu)PGMAP_RSEQ_WIDEN_OUT
-      : [word] "m"(*word), [delta] "r"(delta), [area] "r"(__rseq_offset),
+      : [word] "m"(*word), [delta] "er"(delta), [area] "r"(__rseq_offset),
         [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
         [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)PGMAP_RSEQ_WIDEN_IN
       : "memory", "cc"
@@ -150,7 +150,7 @@ flagged:
 // kCpuShift)). It has no mode to test, so nothing can switch it off; PercpuRef never uses it.
 // `cpu0` must be followed by one kCpuStride block per possible CPU.
 [[gnu::always_inline]] inline void rseq_floor_add(std::atomic<std::uint64_t>* cpu0,
-                                                  std::uint64_t delta) noexcept {
+                                                  std::int64_t delta) noexcept {
   std::uintptr_t cs;
   std::uint64_t cpu;
   asm volatile(
@@ -174,7 +174,7 @@ flagged:
       "jmp 0b\n\t"
       ".popsection\n\t"
       : [cs] "=&r"(cs), [cpu] "=&r"(cpu)
-      : [base] "r"(cpu0), [delta] "r"(delta), [area] "r"(__rseq_offset),
+      : [base] "r"(cpu0), [delta] "er"(delta), [area] "r"(__rseq_offset),
         [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
         [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)
       : "memory", "cc");
