@@ -47,7 +47,8 @@ static_assert(kMaxPercpuRefs * sizeof(std::uint64_t) == kCpuStride,
 
 struct Runtime {
   bool ok = false;
-  const char* why = "not compiled in (needs x86-64, glibc >= 2.35, no ThreadSanitizer)";
+  const char* why =
+      "not compiled in (needs x86-64, glibc >= 2.35, no ThreadSanitizer, no PGMAP_PERCPU_NO_RSEQ)";
   unsigned cpus = 0;
   std::atomic<std::uint64_t>* blocks = nullptr;
 

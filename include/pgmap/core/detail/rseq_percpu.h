@@ -53,7 +53,11 @@
 
 #include "pgmap/core/sanitizer.h"
 
-#if defined(__x86_64__) && defined(__linux__) && !defined(PGMAP_HAVE_TSAN) && defined(__has_include)
+// PGMAP_PERCPU_NO_RSEQ (a -D for every translation unit) leaves the rseq path out: a build for
+// machines known to lack rseq then runs the per-thread fast path inline, without the failed rseq
+// attempt and the out-of-line jumps it costs there (docs/percpu-ref.md, "Cost").
+#if defined(__x86_64__) && defined(__linux__) && !defined(PGMAP_HAVE_TSAN) && \
+    !defined(PGMAP_PERCPU_NO_RSEQ) && defined(__has_include)
 #if __has_include(<sys/rseq.h>)
 #include <sys/rseq.h>
 #if defined(RSEQ_SIG) && defined(__GLIBC_PREREQ)
