@@ -294,36 +294,37 @@ BENCHMARK(BM_SynchronizeRcu)->ArgName("reader")->Arg(0)->Arg(1)->UseRealTime();
 }  // namespace pgmap
 
 // Results on this machine (RelWithDebInfo -O2, GCC 12, 2 vCPU EPYC Zen 3, Linux 6.18, glibc 2.36),
-// 2026-12-01 14:30 UTC, implementation "rseq", medians of 7 repetitions, randomly interleaved, one
-// run, every measured loop 64-byte aligned:
+// 2026-12-01 17:50 UTC, implementation "rseq", medians of 7 repetitions, randomly interleaved, one
+// run, every measured loop 64-byte aligned, the section taking +1/-1 as an immediate:
 //
 //   percpu_ref_benchmark --benchmark_repetitions=7 --benchmark_enable_random_interleaving=true
 //       --benchmark_report_aggregates_only=true --benchmark_min_time=0.1
 //       --benchmark_filter='Floor|LockPair|PercpuRef|SharedAtomic|KillConfirm'
 //
-// The machine was heavily shared (load average ~17 on 2 vCPUs: wall time is ~3x CPU time), so
-// compare the CPU column, and ratios within the run. CPU time: live get+put 1.68 ns = 2.2x the
-// relaxed-pair floor (0.77 ns) and 0.97x BM_RseqFloor (1.74 ns, the section without the word
-// load); 2 threads 1.99 ns; after kill+resurrect 1.78 ns; atomic mode 6.57 ns = 1.05x the bare
-// lock pair (6.25 ns); kill->confirm with an active reader 3.8 us wall. The per-thread fallback
-// (PGMAP_PERCPU_IMPL=per-thread, same load) measured 3.9-6.8 ns CPU per pair (the build before
-// this change 6.6-11.6 ns).
+// The machine was heavily shared (load average ~11 on 2 vCPUs: wall time is 3-5x CPU time), so
+// compare the CPU column, and ratios within the run. CPU time: live get+put 1.88 ns = 2.23x the
+// relaxed-pair floor (0.842 ns) and 1.10x BM_RseqFloor (1.71 ns, the section without the word
+// load); 2 threads 1.63 ns; after kill+resurrect 1.93 ns; atomic mode 7.02 ns = 1.10x the bare
+// lock pair (6.41 ns); kill->confirm with an active reader 4.1 us wall. The per-thread fallback
+// (PGMAP_PERCPU_IMPL=per-thread) measured 3.9-6.4 ns CPU per pair in alternating runs at load ~10,
+// and 2.2-3.1 ns in a build with -DPGMAP_PERCPU_NO_RSEQ (docs/percpu-ref.md, "The per-thread
+// fallback").
 //
 // clang-format off
-// BM_KillConfirm/reader:0/real_time_median                    1248 ns 372 ns 7 reader_ops=0 rseq membarrier
-// BM_KillConfirm/reader:1/real_time_median                    3820 ns 698 ns 7 reader_ops=8.50876M rseq membarrier
-// BM_LockPair/real_time/threads:1_median                      20.2 ns 6.25 ns 7 items_per_second=49.562M/s
-// BM_LockPair/real_time/threads:2_median                      18.0 ns 6.42 ns 7 items_per_second=55.4725M/s
-// BM_PercpuRefAtomic/real_time/threads:1_median               20.5 ns 6.57 ns 7 items_per_second=48.7329M/s rseq
-// BM_PercpuRefAtomic/real_time/threads:2_median               19.4 ns 6.68 ns 7 items_per_second=51.6029M/s rseq
-// BM_PercpuRefLive/real_time/threads:1_median                 5.06 ns 1.68 ns 7 items_per_second=197.654M/s rseq
-// BM_PercpuRefLive/real_time/threads:2_median                 5.40 ns 1.99 ns 7 items_per_second=185.255M/s rseq
-// BM_PercpuRefLiveAfterResurrect/real_time/threads:1_median   5.26 ns 1.78 ns 7 items_per_second=190.082M/s rseq
-// BM_PercpuRefLiveAfterResurrect/real_time/threads:2_median   4.72 ns 1.65 ns 7 items_per_second=211.741M/s rseq
-// BM_RelaxedPairFloor/real_time/threads:1_median              2.46 ns 0.772 ns 7 items_per_second=407.271M/s
-// BM_RelaxedPairFloor/real_time/threads:2_median              2.35 ns 0.772 ns 7 items_per_second=424.831M/s
-// BM_RseqFloor/real_time/threads:1_median                     5.41 ns 1.74 ns 7 items_per_second=184.845M/s
-// BM_RseqFloor/real_time/threads:2_median                     4.67 ns 1.64 ns 7 items_per_second=214.077M/s
-// BM_SharedAtomic/real_time/threads:1_median                  16.7 ns 5.32 ns 7 items_per_second=59.8777M/s
-// BM_SharedAtomic/real_time/threads:2_median                  17.6 ns 5.96 ns 7 items_per_second=56.7775M/s
+// BM_KillConfirm/reader:0/real_time_median 1746 ns 358 ns 7 reader_ops=0 rseq membarrier
+// BM_KillConfirm/reader:1/real_time_median 4149 ns 618 ns 7 reader_ops=9.21112M rseq membarrier
+// BM_LockPair/real_time/threads:1_median 31.2 ns 6.41 ns 7 items_per_second=32.0501M/s
+// BM_LockPair/real_time/threads:2_median 22.9 ns 5.94 ns 7 items_per_second=43.6824M/s
+// BM_PercpuRefAtomic/real_time/threads:1_median 34.1 ns 7.02 ns 7 items_per_second=29.3592M/s rseq
+// BM_PercpuRefAtomic/real_time/threads:2_median 25.3 ns 7.05 ns 7 items_per_second=39.5836M/s rseq
+// BM_PercpuRefLive/real_time/threads:1_median 8.64 ns 1.88 ns 7 items_per_second=115.755M/s rseq
+// BM_PercpuRefLive/real_time/threads:2_median 5.73 ns 1.63 ns 7 items_per_second=174.576M/s rseq
+// BM_PercpuRefLiveAfterResurrect/real_time/threads:1_median 9.63 ns 1.93 ns 7 items_per_second=103.864M/s rseq
+// BM_PercpuRefLiveAfterResurrect/real_time/threads:2_median 6.23 ns 1.99 ns 7 items_per_second=160.629M/s rseq
+// BM_RelaxedPairFloor/real_time/threads:1_median 4.37 ns 0.842 ns 7 items_per_second=228.773M/s
+// BM_RelaxedPairFloor/real_time/threads:2_median 2.98 ns 0.883 ns 7 items_per_second=335.384M/s
+// BM_RseqFloor/real_time/threads:1_median 8.63 ns 1.71 ns 7 items_per_second=115.889M/s
+// BM_RseqFloor/real_time/threads:2_median 5.97 ns 1.67 ns 7 items_per_second=167.502M/s
+// BM_SharedAtomic/real_time/threads:1_median 26.6 ns 5.42 ns 7 items_per_second=37.5724M/s
+// BM_SharedAtomic/real_time/threads:2_median 23.4 ns 6.52 ns 7 items_per_second=42.747M/s
 // clang-format on

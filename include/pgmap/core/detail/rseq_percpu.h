@@ -14,7 +14,8 @@
 //      word = *ref_word
 //      if (word & 7) leave, returning false   (not percpu-by-CPU: the caller takes another path)
 //      [debug builds only: spin g_rseq_widen_spins times, to widen the window for stress tests]
-//      *(word + (cpu << kCpuShift)) += delta  (the commit: one non-locked add to memory)
+//      *(word + (cpu << kCpuShift)) += delta  (the commit: one non-locked add to memory; a
+//                                              constant delta is the add's immediate)
 //   2: return true                            (post_commit_ip)
 //
 // If the thread is preempted, migrated or signalled, or the process issues
