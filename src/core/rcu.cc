@@ -1,8 +1,16 @@
 #include "pgmap/core/rcu.h"
 
-#include <urcu/urcu-memb.h>
-
 #include "pgmap/core/sanitizer.h"
+
+// liburcu's read-side primitives as its inline versions (its "LGPL source" mode), so a read
+// section makes no call into the library (about 11 instead of 14 ns per section here). Not under
+// ThreadSanitizer: the inline code would be instrumented and liburcu's own lock-free handshake
+// with the grace-period thread (plain accesses ordered by its barriers) would be reported; the
+// library's calls are not instrumented.
+#ifndef PGMAP_HAVE_TSAN
+#define _LGPL_SOURCE
+#endif
+#include <urcu/urcu-memb.h>
 
 #ifdef PGMAP_HAVE_TSAN
 #include <sanitizer/tsan_interface.h>
