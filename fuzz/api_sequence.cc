@@ -53,8 +53,19 @@ constexpr std::uint64_t kWindow = AddressSpace::kMmapBase;
 constexpr std::uint64_t kWindowBytes = 8 * kMiB;
 constexpr std::size_t kExtraWindows = 4;
 constexpr std::uint64_t kExtraWindowBytes = 4 * kMiB;
+// The fs invariant checker runs at most this many calls apart (and around every call that can
+// break an fs invariant by itself, and at the end of the input: World::check_fs).
+constexpr std::uint64_t kFsCheckEvery = 8;
 
 std::atomic<bool> g_trace{false};
+
+// The oracles' own loops are left out of libFuzzer's coverage (clang): their comparisons say
+// nothing about the API sequence, and instrumenting them cost most of the run time.
+#if defined(__clang__)
+#define PGMAP_FUZZ_ORACLE __attribute__((no_sanitize("coverage")))
+#else
+#define PGMAP_FUZZ_ORACLE
+#endif
 
 // ---- watchdog ----------------------------------------------------------------------------------
 
@@ -138,7 +149,7 @@ class Digest {
   // input for a fixed running value (xor, multiply by an odd constant, xorshift), so a change of
   // any single value always changes the digest — as the byte-wise FNV it replaces, at an eighth
   // of the multiplies.
-  void add(std::uint64_t v) {
+  PGMAP_FUZZ_ORACLE void add(std::uint64_t v) {
     h_ = (h_ ^ v) * 0x9e3779b97f4a7c15ull;
     h_ ^= h_ >> 29;
   }
@@ -155,7 +166,8 @@ class Digest {
 // walk and find_vma_locked (no VMA copy per probe): the walk is the harness's hottest loop. Returns
 // whether every VMA was found.
 template <typename OnVma, typename OnPte>
-bool visit_vmas(const AddressSpace& as, bool entries, OnVma&& on_vma, OnPte&& on_pte) {
+PGMAP_FUZZ_ORACLE bool visit_vmas(const AddressSpace& as, bool entries, OnVma&& on_vma,
+                                  OnPte&& on_pte) {
   std::shared_lock<std::shared_mutex> lock(as.mmap_lock());
   const std::size_t want = as.nr_vmas();
   std::size_t found = 0;
@@ -241,12 +253,23 @@ class World {
   // digest did not change. `expect_error` makes success itself a failure.
   template <typename Fn>
   void call(const char* what, Fn&& fn, bool expect_error = false);
+  // A call that returns no error (a destructor, a signal-returning access): nothing to compare,
+  // so no digest.
+  template <typename Fn>
+  void call_infallible(const char* what, Fn&& fn);
+  // Around each call: the fs checker before it if it may break an fs invariant by itself
+  // (fs_breaking_, set by the op) and calls ran since the last check; after it, the counting.
+  void before_call(const char* what);
+  void after_call(const char* what);
   void fail(std::string why) {
     if (failure_.empty()) failure_ = std::move(why);
   }
 
   std::uint64_t digest();
+  // Oracle (a) over the devices and the PercpuRef, after every op that issued a call.
   void check_consistency(const char* after);
+  // The fs invariant checker (when a filesystem exists and its pagemap is not dead).
+  void check_fs(const std::string& where);
   void teardown();
 
   // Ops.
@@ -296,6 +319,12 @@ class World {
   // Set for one call whose error is documented to change state (see op_percpu).
   bool exempt_next_error_ = false;
   bool faults_allowed_ = false;  // the digest of a GUP call ignores pages it faulted in
+  // Set by an op before a call that can break an fs invariant by itself (removal, unmount,
+  // memory failure, unlink, close, truncate, fallocate, reflink, the end of a mapping: each may
+  // free blocks, delete entries or evict), so the fs checker runs before and after it.
+  bool fs_breaking_ = false;
+  bool fs_check_due_ = false;
+  std::uint64_t fs_unchecked_calls_ = 0;  // calls since the fs checker last ran
   const char* last_call_ = "start";
   std::string failure_;
   std::uint64_t calls_ = 0;
@@ -309,15 +338,40 @@ bool World::covered_by_alloc(const DevPagemap* pg) const {
   return false;
 }
 
+void World::before_call(const char* what) {
+  // What a destructive call would erase (an entry, a block, an inode) is checked while it exists.
+  if (fs_breaking_ && fs_unchecked_calls_ > 0) check_fs(std::string("before ") + what);
+}
+
+void World::after_call(const char* what) {
+  ++calls_;
+  ++fs_unchecked_calls_;
+  if (fs_breaking_) fs_check_due_ = true;
+  fs_breaking_ = false;
+  last_call_ = what;
+}
+
+template <typename Fn>
+void World::call_infallible(const char* what, Fn&& fn) {
+  before_call(what);
+  {
+    CallScope scope(what);
+    fn();
+  }
+  if (g_trace.load(std::memory_order_relaxed)) std::fprintf(stderr, "  -> ok\n");
+  exempt_next_error_ = false;
+  after_call(what);
+}
+
 template <typename Fn>
 void World::call(const char* what, Fn&& fn, bool expect_error) {
+  before_call(what);
   const std::uint64_t before = digest();
   Errc e = Errc::ok;
   {
     CallScope scope(what);
     e = fn();
   }
-  ++calls_;
   if (g_trace.load(std::memory_order_relaxed)) std::fprintf(stderr, "  -> %s\n", errc_name(e));
   if (e != Errc::ok) {
     ++errors_;
@@ -328,10 +382,10 @@ void World::call(const char* what, Fn&& fn, bool expect_error) {
     fail(std::string(what) + " succeeded on input it must refuse");
   }
   exempt_next_error_ = false;
-  last_call_ = what;
+  after_call(what);
 }
 
-std::uint64_t World::digest() {
+PGMAP_FUZZ_ORACLE std::uint64_t World::digest() {
   Digest h;
   h.add(pagemap_count());
   for (const Dev& d : devs_) {
@@ -434,7 +488,7 @@ std::uint64_t World::digest() {
   return h.value();
 }
 
-void World::check_consistency(const char* after) {
+PGMAP_FUZZ_ORACLE void World::check_consistency(const char* after) {
   if (!failure_.empty()) return;
   auto bad = [&](const std::string& why) { fail(std::string("after ") + after + ": " + why); };
   // Every entry of both address spaces, collected in one walk each (not one per device).
@@ -524,15 +578,22 @@ void World::check_consistency(const char* after) {
         std::to_string(pc_.count));
   }
   if (pc_.releases->load() > 1) bad("PercpuRef release ran more than once in one life");
-  // The filesystem: the fs invariant checker over its pagemaps, inodes and allocator (the
-  // address spaces are left out: they also map the devices above, checked by the loops above).
-  if (fs_.fs && fs_.pg->state() != DevPagemap::State::dead) {
-    fs_.fs->flush_evictions();
-    debug::FsUniverse fu;
-    fu.filesystems.push_back(fs_.fs.get());
-    debug::Report r = debug::check_fs_invariants(debug::Universe{}, fu);
-    if (!r.ok()) bad(r.to_string(4));
-  }
+}
+
+// The fs invariant checker over the filesystem's pagemaps, inodes and allocator (the address
+// spaces are left out: they also map the devices, checked by check_consistency). Its state only
+// changes through calls, so a violation a call leaves stays visible until a destructive call
+// (checked before it runs) or the end of the input: running it every kFsCheckEvery calls, around
+// destructive calls and at the end keeps what it catches, at a fraction of the cost.
+void World::check_fs(const std::string& where) {
+  fs_unchecked_calls_ = 0;
+  fs_check_due_ = false;
+  if (!failure_.empty() || !fs_.fs || fs_.pg->state() == DevPagemap::State::dead) return;
+  fs_.fs->flush_evictions();
+  debug::FsUniverse fu;
+  fu.filesystems.push_back(fs_.fs.get());
+  debug::Report r = debug::check_fs_invariants(debug::Universe{}, fu);
+  if (!r.ok()) fail(where + ": " + r.to_string(4));
 }
 
 Dev* World::live_dev(Input& in) {
@@ -756,6 +817,7 @@ void World::op_munmap(Input& in) {
   AddressSpace* as = pick_as(in);
   const std::uint64_t addr = pick_addr(in);
   const std::uint64_t len = pick_len(in);
+  fs_breaking_ = true;  // the last mapping of an unlinked file: its eviction
   call("AddressSpace::munmap", [&] { return as->munmap(addr, len); });
 }
 
@@ -774,6 +836,7 @@ void World::op_mremap(Input& in) {
   const std::uint64_t new_len = pick_len(in);
   const std::uint32_t flags = in.u8() % 4;
   const std::uint64_t new_addr = pick_addr(in);
+  fs_breaking_ = true;  // as munmap
   call("AddressSpace::mremap",
        [&] { return as->mremap(old_addr, old_len, new_len, flags, new_addr).code(); });
 }
@@ -786,22 +849,19 @@ void World::op_access(Input& in) {
   switch (in.u8() % 3) {
     case 0:
       // A signal is not an error code: the bytes before the failing page were copied.
-      call("AddressSpace::read", [&] {
+      call_infallible("AddressSpace::read", [&] {
         (void)as->read(addr, buf.data(), len);  // outcome checked by the consistency oracle
-        return Errc::ok;
       });
       break;
     case 1:
-      call("AddressSpace::write", [&] {
+      call_infallible("AddressSpace::write", [&] {
         (void)as->write(addr, buf.data(), len);  // as read
-        return Errc::ok;
       });
       break;
     default: {
       const bool write = in.flag();
-      call("AddressSpace::handle_fault", [&] {
+      call_infallible("AddressSpace::handle_fault", [&] {
         (void)as->handle_fault(addr, write);  // a signal leaves the page table as it was
-        return Errc::ok;
       });
     }
   }
@@ -809,16 +869,11 @@ void World::op_access(Input& in) {
 
 void World::op_fork(Input& in) {
   if (child_ && in.flag()) {
-    call("~AddressSpace(child)", [&] {
-      child_.reset();
-      return Errc::ok;
-    });
+    fs_breaking_ = true;  // the last mapping of an unlinked file: its eviction
+    call_infallible("~AddressSpace(child)", [&] { child_.reset(); });
     return;
   }
-  call("AddressSpace::fork", [&] {
-    child_ = as_->fork();
-    return Errc::ok;
-  });
+  call_infallible("AddressSpace::fork", [&] { child_ = as_->fork(); });
 }
 
 void World::op_gup(Input& in) {
@@ -950,10 +1005,7 @@ void World::op_alloc(Input& in) {
     if (raw && same == 1 && pg->strategy() == Strategy::alloc_event) return;
     DevPagemap::Allocation a = std::move(allocs_[i]);
     allocs_.erase(allocs_.begin() + static_cast<std::ptrdiff_t>(i));
-    call("Allocation::reset", [&] {
-      a.reset();
-      return Errc::ok;
-    });
+    call_infallible("Allocation::reset", [&] { a.reset(); });
     return;
   }
   Dev* d = live_dev(in);
@@ -994,9 +1046,8 @@ void World::op_percpu(Input& in) {
     m.count = m.dead ? 0 : 1;
     m.released = m.dead;
     m.exact = true;
-    call("PercpuRef()", [&] {
+    call_infallible("PercpuRef()", [&] {
       m.ref = std::make_unique<PercpuRef>([rel] { rel->fetch_add(1); }, flags);
-      return Errc::ok;
     });
     return;
   }
@@ -1070,16 +1121,12 @@ void World::op_percpu(Input& in) {
       call("PercpuRef::switch_to_percpu", [&] { return r.switch_to_percpu(); });
       break;
     case 7:
-      call("PercpuRef::tryget_live", [&] {
+      call_infallible("PercpuRef::tryget_live", [&] {
         if (r.tryget_live()) ++m.count;
-        return Errc::ok;
       });
       break;
     default:
-      call("~PercpuRef", [&] {
-        m.ref.reset();
-        return Errc::ok;
-      });
+      call_infallible("~PercpuRef", [&] { m.ref.reset(); });
       break;
   }
 }
@@ -1160,27 +1207,32 @@ void World::op_fs(Input& in) {
       auto m = fs::DaxFs::mount(fs_.dax, mo);
       if (!m) return fail("mount: " + m.error().to_string());
       fs_.fs = std::move(m).value();
+      fs_check_due_ = true;
       call(
           "DaxFs::mount again", [&] { return fs::DaxFs::mount(fs_.dax).code(); }, true);
       break;
     }
     case 1:
       if (!fs_.fs) return;
+      fs_breaking_ = true;
       call("DaxDevice::kill under a mounted fs", [&] { return fs_.dax->kill(); });
       break;
     case 2:
       if (!fs_.fs) return;
+      fs_breaking_ = true;
       call("DaxFs::unmount", [&] { return fs_.fs->unmount(); });
       break;
     case 3: {
       if (!fs_.fs) return;
       const std::uint64_t off = (std::uint64_t{in.u8()} % 1100) * kPageSize;
       const std::uint64_t len = (in.u8() % 3) * kPageSize + 1;
+      fs_breaking_ = true;
       call("DaxFs::memory_failure", [&] { return fs_.fs->memory_failure(off, len, 0).code(); });
       break;
     }
     default:
       if (!fs_.fs) return;
+      fs_breaking_ = true;
       call("DaxFs::unlink", [&] { return fs_.fs->unlink(fmt_name(in.u8())); });
       break;
   }
@@ -1218,7 +1270,9 @@ void World::op_fs_file(Input& in) {
     case 2:
       // The last close of an unlinked file evicts it: that waits for every pin, without bound.
       if (f == nullptr || fs_pages_held()) return;
-      fs_.files.erase(fs_.files.begin() + (f - fs_.files.data()));
+      fs_breaking_ = true;
+      call_infallible("File close",
+                      [&] { fs_.files.erase(fs_.files.begin() + (f - fs_.files.data())); });
       break;
     case 3: {
       if (f == nullptr) return;
@@ -1235,6 +1289,7 @@ void World::op_fs_file(Input& in) {
     case 5:
       if (f == nullptr) return;
       faults_allowed_ = true;  // a failed break may have unmapped (refaultable)
+      fs_breaking_ = true;
       call("Inode::truncate", [&] { return f->inode().truncate(off, brk).code(); });
       faults_allowed_ = false;
       break;
@@ -1246,6 +1301,7 @@ void World::op_fs_file(Input& in) {
       o.keep_size = in.flag();
       o.pmd_aligned = in.flag();  // separate statements: sequenced
       faults_allowed_ = true;
+      fs_breaking_ = true;  // punch, zero and collapse free blocks and delete entries
       call("Inode::fallocate", [&] { return f->inode().fallocate(mode, off, len, o).code(); });
       faults_allowed_ = false;
       break;
@@ -1256,6 +1312,7 @@ void World::op_fs_file(Input& in) {
       fs::File& a = fs_.files[in.u8() % fs_.files.size()];
       fs::File& b = fs_.files[in.u8() % fs_.files.size()];  // after a's byte
       faults_allowed_ = true;
+      fs_breaking_ = true;  // the destination's blocks are replaced
       call(
           "DaxFs::reflink", [&] { return fs.reflink(a.inode(), b.inode()); },
           &a.inode() == &b.inode());
@@ -1384,10 +1441,18 @@ SequenceResult World::run(Input& in) {
   };
   constexpr std::size_t kNumOps = sizeof(kOps) / sizeof(kOps[0]);
   for (std::size_t n = 0; n < kMaxCalls && !in.empty() && failure_.empty(); ++n) {
+    const std::uint64_t calls_before = calls_;
     (this->*kOps[in.u8() % kNumOps])(in);
+    // An op that issued no call changed nothing the oracles read.
+    if (calls_ == calls_before) continue;
     // After the op has recorded what it now holds (a call's handles are stored after it returns).
+    // A queued eviction (the last mapping of an unlinked file went) runs before anything reads.
+    if (fs_.fs) fs_.fs->flush_evictions();
     check_consistency(last_call_);
+    if (fs_check_due_ || fs_unchecked_calls_ >= kFsCheckEvery)
+      check_fs(std::string("after ") + last_call_);
   }
+  check_fs("the end of the input");
   teardown();
   return SequenceResult{failure_, calls_, errors_};
 }
