@@ -161,13 +161,11 @@ class Digest {
 
 // ---- address-space walks ------------------------------------------------------------------------
 
-// Visits every VMA of the probe windows (at most as.nr_vmas()) and, unless `entries` is false,
-// every present page-table entry inside them, in address order. One shared mmap_lock for the whole
-// walk and find_vma_locked (no VMA copy per probe): the walk is the harness's hottest loop. Returns
-// whether every VMA was found.
-template <typename OnVma, typename OnPte>
-PGMAP_FUZZ_ORACLE bool visit_vmas(const AddressSpace& as, bool entries, OnVma&& on_vma,
-                                  OnPte&& on_pte) {
+// Visits every VMA of the probe windows (at most as.nr_vmas()), in address order. One shared
+// mmap_lock for the whole walk and find_vma_locked (no VMA copy per probe). There is no "next VMA"
+// query, so the gaps are probed page by page until every VMA was found.
+template <typename OnVma>
+PGMAP_FUZZ_ORACLE void visit_vmas(const AddressSpace& as, OnVma&& on_vma) {
   std::shared_lock<std::shared_mutex> lock(as.mmap_lock());
   const std::size_t want = as.nr_vmas();
   std::size_t found = 0;
@@ -180,22 +178,19 @@ PGMAP_FUZZ_ORACLE bool visit_vmas(const AddressSpace& as, bool entries, OnVma&& 
       }
       ++found;
       on_vma(*v);
-      for (std::uint64_t p = v->start; p < v->end && entries;) {
-        auto pte = as.lookup(p);
-        if (!pte) {
-          p += kPageSize;
-          continue;
-        }
-        on_pte(*pte);
-        p = pte->addr + mm::level_bytes(pte->level);
-      }
       addr = v->end;
     }
   };
   scan(kWindow, kWindowBytes);
   for (std::size_t k = 1; k <= kExtraWindows; ++k)
     scan(kWindow + k * kGiB, kExtraWindowBytes);
-  return found >= want;
+}
+
+// Visits every present page-table entry, in address order: one walk of the page table
+// (AddressSpace::for_each_entry), wherever the entry is, instead of a lookup per page of each VMA.
+template <typename OnPte>
+PGMAP_FUZZ_ORACLE void visit_entries(const AddressSpace& as, OnPte&& on_pte) {
+  as.for_each_entry([&](const mm::PtEntry& pte, const mm::Vma*) { on_pte(pte); });
 }
 
 // ---- the world ---------------------------------------------------------------------------------
@@ -299,6 +294,8 @@ class World {
   void op_fs_file(Input& in);
   void fs_teardown();
   bool fs_pages_held() const;
+  // True if an unlinked file is still alive: ending a mapping may evict it.
+  bool fs_may_evict() const;
 
   Dev* live_dev(Input& in);
   std::uint64_t pick_addr(Input& in);
@@ -435,21 +432,20 @@ PGMAP_FUZZ_ORACLE std::uint64_t World::digest() {
   auto add_as = [&](AddressSpace& as) {
     h.add(as.nr_vmas());
     if (!faults_allowed_) h.add(as.nr_entries());
-    (void)visit_vmas(
-        as, !faults_allowed_,
-        [&](const mm::Vma& v) {
-          h.add(v.start);
-          h.add(v.end);
-          h.add(v.flags);
-          h.add(v.pgoff);
-          h.add(reinterpret_cast<std::uintptr_t>(v.owner.get()));
-        },
-        [&](const mm::PtEntry& pte) {
-          h.add(pte.addr);
-          h.add(pte.pfn);
-          h.add(static_cast<std::uint64_t>(pte.level));
-          h.add(pte.writable ? 1 : 0);
-        });
+    visit_vmas(as, [&](const mm::Vma& v) {
+      h.add(v.start);
+      h.add(v.end);
+      h.add(v.flags);
+      h.add(v.pgoff);
+      h.add(reinterpret_cast<std::uintptr_t>(v.owner.get()));
+    });
+    if (faults_allowed_) return;
+    visit_entries(as, [&](const mm::PtEntry& pte) {
+      h.add(pte.addr);
+      h.add(pte.pfn);
+      h.add(static_cast<std::uint64_t>(pte.level));
+      h.add(pte.writable ? 1 : 0);
+    });
   };
   add_as(*as_);
   if (child_) add_as(*child_);
@@ -509,13 +505,8 @@ PGMAP_FUZZ_ORACLE void World::check_consistency(const char* after) {
   auto bad = [&](const std::string& why) { fail(std::string("after ") + after + ": " + why); };
   // Every entry of both address spaces, collected in one walk each (not one per device).
   std::vector<mm::PtEntry> ptes;
-  bool all_found = true;
   for (AddressSpace* as : {as_.get(), child_.get()}) {
-    if (as == nullptr) continue;
-    all_found = visit_vmas(
-                    *as, true, [](const mm::Vma&) {},
-                    [&](const mm::PtEntry& pte) { ptes.push_back(pte); }) &&
-                all_found;
+    if (as != nullptr) visit_entries(*as, [&](const mm::PtEntry& pte) { ptes.push_back(pte); });
   }
   for (const Dev& d : devs_) {
     if (!d.pg) continue;
@@ -556,7 +547,7 @@ PGMAP_FUZZ_ORACLE void World::check_consistency(const char* after) {
             " references or pins on it");
       continue;
     }
-    // Entries mapping this pagemap, in both address spaces (found when every VMA was scanned).
+    // Entries mapping this pagemap, in both address spaces.
     for (const mm::PtEntry& pte : ptes) {
       if (pte.pgmap != d.pg.get()) continue;
       if (!d.pg->contains(pte.pfn)) {
@@ -575,7 +566,7 @@ PGMAP_FUZZ_ORACLE void World::check_consistency(const char* after) {
       }
       if (mc < 0) bad("negative mapcount");
       if (ref >= PageArray::kRetiredRef) bad("retired refcount on a live pagemap");
-      if (all_found && mc != entries_seen[e]) {
+      if (mc != entries_seen[e]) {
         bad("mapcount " + std::to_string(mc) + " but " + std::to_string(entries_seen[e]) +
             " entries map the folio");
       }
@@ -834,7 +825,7 @@ void World::op_munmap(Input& in) {
   AddressSpace* as = pick_as(in);
   const std::uint64_t addr = pick_addr(in);
   const std::uint64_t len = pick_len(in);
-  fs_breaking_ = true;  // the last mapping of an unlinked file: its eviction
+  fs_breaking_ = fs_may_evict();  // the last mapping of an unlinked file: its eviction
   call("AddressSpace::munmap", [&] { return as->munmap(addr, len); });
 }
 
@@ -853,7 +844,7 @@ void World::op_mremap(Input& in) {
   const std::uint64_t new_len = pick_len(in);
   const std::uint32_t flags = in.u8() % 4;
   const std::uint64_t new_addr = pick_addr(in);
-  fs_breaking_ = true;  // as munmap
+  fs_breaking_ = fs_may_evict();  // as munmap
   call("AddressSpace::mremap",
        [&] { return as->mremap(old_addr, old_len, new_len, flags, new_addr).code(); });
 }
@@ -886,7 +877,7 @@ void World::op_access(Input& in) {
 
 void World::op_fork(Input& in) {
   if (child_ && in.flag()) {
-    fs_breaking_ = true;  // the last mapping of an unlinked file: its eviction
+    fs_breaking_ = fs_may_evict();  // as munmap
     call_infallible("~AddressSpace(child)", [&] { child_.reset(); });
     return;
   }
@@ -1181,6 +1172,14 @@ void World::op_lookup(Input& in) {
 }
 
 // ---- the filesystem ----------------------------------------------------------------------------
+
+bool World::fs_may_evict() const {
+  if (!fs_.fs) return false;
+  for (const auto& inode : fs_.fs->inodes()) {
+    if (inode->nlink() == 0) return true;
+  }
+  return false;
+}
 
 bool World::fs_pages_held() const {
   if (!fs_.pg) return false;
