@@ -55,7 +55,7 @@ constexpr std::size_t kExtraWindows = 4;
 constexpr std::uint64_t kExtraWindowBytes = 4 * kMiB;
 // The fs invariant checker runs at most this many calls apart (and around every call that can
 // break an fs invariant by itself, and at the end of the input: World::check_fs).
-constexpr std::uint64_t kFsCheckEvery = 8;
+constexpr std::uint64_t kFsCheckEvery = 16;
 
 std::atomic<bool> g_trace{false};
 
@@ -1287,7 +1287,7 @@ void World::op_fs_file(Input& in) {
     case 2:
       // The last close of an unlinked file evicts it: that waits for every pin, without bound.
       if (f == nullptr || fs_pages_held()) return;
-      fs_breaking_ = true;
+      fs_breaking_ = fs_may_evict();
       call_infallible("File close",
                       [&] { fs_.files.erase(fs_.files.begin() + (f - fs_.files.data())); });
       break;
