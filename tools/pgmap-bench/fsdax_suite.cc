@@ -173,6 +173,19 @@ Status teardown(FsDevice& d) {
   return st;
 }
 
+// A strategy's member of an fsdax comparison: the row fields every case sets alike (the caller adds
+// bytes, extra, note and the variant).
+Member strategy_member(const char* case_name, Strategy s, unsigned threads,
+                       std::uint64_t page_size) {
+  Member m;
+  m.row.suite = "fsdax";
+  m.row.name = case_name;
+  m.row.strategy = std::string(strategy_name(s));
+  m.row.threads = threads;
+  m.row.page_size = page_size;
+  return m;
+}
+
 Member lock_pair_member(const std::string& suite_name, std::uint64_t page_size, const Config& cfg,
                         std::vector<Isolated<std::atomic<std::int64_t>>>& ctr) {
   Member m;
@@ -266,12 +279,7 @@ Result<std::vector<Row>> run_fault_unmap(const Config& cfg, std::uint64_t page_s
   c.name = name;
   for (auto& d : devices) {
     for (unsigned threads : cfg.threads) {
-      Member m;
-      m.row.suite = "fsdax";
-      m.row.name = "fault_unmap";
-      m.row.strategy = std::string(strategy_name(d->strategy));
-      m.row.threads = threads;
-      m.row.page_size = page_size;
+      Member m = strategy_member("fault_unmap", d->strategy, threads, page_size);
       m.row.bytes = page_size;
       m.row.extra["unmap"] = "zap";
       m.row.note = fmt::format("per {} fault + zap", page_size == kPmdSize ? "PMD" : "PTE");
@@ -412,12 +420,7 @@ Result<std::vector<Row>> run_truncate(const Config& cfg, std::uint64_t pages) {
   c.name = name;
   for (auto& d : devices) {
     for (unsigned threads : cfg.threads) {
-      Member m;
-      m.row.suite = "fsdax";
-      m.row.name = "truncate";
-      m.row.strategy = std::string(strategy_name(d->strategy));
-      m.row.threads = threads;
-      m.row.page_size = kPageSize;
+      Member m = strategy_member("truncate", d->strategy, threads, kPageSize);
       m.row.bytes = file_bytes;
       m.row.extra["mapped_pages"] = pages;
       m.row.note = fmt::format("per truncate of {} mapped pages", pages);
@@ -538,12 +541,7 @@ Result<std::vector<Row>> run_entry_cycle(const Config& cfg, unsigned order) {
     if (own == EntryHold::pagemap_refs) holds.push_back(EntryHold::nothing);
     for (EntryHold hold : holds) {
       for (unsigned threads : cfg.threads) {
-        Member m;
-        m.row.suite = "fsdax";
-        m.row.name = "entry_cycle";
-        m.row.strategy = std::string(strategy_name(d->strategy));
-        m.row.threads = threads;
-        m.row.page_size = page_size;
+        Member m = strategy_member("entry_cycle", d->strategy, threads, page_size);
         m.row.extra["pagemap_refs"] = hold == EntryHold::pagemap_refs;
         m.row.extra["allocation"] = hold == EntryHold::allocation;
         m.row.note = hold == EntryHold::pagemap_refs
