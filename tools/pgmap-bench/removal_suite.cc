@@ -24,11 +24,9 @@
 // alone and the growth of the process's resident set it causes (`rss_bytes`, before any page is
 // used), then what the resident set kept after memunmap and destroying the pagemap
 // (`rss_retained_bytes`). A free page's metadata is all-zero, so neither should depend on size.
-#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
-#include <cstdio>
 #include <memory>
 #include <random>
 #include <thread>
@@ -38,6 +36,7 @@
 
 #include "bench.h"
 #include "compare.h"
+#include "memory/testing/resident_bytes.h"
 #include "pgmap/memory/backing.h"
 #include "pgmap/memory/dev_pagemap.h"
 #include "report.h"
@@ -195,17 +194,9 @@ Result<Row> run_removal(const Config& cfg, const RemovalSpec& spec) {
 
 // ---- case memremap -------------------------------------------------------------------------
 
-// Resident set of this process in bytes (/proc/self/statm), 0 if unreadable.
-std::uint64_t resident_bytes() {
-  std::FILE* f = std::fopen("/proc/self/statm", "r");
-  if (f == nullptr) return 0;
-  unsigned long long size = 0;
-  unsigned long long resident = 0;
-  const int got = std::fscanf(f, "%llu %llu", &size, &resident);
-  std::fclose(f);
-  if (got != 2) return 0;
-  return resident * static_cast<std::uint64_t>(sysconf(_SC_PAGESIZE));
-}
+// Resident set of this process in bytes (/proc/self/statm), 0 if unreadable: the memory layer's
+// test helper (src/ is an include directory of every in-tree binary, through pgmap::internal).
+using testutil::resident_bytes;
 
 std::string memremap_label(unsigned base_order, std::uint64_t bytes) {
   return fmt::format("removal memremap {} @{}", format_bytes(bytes),
