@@ -45,7 +45,19 @@ std::vector<Row> run_comparison(const Config& cfg, Comparison& c) {
   for (Member& m : c.members)
     variants.push_back(m.variant);
   const std::uint64_t seed = cfg.seed ^ std::hash<std::string>{}(c.name);
-  const InterleavedRun run = run_interleaved(variants, std::max(1u, cfg.reps), seed);
+  const bool sliced = c.slice_seconds > 0;
+  const unsigned reps = std::max(1u, cfg.reps);
+  InterleavedRun run;
+  if (sliced) {
+    SliceOptions so;
+    so.slice_seconds = std::min(c.slice_seconds, std::max(cfg.min_rep_seconds, 1e-4));
+    const double rounds = reps * cfg.min_rep_seconds / so.slice_seconds;
+    so.rounds = std::max(reps, static_cast<unsigned>(rounds));
+    so.seed = seed;
+    run = run_sliced(variants, so);
+  } else {
+    run = run_interleaved(variants, reps, seed);
+  }
 
   const double other = run.other_cpu_share.empty() ? 0
                                                    : *std::max_element(run.other_cpu_share.begin(),
@@ -53,12 +65,17 @@ std::vector<Row> run_comparison(const Config& cfg, Comparison& c) {
   double spread = 0;
   if (c.stability_floor >= 0) {
     const std::vector<Sample>& f = run.samples[static_cast<std::size_t>(c.stability_floor)];
-    double lo = f.front().wall_ns;
-    double hi = lo;
-    for (const Sample& s : f) {
-      lo = std::min(lo, s.wall_ns);
-      hi = std::max(hi, s.wall_ns);
+    // Per repetition; sliced: per block of consecutive rounds (its median), one block per rep.
+    std::vector<double> reps_ns;
+    const std::size_t per_block = sliced ? std::max<std::size_t>(1, f.size() / reps) : 1;
+    for (std::size_t b = 0; b + per_block <= f.size(); b += per_block) {
+      std::vector<double> block;
+      for (std::size_t k = b; k < b + per_block; ++k)
+        block.push_back(f[k].wall_ns);
+      reps_ns.push_back(summarize(std::move(block)).median);
     }
+    const double lo = *std::min_element(reps_ns.begin(), reps_ns.end());
+    const double hi = *std::max_element(reps_ns.begin(), reps_ns.end());
     spread = lo > 0 ? hi / lo - 1 : 0;
   }
   const bool disturbed = other > kMaxOtherCpuShare || spread > kMaxFloorSpread;
@@ -95,6 +112,19 @@ std::vector<Row> run_comparison(const Config& cfg, Comparison& c) {
     row.extra["other_cpu_share"] = other;
     row.extra["floor_spread"] = spread;
     if (!run.cpu_share_readable) row.extra["other_cpu_share_unknown"] = true;
+    if (sliced) {
+      // A slice whose threads ran less than 90 % of its wall time was (partly) preempted.
+      std::size_t preempted = 0;
+      for (const Sample& s : samples) {
+        if (s.cpu_ns < 0.9 * s.wall_ns) ++preempted;
+      }
+      row.extra["interleave"] = "slices";
+      row.extra["slice_seconds"] = run.slice_seconds;
+      row.extra["slices"] = samples.size();
+      row.extra["preempted_slices"] =
+          samples.empty() ? 0.0
+                          : static_cast<double>(preempted) / static_cast<double>(samples.size());
+    }
     rows.push_back(std::move(row));
   }
   return rows;

@@ -39,6 +39,11 @@ struct Comparison {
   std::string name;  // e.g. "hotpath page_cycle @4K"
   std::vector<Member> members;
   int stability_floor = -1;  // the member whose spread decides "the floor moved"
+  // > 0: measured in slices of this length (timing.h run_sliced) instead of one repetition per
+  // round: cfg.reps * cfg.min_rep_seconds / slice_seconds rounds (the same time per case), and
+  // the floor's spread taken over cfg.reps blocks of consecutive rounds (block medians). Rows
+  // gain `interleave` ("slices"), `slice_seconds`, `slices` and `preempted_slices`.
+  double slice_seconds = 0;
 };
 
 // Runs the comparison for cfg.reps rounds; returns one Row per member, in member order.

@@ -7,12 +7,15 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstddef>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <random>
 #include <string>
 #include <thread>
@@ -153,6 +156,9 @@ Variant loop_variant(std::string name, const TimedLoop& loop, ThreadBody body, d
   auto st = std::make_shared<State>(State{loop, std::move(body), ops_scale});
   Variant v;
   v.name = std::move(name);
+  v.threads = std::max(1u, loop.threads);
+  v.body = st->body;
+  v.ops_scale = ops_scale;
   v.prepare = [st] { st->ops = calibrate(st->loop, st->body); };
   v.run_rep = [st] {
     const RunTimes r = run_once(std::max(1u, st->loop.threads), st->ops, st->body);
@@ -222,6 +228,165 @@ InterleavedRun run_interleaved(std::vector<Variant>& variants, unsigned rounds,
       out.samples[i].push_back(variants[i].run_rep());
     out.other_cpu_share.push_back(share.other());
     out.cpu_share_readable = out.cpu_share_readable && share.readable();
+  }
+  return out;
+}
+
+namespace {
+
+// Operations each thread of a slice runs before the start barrier (outside the measurement): the
+// previous slice was another case, with other cache lines.
+constexpr std::uint64_t kSliceWarmupOps = 256;
+
+inline void cpu_relax() noexcept {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
+
+// `size` persistent threads, thread i pinned to usable CPU i, asleep between jobs. Every job runs
+// on all of them (one team per thread count), so no thread reads a job it is not part of.
+class ThreadTeam {
+ public:
+  explicit ThreadTeam(unsigned size) : size_(size), seconds_(size), cpu_(size) {
+    for (unsigned i = 0; i < size; ++i)
+      workers_.emplace_back([this, i] { work(i); });
+  }
+  ~ThreadTeam() {
+    stop_ = true;
+    gen_.fetch_add(1, std::memory_order_release);
+    gen_.notify_all();
+    for (std::thread& w : workers_)
+      w.join();
+  }
+  ThreadTeam(const ThreadTeam&) = delete;
+  ThreadTeam& operator=(const ThreadTeam&) = delete;
+
+  // Runs `body` for `ops` operations on every thread of the team, timed from a common start.
+  RunTimes run(std::uint64_t ops, const ThreadBody& body) {
+    body_ = &body;
+    ops_ = ops;
+    arrived_.store(0, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    gen_.fetch_add(1, std::memory_order_release);
+    gen_.notify_all();
+    for (unsigned d = done_.load(std::memory_order_acquire); d < size_;
+         d = done_.load(std::memory_order_acquire)) {
+      done_.wait(d, std::memory_order_acquire);
+    }
+    RunTimes r;
+    double sum = 0;
+    double cpu_sum = 0;
+    for (unsigned i = 0; i < size_; ++i) {
+      r.slowest_seconds = std::max(r.slowest_seconds, seconds_[i]);
+      sum += seconds_[i];
+      cpu_sum += cpu_[i];
+    }
+    r.ns_per_op = sum / size_ * 1e9 / static_cast<double>(ops);
+    r.cpu_ns_per_op = cpu_sum / size_ * 1e9 / static_cast<double>(ops);
+    return r;
+  }
+
+ private:
+  void work(unsigned i) {
+    pin_to_cpu_index(i);
+    std::uint64_t seen = 0;
+    for (;;) {
+      gen_.wait(seen, std::memory_order_acquire);
+      seen = gen_.load(std::memory_order_acquire);
+      if (stop_) return;
+      const ThreadBody& body = *body_;
+      body(i, kSliceWarmupOps);
+      arrived_.fetch_add(1, std::memory_order_acq_rel);
+      while (arrived_.load(std::memory_order_acquire) < size_)
+        cpu_relax();
+      const double c0 = thread_cpu_seconds();
+      const auto t0 = SteadyClock::now();
+      body(i, ops_);
+      seconds_[i] = seconds_since(t0);
+      cpu_[i] = thread_cpu_seconds() - c0;
+      if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == size_) done_.notify_one();
+    }
+  }
+
+  const unsigned size_;
+  std::vector<std::thread> workers_;
+  std::atomic<std::uint64_t> gen_{0};
+  std::atomic<unsigned> arrived_{0};
+  std::atomic<unsigned> done_{0};
+  // The job: written by run() before gen_ is bumped, read by the workers after they see it.
+  const ThreadBody* body_ = nullptr;
+  std::uint64_t ops_ = 0;
+  std::atomic<bool> stop_{false};
+  std::vector<double> seconds_;
+  std::vector<double> cpu_;
+};
+
+// N for one slice: grow until a run lasts a quarter of the slice, then scale; the median of three
+// probes at that N decides (one probe may land in the slow mode or be preempted).
+std::uint64_t calibrate_slice(ThreadTeam& team, const ThreadBody& body, double slice_seconds) {
+  std::uint64_t ops = 64;
+  RunTimes probe = team.run(ops, body);
+  while (probe.slowest_seconds < slice_seconds / 4 && ops < kMaxOps) {
+    ops *= 4;
+    probe = team.run(ops, body);
+  }
+  std::vector<double> per_op;
+  for (int i = 0; i < 3; ++i)
+    per_op.push_back(team.run(ops, body).slowest_seconds / static_cast<double>(ops));
+  const double s = std::max(summarize(per_op).median, 1e-12);
+  return std::clamp<std::uint64_t>(static_cast<std::uint64_t>(slice_seconds / s), 1, kMaxOps);
+}
+
+}  // namespace
+
+InterleavedRun run_sliced(std::vector<Variant>& variants, const SliceOptions& opts) {
+  std::map<unsigned, std::unique_ptr<ThreadTeam>> teams;
+  std::vector<std::uint64_t> ops(variants.size(), 0);
+  for (std::size_t i = 0; i < variants.size(); ++i) {
+    Variant& v = variants[i];
+    if (v.threads == 0 || !v.body) {
+      if (v.prepare) v.prepare();
+      continue;
+    }
+    auto& team = teams[v.threads];
+    if (!team) team = std::make_unique<ThreadTeam>(v.threads);
+    ops[i] = calibrate_slice(*team, v.body, opts.slice_seconds);
+  }
+  InterleavedRun out;
+  out.slice_seconds = opts.slice_seconds;
+  out.samples.assign(variants.size(), {});
+  for (auto& s : out.samples)
+    s.reserve(opts.rounds);
+  std::vector<std::size_t> order(variants.size());
+  std::iota(order.begin(), order.end(), std::size_t{0});
+  std::mt19937_64 rng(opts.seed);
+  // The CPU share of other processes is read over blocks of rounds of at least kShareBlockSeconds:
+  // /proc/stat counts in 10 ms ticks, a round lasts about variants.size() slices.
+  constexpr double kShareBlockSeconds = 0.1;
+  const unsigned rounds = std::max(1u, opts.rounds);
+  std::optional<CpuShare> share;
+  SteadyClock::time_point block_start;
+  for (unsigned round = 0; round < rounds; ++round) {
+    std::shuffle(order.begin(), order.end(), rng);
+    if (!share) {
+      share.emplace();
+      block_start = SteadyClock::now();
+    }
+    for (std::size_t i : order) {
+      Variant& v = variants[i];
+      if (ops[i] == 0) {
+        out.samples[i].push_back(v.run_rep());
+        continue;
+      }
+      const RunTimes r = teams[v.threads]->run(ops[i], v.body);
+      out.samples[i].push_back(Sample{r.ns_per_op / v.ops_scale, r.cpu_ns_per_op / v.ops_scale});
+    }
+    if (seconds_since(block_start) >= kShareBlockSeconds || round + 1 == rounds) {
+      out.other_cpu_share.push_back(share->other());
+      out.cpu_share_readable = out.cpu_share_readable && share->readable();
+      share.reset();
+    }
   }
   return out;
 }

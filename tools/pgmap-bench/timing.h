@@ -83,6 +83,11 @@ struct Variant {
   std::string name;
   std::function<void()> prepare;
   std::function<Sample()> run_rep;
+  // A timed loop's threads, body and scale (set by loop_variant), for run_sliced; threads == 0
+  // for a variant that is not a timed loop (run_sliced then calls run_rep once per slice).
+  unsigned threads = 0;
+  ThreadBody body;
+  double ops_scale = 1;
 };
 
 // A timed-loop case: `prepare` calibrates N for `loop` (loop.reps is ignored), `run_rep` runs
@@ -108,12 +113,41 @@ class CpuShare {
 
 struct InterleavedRun {
   std::vector<std::vector<Sample>> samples;  // [variant][round]
-  std::vector<double> other_cpu_share;       // per round (CpuShare::other)
+  std::vector<double> other_cpu_share;       // per round (CpuShare::other); run_sliced: per block
+                                             // of rounds lasting at least 0.1 s
   bool cpu_share_readable = true;
+  double slice_seconds = 0;  // run_sliced: the length of one slice; 0 for run_interleaved
 };
 
 // Prepares every variant, then runs `rounds` rounds, each one repetition of every variant in an
 // order drawn from `seed` and the round number.
 InterleavedRun run_interleaved(std::vector<Variant>& variants, unsigned rounds, std::uint64_t seed);
+
+// ---- sliced interleaving ------------------------------------------------------------------------
+//
+// This machine (a 2-vCPU KVM guest) runs the same loop at one of two speeds (about 20 % apart)
+// that alternate on a scale of tens to hundreds of milliseconds, and a loaded machine preempts a
+// thread every few milliseconds. Repetitions of 50 ms therefore each see their own mix of modes,
+// and the median of one case and that of another come from different mixes. run_sliced measures
+// the cases in SHORT slices instead (about a millisecond, well under the time scale of a mode),
+// many rounds of them, each round one slice of every case in a freshly shuffled order, so that
+// every case sees the same mix of modes and the two slices of a per-round ratio mostly share a
+// mode. docs/results-format.md ("Sliced comparisons") gives the measurement of the time scale.
+//
+// The slices run on persistent pinned threads (one team per thread count: thread i on usable CPU
+// i, asleep between slices), so a slice costs no thread creation; each thread runs a short
+// warm-up of the case, meets the others on a spin barrier, and times its own N operations (N
+// calibrated per case so that a slice lasts about slice_seconds). Every case gets the same
+// treatment, floors included.
+
+struct SliceOptions {
+  double slice_seconds = 0.001;  // the length of one slice of one case
+  unsigned rounds = 1;           // each round runs one slice of every case
+  std::uint64_t seed = 0;        // the order of every round
+};
+
+// Calibrates every variant for slices of opts.slice_seconds, then runs opts.rounds rounds. Each
+// sample is one slice; other_cpu_share is measured per round.
+InterleavedRun run_sliced(std::vector<Variant>& variants, const SliceOptions& opts);
 
 }  // namespace pgmap::bench
