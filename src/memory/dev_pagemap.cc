@@ -256,26 +256,42 @@ std::size_t pagemap_count() noexcept {
 namespace strategy_impl {
 namespace {
 
+// A pfn outside the first range: the other ranges (locate_slow), out of line so that the hot
+// functions below make no call that is not a tail call (and so save no registers).
+template <typename S>
+[[gnu::noinline]] Errc folio_get_other(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
+  const auto l = Access::locate(pg, pfn);
+  if (l.array == nullptr) return Errc::out_of_range;
+  return S::get(pg, *l.array, l.head, refs);
+}
+
+template <typename S>
+[[gnu::noinline]] Errc folio_put_other(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
+  const auto l = Access::locate(pg, pfn);
+  if (l.array == nullptr) return Errc::out_of_range;
+  return S::put(pg, *l.array, l.head, refs);
+}
+
 template <typename S>
 [[gnu::noinline]] Errc folio_get(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
   if (Access::torn_down(pg)) [[unlikely]]
     return Access::torn_down_access(pg, pfn);
-  const auto l = Access::locate(pg, pfn);
-  if (l.array == nullptr) [[unlikely]]
-    return Errc::out_of_range;
-  return S::get(pg, *l.array, l.head, refs);
+  PageArray& a = Access::first_array(pg);
+  if (!a.contains(pfn)) [[unlikely]]
+    return folio_get_other<S>(pg, pfn, refs);
+  return S::get(pg, a, a.head_of(a.index_of(pfn)), refs);
 }
 
 template <typename S>
 [[gnu::noinline]] Errc folio_put(DevPagemap& pg, Pfn pfn, std::uint32_t refs) noexcept {
   if (Access::torn_down(pg)) [[unlikely]]
     return Access::torn_down_access(pg, pfn);
-  const auto l = Access::locate(pg, pfn);
-  if (l.array == nullptr) [[unlikely]]
-    return Errc::out_of_range;
+  PageArray& a = Access::first_array(pg);
+  if (!a.contains(pfn)) [[unlikely]]
+    return folio_put_other<S>(pg, pfn, refs);
   // Nothing of this pagemap may be touched after the strategy's put returns: it may have dropped
   // what kept the pagemap alive.
-  return S::put(pg, *l.array, l.head, refs);
+  return S::put(pg, a, a.head_of(a.index_of(pfn)), refs);
 }
 
 // The strategy's get / put on an already located folio (pin_folio / unpin_folio, which have

@@ -201,6 +201,15 @@ class PercpuRef {
   [[gnu::always_inline]] inline bool tryget() noexcept;
   // Succeeds unless the ref was killed. Guaranteed to fail once kill() has returned.
   [[gnu::always_inline]] inline bool tryget_live() noexcept;
+  // The inline fast path alone, for a hot caller that keeps every other case out of line (so
+  // that its slow path is a tail call and its fast path makes no call and saves no registers):
+  // adds (get_if_percpu) or drops (put_if_percpu) n references and returns true, exactly what
+  // get_many / tryget_live / put_many do in percpu mode; otherwise returns false having changed
+  // nothing, and the caller must call one of those, which handle every mode. With the inline
+  // rseq path this is the rseq section alone (false also for a per-thread ref: the per-thread
+  // path's first use is a call); without it, the per-thread fast path.
+  [[gnu::always_inline]] bool get_if_percpu(std::uint64_t n) noexcept { return fast_add(n); }
+  [[gnu::always_inline]] bool put_if_percpu(std::uint64_t n) noexcept { return fast_add(0 - n); }
 
   // ---- mode changes: may block for a process-wide barrier (µs), serialized per ref ----
 
@@ -260,6 +269,14 @@ class PercpuRef {
   // The fast path: adds `delta` (mod 2^64) to this CPU's or this thread's counter and returns true
   // if the ref is in percpu mode; returns false, having changed nothing, otherwise.
   [[gnu::always_inline]] inline bool percpu_add(std::uint64_t delta) noexcept;
+  // get_if_percpu / put_if_percpu: the rseq section alone when it is compiled in.
+  [[gnu::always_inline]] bool fast_add(std::uint64_t delta) noexcept {
+#if PGMAP_PERCPU_RSEQ_INLINE
+    return detail::rseq_percpu_add(&mode_, delta);
+#else
+    return percpu_add(delta);
+#endif
+  }
   // The per-thread fast path. Inline in every build: out of line, the call and return cost about
   // 2 ns per pair on top of the fallback's ~2 ns; inlined, it sits on the cold branch the rseq
   // section leaves by, so the rseq loop is unchanged (same instructions, no spills).

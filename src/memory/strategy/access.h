@@ -34,12 +34,18 @@ struct Access {
   static Errc late(DevPagemap& p) noexcept { return p.late_access(); }
   // A folio operation on a torn-down pagemap: Errc::out_of_range or a counted late access.
   static Errc torn_down_access(DevPagemap& p, Pfn pfn) noexcept { return p.torn_down_access(pfn); }
+  // The first range's page array (never null): the hot path's inline lookup, the other ranges
+  // out of line (locate).
+  static PageArray& first_array(const DevPagemap& p) noexcept { return *p.first_array_; }
   // pfn -> (page array, head entry); array nullptr if pfn is in none of the ranges.
   static DevPagemap::Loc locate(const DevPagemap& p, Pfn pfn) noexcept { return p.locate(pfn); }
   // Whether a folio going idle must wake waiters: always for FS_DAX (I16), and for every type
   // once the pagemap is killed (memunmap's scan and devdax's unbind wait on folios).
   static bool wakes_on_idle(const DevPagemap& p) noexcept {
     return p.type_ == PagemapType::fs_dax || (life(p) & kKilled) != 0;
+  }
+  static bool has_page_free(const DevPagemap& p) noexcept {
+    return static_cast<bool>(p.ops_.page_free);
   }
   // ops.page_free for the folio at `head`.
   static void page_free(DevPagemap& p, PageArray& a, std::uint64_t head) noexcept {

@@ -88,24 +88,56 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   if (Access::wakes_on_idle(pg)) wake_up_var(&a.ref(head));
 }
 
+// Whether free_after_put has anything to do: a page_free, or waiters to wake (FS_DAX, or the
+// pagemap killed). A hot put tests this inline and leaves the calls to an out-of-line function,
+// so that a 1 -> 0 put with nothing to do makes no call that is not a tail call and saves no
+// registers.
+[[gnu::always_inline]] inline bool free_path_has_work(const DevPagemap& pg) noexcept {
+  return Access::has_page_free(pg) || Access::wakes_on_idle(pg);
+}
+
+// The pagemap reference's own slow paths (atomic mode, or the per-thread implementation's first
+// use), out of line for the strategies whose hot path tries PercpuRef's percpu fast path inline.
+[[gnu::cold, gnu::noinline]] inline Errc put_pagemap_refs(DevPagemap& pg,
+                                                          std::uint32_t refs) noexcept {
+  (void)Access::ref(pg).put_many(refs);  // an underflow is reported by the ref itself
+  return Errc::ok;
+}
+
 // The last put of the FREEING protocol. Steps (docs/strategies.md names them):
 //   P1  CAS refcount refs -> kFreeingRef   (in freeing_put; a put of fewer refs is a plain CAS)
 //   P2  wake = wakes_on_idle()             (read before P4: the pagemap may be gone after it)
 //   P3  page_free                          (the pagemap exists: the scan waits while FREEING)
 //   P4  store refcount 0 (release)         (the folio is idle; memunmap may now return)
 //   P5  if wake: wake_up_var(&refcount)    (the key is only an address: nothing is dereferenced)
-[[gnu::always_inline]] inline void freeing_to_idle(DevPagemap& pg, PageArray& a,
-                                                   std::uint64_t head) noexcept {
-  std::atomic<std::uint32_t>& r = a.ref(head);
-  const bool wake = Access::wakes_on_idle(pg);  // P2
-  Access::page_free(pg, a, head);               // P3
-  PGMAP_YIELD_POINT("put.freeing");
+// freeing_to_idle_calls is P3..P5 with P2's answer given; freeing_to_idle is the whole path,
+// inline when there is neither a page_free nor a wake-up (then it makes no call: P3 and P5 are
+// nothing), out of line otherwise.
+[[gnu::always_inline]] inline void freeing_to_idle_last(PageArray& a, std::uint64_t head) noexcept {
   // P3b: the busy period is paid for; nobody holds the folio, so nobody sets the flag meanwhile.
   std::atomic<std::uint8_t>& f = a.flags(head);
   if ((f.load(std::memory_order_relaxed) & kPageFreeOwed) != 0) [[unlikely]]
     f.fetch_and(static_cast<std::uint8_t>(~kPageFreeOwed), std::memory_order_relaxed);
-  r.store(0, std::memory_order_release);  // P4 (also publishes P3b to the next busy period)
-  if (wake) wake_up_var(&r);              // P5
+  a.ref(head).store(0, std::memory_order_release);  // P4 (also publishes P3b)
+}
+
+[[gnu::cold, gnu::noinline]] inline void freeing_to_idle_calls(DevPagemap& pg, PageArray& a,
+                                                               std::uint64_t head,
+                                                               bool wake) noexcept {
+  std::atomic<std::uint32_t>& r = a.ref(head);
+  Access::page_free(pg, a, head);  // P3
+  PGMAP_YIELD_POINT("put.freeing");
+  freeing_to_idle_last(a, head);  // P3b, P4
+  if (wake) wake_up_var(&r);      // P5
+}
+
+[[gnu::always_inline]] inline void freeing_to_idle(DevPagemap& pg, PageArray& a,
+                                                   std::uint64_t head) noexcept {
+  const bool wake = Access::wakes_on_idle(pg);  // P2
+  if (wake || Access::has_page_free(pg)) [[unlikely]]
+    return freeing_to_idle_calls(pg, a, head, wake);
+  PGMAP_YIELD_POINT("put.freeing");
+  freeing_to_idle_last(a, head);  // P3b, P4
 }
 
 // P1a: a held reference is dropped and the folio stays busy. Whoever ends this busy period may be
