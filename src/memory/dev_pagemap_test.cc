@@ -1579,5 +1579,72 @@ TEST_P(FreeingBackOutTest, BackOutWhileAJoinedGetHoldsLeavesPageFreeToIt) {
   EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
 }
 
+// ---- the page cycle's fast paths and their out-of-line siblings ---------------------------------
+//
+// per_lookup and transition take their pagemap references on an inline fast path (the rseq
+// section alone) when the free path has nothing to do (a generic pagemap without page_free), and
+// out of line otherwise (page_free set, FS_DAX's wake-up, the ref in atomic mode after the kill).
+// Every path must count the same: under per_lookup one pagemap reference per folio reference,
+// under transition one per busy folio, and page_free once per busy period.
+class PagemapRefPathTest
+    : public DevPagemapTest,
+      public ::testing::WithParamInterface<std::tuple<Strategy, PagemapType, bool>> {};
+
+INSTANTIATE_TEST_SUITE_P(
+    RefStrategies, PagemapRefPathTest,
+    ::testing::Combine(::testing::Values(Strategy::per_lookup, Strategy::transition),
+                       ::testing::Values(PagemapType::generic, PagemapType::fs_dax),
+                       ::testing::Bool()),
+    [](const auto& p) {
+      return std::string(strategy_name(std::get<0>(p.param))) + "_" +
+             std::string(pagemap_type_name(std::get<1>(p.param))) +
+             (std::get<2>(p.param) ? "_page_free" : "_no_page_free");
+    });
+
+TEST_P(PagemapRefPathTest, EveryPathCountsThePagemapReferences) {
+  const auto [s, type, with_free] = GetParam();
+  FreeLog log;
+  auto pg = map(s, 4 * kMiB, 0, with_free ? log.ops() : PagemapOps{}, type);
+  ASSERT_TRUE(pg);
+  const Pfn a = first_pfn(*pg) + 3;
+  const Pfn b = first_pfn(*pg) + 4;
+  auto refs = [&](std::int64_t per_lookup, std::int64_t transition) {
+    return s == Strategy::per_lookup ? per_lookup : transition;
+  };
+  ASSERT_EQ(pg->get_folio(a), Errc::ok);  // 0 -> 1
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(1, 1));
+  ASSERT_EQ(pg->get_folio(a, 3), Errc::ok);  // busy, compound
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(4, 1));
+  ASSERT_EQ(pg->get_folio(b), Errc::ok);
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(5, 2));
+  ASSERT_EQ(pg->put_folio(a, 3), Errc::ok);  // stays busy
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(2, 2));
+  ASSERT_EQ(pg->put_folio(a), Errc::ok);  // 1 -> 0
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(1, 1));
+  EXPECT_EQ(pg->folio_ref_count(a), 0u);
+  ASSERT_EQ(pg->get_folio(a, 2), Errc::ok);  // 0 -> 2
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(3, 2));
+  ASSERT_EQ(pg->put_folio(a, 2), Errc::ok);  // 2 -> 0
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(1, 1));
+  EXPECT_EQ(log.count(), with_free ? 2u : 0u);  // a's two busy periods
+
+  // After the kill the ref is atomic: gets of an idle folio fail, and the held folio's puts go
+  // through the out-of-line paths and release the pagemap.
+  ASSERT_EQ(pg->get_folio(b, 2), Errc::ok);
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(3, 1));
+  ASSERT_EQ(pg->kill(), Errc::ok);
+  EXPECT_EQ(pg->get_folio(a), Errc::dead);
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(3, 1));
+  ASSERT_EQ(pg->put_folio(b, 2), Errc::ok);
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(1, 1));
+  ASSERT_EQ(pg->put_folio(b), Errc::ok);
+  EXPECT_EQ(pg->holders().pagemap_refs, 0);
+  EXPECT_EQ(log.count(), with_free ? 3u : 0u);
+  EXPECT_EQ(pg->put_folio(b), Errc::underflow);  // nothing held: refused, nothing changed
+  EXPECT_EQ(pg->holders().pagemap_refs, 0);
+  EXPECT_EQ(misuse_.reported(), 1u);
+  EXPECT_EQ(pg->memunmap().code(), Errc::ok);
+}
+
 }  // namespace
 }  // namespace pgmap

@@ -16,7 +16,9 @@
 // count, plus `lock_pair` (a lock add + lock sub on a counter private to the thread: the floor of
 // one refcount 0->1->0) form one interleaved comparison (compare.h): every row's baseline is
 // `none` at the same thread count and its floor lock_pair on 1 thread, both ratios taken per
-// round. Every strategy's pagemap lives for the whole comparison.
+// round. Every strategy's pagemap lives for the whole comparison. The comparison is measured in
+// 1 ms slices (compare.h Comparison::slice_seconds, timing.h run_sliced): many short rounds, so
+// every case sees the same mix of this machine's speed modes (docs/results-format.md).
 #include <algorithm>
 #include <atomic>
 #include <memory>
