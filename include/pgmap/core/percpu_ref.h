@@ -272,7 +272,8 @@ class PercpuRef {
   // get_if_percpu / put_if_percpu: the rseq section alone when it is compiled in.
   [[gnu::always_inline]] bool fast_add(std::uint64_t delta) noexcept {
 #if PGMAP_PERCPU_RSEQ_INLINE
-    return detail::rseq_percpu_add(&mode_, delta);
+    // The cast is exact mod 2^64 (put passes 0 - n), as in percpu_add.
+    return detail::rseq_percpu_add(&mode_, static_cast<std::int64_t>(delta));
 #else
     return percpu_add(delta);
 #endif
