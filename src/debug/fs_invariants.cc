@@ -202,11 +202,21 @@ class FsChecker {
                           "exactly one)",
                           nun));
         }
-        if (!shared && mapping == nullptr && a->order(e) != pg_.base_order()) {
+        const bool owed = (a->flags(e).load(std::memory_order_acquire) & kPageSplitOwed) != 0;
+        const std::uint32_t ref = a->ref(e).load(std::memory_order_acquire);
+        if (!shared && mapping == nullptr && a->order(e) != pg_.base_order() &&
+            !(owed && ref != 0)) {
+          // A held folio may wait for its last put to be split (docs/fsdax.md, "Order reset at
+          // the last put"); an idle one may not.
           add(Check::fs_entry_folio, pfn,
               fmt::format("folio associated with no entry still has order {} (bug 5.8: "
-                          "disassociation resets it to {})",
-                          a->order(e), pg_.base_order()));
+                          "disassociation, or the last put when it was held, resets it to {}){}",
+                          a->order(e), pg_.base_order(),
+                          owed ? "; its split is owed but it is idle" : ""));
+        } else if (owed && (mapping != nullptr || shared)) {
+          add(Check::fs_entry_folio, pfn,
+              "associated folio is still owed a split at its last put (the association did not "
+              "settle it)");
         }
       }
     }

@@ -137,7 +137,7 @@ FaultStats Inode::fault_stats() const {
 Errc Inode::associate(std::uint64_t index, Pfn pfn, unsigned order, DevPagemap::Allocation alloc) {
   DevPagemap& pg = fs_->pagemap();
   Folio f = folio_of(pg, pfn);
-  if (!f || f.head != f.a->index_of(pfn)) return Errc::invalid_argument;
+  if (!f) return Errc::invalid_argument;
   // Pagemap references first: nothing is changed if the pagemap is dying.
   const std::uint64_t pages = order_pages(order);
   const bool refs = entry_holds_pagemap_refs(pg.strategy());
@@ -145,6 +145,21 @@ Errc Inode::associate(std::uint64_t index, Pfn pfn, unsigned order, DevPagemap::
     if (Errc r = get_entry_refs(pg, pages); r != Errc::ok) return r;
   }
   std::lock_guard<std::mutex> lock(fs_->folio_mu(pfn));
+  if ((f.a->flags(f.head).load(std::memory_order_seq_cst) & kPageSplitOwed) != 0) {
+    // Disassociated while still held, its split owed at the last put: associated again at its
+    // own order it stays as it is (the debt is cancelled); otherwise it is split first if it is
+    // idle by now (a last put may be paying the same debt: settle_split serializes the two).
+    const unsigned keep = f.head == f.a->index_of(pfn) ? order : pg.base_order();
+    if (f.a->settle_split(f.head, 0, keep) != Errc::ok) {
+      if (refs) put_entry_refs(pg, pages);
+      return Errc::busy;  // still held: nothing changed
+    }
+    f = folio_of(pg, pfn);
+  }
+  if (f.head != f.a->index_of(pfn)) {
+    if (refs) put_entry_refs(pg, pages);
+    return Errc::invalid_argument;
+  }
   const std::uint8_t flags = f.a->flags(f.head).load(std::memory_order_acquire);
   const void* owner = f.a->mapping(f.head).load(std::memory_order_acquire);
   Errc e = Errc::ok;
@@ -193,14 +208,12 @@ void Inode::disassociate(std::uint64_t index, Entry e) {
     if (reset) {
       f.a->mapping(f.head).store(nullptr, std::memory_order_release);
       f.a->index_or_share(f.head).store(0, std::memory_order_release);
-      // Back to order 0 with every page's order reset (bug 5.8). The folio is idle: the entry is
-      // deleted only after its layout was broken.
-      if (f.a->order(f.head) != pg.base_order()) {
-        if (Errc r = f.a->set_folio_order(f.head, pg.base_order()); r != Errc::ok) {
-          std::fprintf(stderr, "pgmap fs: %s: cannot split folio %#llx (%s)\n", name().c_str(),
-                       static_cast<unsigned long long>(e.pfn()), errc_name(r));
-        }
-      }
+      // Back to order 0 with every page's order reset (bug 5.8). The entry is deleted after its
+      // layout was broken, so the folio is idle — unless a holder outlived the break (removal
+      // forced past a timed-out pre-remove, a gup-fast reference racing the deletion): then the
+      // split is owed and the free path of the folio's last put pays it (docs/fsdax.md, "Order
+      // reset at the last put"). Busy is that case, not an error.
+      if (f.a->order(f.head) != pg.base_order()) (void)f.a->owe_split(f.head);
     }
   }
   if (entry_holds_pagemap_refs(pg.strategy())) put_entry_refs(pg, e.pages());  // associate's
@@ -248,6 +261,12 @@ DevPagemap::Allocation Inode::testing_swap_allocation(std::uint64_t index,
   }
   if (a) allocations_.emplace(index, std::move(a));
   return old;
+}
+
+void Inode::testing_force_delete_entries(std::uint64_t first, std::uint64_t last) {
+  std::unique_lock<std::shared_mutex> inv(invalidate_lock_);
+  (void)unmap_mapping_range(first, last - first);  // the count of zapped entries is not needed
+  delete_entries(first, last);
 }
 
 std::vector<MemoryFailure> Inode::memory_failures() const {

@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <new>
+#include <thread>
 #include <type_traits>
 
 #include "pgmap/core/sanitizer.h"
@@ -146,6 +147,58 @@ Errc PageArray::set_folio_order(std::uint64_t head, unsigned order) noexcept {
     cold_->order[e].store(order == base_order_ ? 0 : rel, std::memory_order_release);
   }
   return Errc::ok;
+}
+
+Errc PageArray::split_idle(std::uint64_t head, std::uint32_t head_ref) noexcept {
+  const std::uint64_t span = folio_entries(head);
+  if (span == 1) return Errc::ok;
+  for (std::uint64_t e = head; e < head + span; ++e) {
+    if (ref_[e].load(std::memory_order_seq_cst) != (e == head ? head_ref : 0) ||
+        cold_->mapcount[e].load(std::memory_order_seq_cst) != 0 ||
+        cold_->pincount[e].load(std::memory_order_seq_cst) != 0) {
+      return Errc::busy;
+    }
+  }
+  // Every page becomes a base folio of its own with nothing left of the large one (bug 5.8): the
+  // tails' fields are cleared where anything was left, the head's order goes last.
+  for (std::uint64_t e = head + span - 1; e > head; --e) {
+    if (cold_->mapping[e].load(std::memory_order_relaxed) != nullptr)
+      cold_->mapping[e].store(nullptr, std::memory_order_relaxed);
+    if (cold_->index_or_share[e].load(std::memory_order_relaxed) != 0)
+      cold_->index_or_share[e].store(0, std::memory_order_relaxed);
+    cold_->order[e].store(0, std::memory_order_release);
+  }
+  cold_->order[head].store(0, std::memory_order_release);
+  return Errc::ok;
+}
+
+Errc PageArray::owe_split(std::uint64_t head) noexcept {
+  if (head >= entries_ || !is_head(head)) return Errc::invalid_argument;
+  flags_[head].fetch_or(kPageSplitOwed, std::memory_order_seq_cst);
+  return settle_split(head, 0, base_order_);
+}
+
+Errc PageArray::settle_split(std::uint64_t head, std::uint32_t head_ref,
+                             unsigned keep_order) noexcept {
+  if (head >= entries_) return Errc::invalid_argument;
+  std::atomic<std::uint8_t>& f = flags_[head];
+  for (unsigned spins = 0;; ++spins) {
+    std::uint8_t old = f.load(std::memory_order_seq_cst);
+    if ((old & kPageSplitOwed) == 0) return Errc::ok;
+    if ((old & kPageSplitting) != 0) {
+      if (spins >= 64) std::this_thread::yield();  // the settler may be preempted
+      continue;
+    }
+    if (!f.compare_exchange_weak(old, static_cast<std::uint8_t>(old | kPageSplitting),
+                                 std::memory_order_seq_cst, std::memory_order_relaxed)) {
+      continue;
+    }
+    const Errc e = order(head) == keep_order ? Errc::ok : split_idle(head, head_ref);
+    const auto done = static_cast<std::uint8_t>(
+        e == Errc::ok ? kPageSplitOwed | kPageSplitting : kPageSplitting);
+    f.fetch_and(static_cast<std::uint8_t>(~done), std::memory_order_seq_cst);
+    return e;
+  }
 }
 
 std::uint64_t PageArray::find_busy(std::uint64_t from, std::uint64_t to) const noexcept {

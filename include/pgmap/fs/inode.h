@@ -212,6 +212,10 @@ class Inode final : public mm::MappingOwner, public std::enable_shared_from_this
   // Test hook for the invariant checker's tests: exchanges the alloc_event allocation held for
   // the entry at `index` (an empty one removes it) and returns the previous one.
   DevPagemap::Allocation testing_swap_allocation(std::uint64_t index, DevPagemap::Allocation a);
+  // Test hook: what removal forced past a timed-out pre-remove does to file pages [first, last):
+  // zaps their mappings and deletes their entries without waiting for the holders (the blocks
+  // stay the file's). A folio still held is then disassociated while referenced.
+  void testing_force_delete_entries(std::uint64_t first, std::uint64_t last);
 
   // ---- MappingOwner ----
   std::string name() const override;

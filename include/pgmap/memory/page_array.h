@@ -60,6 +60,12 @@ enum PageFlag : std::uint8_t {
   // of the folio's busy period dropped a held reference, so whoever ends the busy period owes
   // page_free even if that is a get backing out. Cleared before the refcount returns to 0.
   kPageFreeOwed = 1u << 3,
+  // fsdax: the owner disassociated this large folio while it was still referenced, so it could not
+  // be split back to the base order then. Whoever next finds it idle splits it: the free path of
+  // its last put (before ops.page_free), or the owner associating it again (settle_split).
+  kPageSplitOwed = 1u << 4,
+  // Held by the one thread settling kPageSplitOwed (a bounded, non-blocking step; others spin).
+  kPageSplitting = 1u << 5,
 };
 
 class PageArray {
@@ -135,6 +141,20 @@ class PageArray {
   // The caller serializes changes to the same folio (the kernel holds the entry lock).
   Errc set_folio_order(std::uint64_t head, unsigned order) noexcept;
 
+  // ---- split owed at the last put (kPageSplitOwed; docs/fsdax.md "Order reset at the last put")
+  // The owner (fsdax) marks a disassociated folio at `head` as owed a split and tries it at once:
+  // Errc::ok if it is split (now, or by a racing last put), Errc::busy if it is still referenced
+  // (the free path of its last put splits it). Errc::invalid_argument if `head` is not a head.
+  Errc owe_split(std::uint64_t head) noexcept;
+  // Settles a split owed by the folio at `head`, if any. If its order is `keep_order` the debt is
+  // cancelled (the owner associates it again at that order); otherwise it is split back to the
+  // base order if every entry is idle, the head's refcount reading `head_ref` (0, or the value a
+  // last put shows while it runs the free path). Errc::ok if nothing is owed any more,
+  // Errc::busy if it is still referenced (still owed). Sequentially consistent with the refcount
+  // operations: either a last put sees the debt or this sees the folio idle. Never blocks but for
+  // a bounded spin on another thread's settling in progress; takes no lock.
+  Errc settle_split(std::uint64_t head, std::uint32_t head_ref, unsigned keep_order) noexcept;
+
   // ---- scans (cold paths: removal, diagnostics) ----
   // First entry in [from, to) whose refcount is non-zero, or `to`. Reads only the hot array.
   std::uint64_t find_busy(std::uint64_t from, std::uint64_t to) const noexcept;
@@ -164,6 +184,7 @@ class PageArray {
     std::atomic<std::uint64_t>* index_or_share;
   };
   PageArray(PfnRange range, unsigned base_order, std::uint64_t entries);
+  Errc split_idle(std::uint64_t head, std::uint32_t head_ref) noexcept;
 
   PfnRange range_;
   unsigned base_order_;

@@ -47,6 +47,17 @@ struct Access {
   static bool has_page_free(const DevPagemap& p) noexcept {
     return static_cast<bool>(p.ops_.page_free);
   }
+  // A split the owner left owed at this folio's last put (kPageSplitOwed) is paid before
+  // ops.page_free; `head_ref` is what the head's refcount reads meanwhile. A get that raced the
+  // put leaves it owed (busy) for its own last put. Only FS_DAX owners owe splits, and an FS_DAX
+  // free path always has work (its wake-up), so only the free paths with calls settle.
+  static void settle_split(PageArray& a, std::uint64_t head, std::uint32_t head_ref) noexcept {
+    if (!a.has_large_folios()) [[likely]]
+      return;
+    if ((a.flags(head).load(std::memory_order_seq_cst) & kPageSplitOwed) == 0) [[likely]]
+      return;
+    (void)a.settle_split(head, head_ref, a.base_order());  // busy: still owed (see above)
+  }
   // ops.page_free for the folio at `head`.
   static void page_free(DevPagemap& p, PageArray& a, std::uint64_t head) noexcept {
     if (p.ops_.page_free) p.ops_.page_free(p, a.pfn_of(head), a.order(head));

@@ -84,6 +84,7 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 // reference (or, under `none`, nothing) keeps the pagemap alive across it.
 [[gnu::always_inline]] inline void free_after_put(DevPagemap& pg, PageArray& a,
                                                   std::uint64_t head) noexcept {
+  Access::settle_split(a, head, 0);
   Access::page_free(pg, a, head);
   if (Access::wakes_on_idle(pg)) wake_up_var(&a.ref(head));
 }
@@ -125,7 +126,8 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
                                                                std::uint64_t head,
                                                                bool wake) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
-  Access::page_free(pg, a, head);  // P3
+  Access::settle_split(a, head, kFreeingRef);  // P3 (a split the owner left owed)
+  Access::page_free(pg, a, head);              // P3
   PGMAP_YIELD_POINT("put.freeing");
   freeing_to_idle_last(a, head);  // P3b, P4
   if (wake) wake_up_var(&r);      // P5
