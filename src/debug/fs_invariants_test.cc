@@ -8,6 +8,7 @@
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "fs/testing/fs_fixture.h"
@@ -126,6 +127,29 @@ TEST_P(FsInvariantsTest, EntryFolioOrderAndMapping) {
   ASSERT_EQ(arr().set_folio_order(idle, 0), Errc::ok);
   r = check();
   EXPECT_TRUE(r.ok()) << r.to_string();
+}
+
+TEST_P(FsInvariantsTest, SplitOwedAtTheLastPut) {
+  // An unassociated large folio owed a split is legal only while it is held (folio_order_test
+  // checks that side): idle, its last put should have split it.
+  const std::uint64_t idle = head_of_block(1024);
+  ASSERT_EQ(arr().set_folio_order(idle, kPmdOrder), Errc::ok);
+  arr().flags(idle).fetch_or(kPageSplitOwed);
+  Report r = check();
+  EXPECT_EQ(r.count(Check::fs_entry_folio), 1u) << r.to_string();
+  EXPECT_NE(r.to_string().find("split is owed but it is idle"), std::string::npos);
+  // The owner's next look at it settles the debt: it is idle, so it is split.
+  EXPECT_EQ(arr().settle_split(idle, 0, 0), Errc::ok);
+  EXPECT_EQ(arr().order(idle), 0u);
+  EXPECT_EQ(arr().flags(idle).load() & (kPageSplitOwed | kPageSplitting), 0);
+  r = check();
+  EXPECT_TRUE(r.ok()) << r.to_string();
+  // An associated folio must not stay owed a split (its last put would split it under its entry).
+  const std::uint64_t pmd = head_of_block(*b_.inode().block_of(0));
+  arr().flags(pmd).fetch_or(kPageSplitOwed);
+  r = check();
+  EXPECT_EQ(r.count(Check::fs_entry_folio), 1u) << r.to_string();
+  arr().flags(pmd).fetch_and(static_cast<std::uint8_t>(~kPageSplitOwed));
 }
 
 TEST_P(FsInvariantsTest, BlockFreedUnderEntryAndPipe) {

@@ -593,19 +593,6 @@ void FsWorld::quiescent_checks(std::uint64_t index) {
   debug::Report r = debug::check_fs_invariants(u, fu);
   ++f_.checker_runs;
   for (const debug::Violation& v : r.violations) {
-    // Known defect, reported and not counted: an entry deleted while its large folio is still
-    // held (the forced path after a pre-remove whose wait for the holders timed out) cannot split
-    // the folio, and nothing resets its order once the holders let go. The kernel resets the order
-    // at the folio's last put; this fs only at disassociation (docs/fsdax.md, "Not done").
-    if (v.check == debug::Check::fs_entry_folio &&
-        v.detail.find("associated with no entry still has order") != std::string::npos) {
-      if (f_.known["known.busy_folio_keeps_order"]++ == 0) {
-        f_.known_first.push_back(
-            fmt::format("[known.busy_folio_keeps_order] phase {}: {} pfn {:#x}: {}", index,
-                        v.pagemap, v.pfn, v.detail));
-      }
-      continue;
-    }
     if (f_.violations["checker." + std::string(debug::check_name(v.check))]++ == 0 &&
         f_.first_reports.size() < 8) {
       f_.first_reports.push_back(fmt::format("[checker.{}] phase {}: {} pfn {:#x}: {}",
