@@ -5,7 +5,7 @@
 namespace pgmap::fs {
 
 BlockAllocator::BlockAllocator(std::uint64_t nr_blocks)
-    : nr_(nr_blocks), shares_(nr_blocks, 0), free_(nr_blocks) {}
+    : nr_(nr_blocks), shares_(nr_blocks, 0), bad_(nr_blocks, false), free_(nr_blocks) {}
 
 std::uint64_t BlockAllocator::free_blocks() const {
   std::lock_guard<std::mutex> lock(mu_);
@@ -16,7 +16,7 @@ Result<std::uint64_t> BlockAllocator::alloc() {
   std::lock_guard<std::mutex> lock(mu_);
   for (std::uint64_t i = 0; i < nr_; ++i) {
     const std::uint64_t b = (hint_ + i) % nr_;
-    if (shares_[b] == 0) {
+    if (shares_[b] == 0 && !bad_[b]) {
       shares_[b] = 1;
       --free_;
       hint_ = (b + 1) % nr_;
@@ -34,7 +34,7 @@ Result<std::uint64_t> BlockAllocator::alloc_extent(std::uint64_t count, std::uin
   for (std::uint64_t start = 0; start + count <= nr_; start += align) {
     bool all_free = true;
     for (std::uint64_t b = start; b < start + count && all_free; ++b)
-      all_free = shares_[b] == 0;
+      all_free = shares_[b] == 0 && !bad_[b];
     if (!all_free) continue;
     for (std::uint64_t b = start; b < start + count; ++b)
       shares_[b] = 1;
@@ -60,8 +60,42 @@ Result<std::uint32_t> BlockAllocator::release(std::uint64_t block) {
     report_misuse(Errc::underflow, "BlockAllocator::release of a free block");
     return Error(Errc::underflow, fmt::format("block {} is already free", block));
   }
-  if (--shares_[block] == 0) ++free_;
+  if (--shares_[block] == 0) {
+    if (bad_[block]) {
+      ++retired_;  // out of service: never back in the free pool
+    } else {
+      ++free_;
+    }
+  }
   return shares_[block];
+}
+
+Errc BlockAllocator::mark_bad(std::uint64_t block) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (block >= nr_) return Errc::out_of_range;
+  if (bad_[block]) return Errc::ok;
+  bad_[block] = true;
+  ++bad_count_;
+  if (shares_[block] == 0) {
+    --free_;
+    ++retired_;
+  }
+  return Errc::ok;
+}
+
+bool BlockAllocator::is_bad(std::uint64_t block) const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return block < nr_ && bad_[block];
+}
+
+std::uint64_t BlockAllocator::bad_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return bad_count_;
+}
+
+std::uint64_t BlockAllocator::retired_blocks() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return retired_;
 }
 
 std::uint32_t BlockAllocator::share_count(std::uint64_t block) const {

@@ -57,5 +57,34 @@ TEST(BlockAllocatorTest, ShareCounts) {
   EXPECT_EQ(a.release(100).code(), Errc::out_of_range);
 }
 
+// A bad block is never handed out: a free one leaves the pool at once, a shared one when its
+// last sharer releases it. Marking is idempotent; a block past the end changes nothing.
+TEST(BlockAllocatorTest, BadBlocksLeaveThePool) {
+  BlockAllocator a(4);
+  auto used = a.alloc();
+  ASSERT_TRUE(used);
+  ASSERT_EQ(a.share(*used), Errc::ok);
+  EXPECT_EQ(a.mark_bad(3), Errc::ok);
+  EXPECT_EQ(a.mark_bad(3), Errc::ok);
+  EXPECT_EQ(a.mark_bad(*used), Errc::ok);
+  EXPECT_EQ(a.mark_bad(4), Errc::out_of_range);
+  EXPECT_EQ(a.bad_blocks(), 2u);
+  EXPECT_EQ(a.retired_blocks(), 1u);
+  EXPECT_EQ(a.free_blocks(), 2u);
+  EXPECT_TRUE(a.is_bad(3));
+  EXPECT_FALSE(a.is_bad(4));
+  EXPECT_EQ(*a.release(*used), 1u);
+  EXPECT_EQ(*a.release(*used), 0u);
+  EXPECT_EQ(a.retired_blocks(), 2u);
+  EXPECT_EQ(a.free_blocks(), 2u);
+  EXPECT_FALSE(a.alloc_extent(2, 2)) << "a 2-block extent exists only over a bad block";
+  for (int i = 0; i < 2; ++i) {
+    auto b = a.alloc();
+    ASSERT_TRUE(b);
+    EXPECT_FALSE(a.is_bad(*b));
+  }
+  EXPECT_EQ(a.alloc().code(), Errc::no_memory);
+}
+
 }  // namespace
 }  // namespace pgmap::fs

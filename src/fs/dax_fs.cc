@@ -217,6 +217,15 @@ std::size_t DaxFs::nr_inodes() const {
   return inodes_.size();
 }
 
+FsStats DaxFs::stats() const {
+  FsStats s;
+  s.blocks = alloc_.nr_blocks();
+  s.free_blocks = alloc_.free_blocks();
+  s.bad_blocks = alloc_.bad_blocks();
+  s.retired_blocks = alloc_.retired_blocks();
+  return s;
+}
+
 std::vector<std::shared_ptr<Inode>> DaxFs::inodes() const {
   std::lock_guard<std::mutex> lock(mu_);
   std::vector<std::shared_ptr<Inode>> out;
@@ -237,6 +246,10 @@ Result<std::uint64_t> DaxFs::memory_failure(std::uint64_t offset, std::uint64_t 
       len > (nr << kPageShift) - offset ? nr << kPageShift : offset + len;
   const std::uint64_t last = std::max(first + 1, align_up(end_byte, kPageSize) >> kPageShift);
   if (!mounted()) return Error(Errc::dead, opts_.name + " is unmounted");
+  // The failed blocks are never allocated again (a freed one would reach an unrelated file).
+  for (std::uint64_t b = first; b < last; ++b) {
+    if (Errc e = alloc_.mark_bad(b); e != Errc::ok) return Error(e, "memory_failure: bad block");
+  }
   // PG_hwpoison on every failed page's folio: faults on it now consume poison.
   DevPagemap& pg = pagemap();
   if (pg.state() != DevPagemap::State::dead) {

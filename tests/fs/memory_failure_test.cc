@@ -91,6 +91,62 @@ TEST_P(MemoryFailureTest, SharedBlockNotifiesEveryOwner) {
   EXPECT_EQ(fs_->memory_failure(testutil::kDeviceSize, kPageSize, 0).code(), Errc::out_of_range);
 }
 
+// A poisoned block is never handed out again: one in use leaves service when its file frees it,
+// a free one at once (the allocator used to put the first back in the free pool, and hand either
+// to the next file, whose first access then consumed the poison). FsStats reports both.
+TEST_P(MemoryFailureTest, PoisonedBlocksAreNeverAllocatedAgain) {
+  File f = must_create("victim");
+  auto data = pattern(2 * kPageSize, 3);
+  ASSERT_TRUE(f.inode().write(0, data.data(), data.size()));
+  const std::uint64_t used = *f.inode().block_of(1);
+  const FsStats s0 = fs_->stats();
+  // A free block: the first one the allocator would hand out next.
+  auto probe = fs_->allocator().alloc();
+  ASSERT_TRUE(probe);
+  ASSERT_TRUE(fs_->allocator().release(*probe));
+  const std::uint64_t spare = *probe;
+  ASSERT_TRUE(fs_->memory_failure(used << kPageShift, kPageSize, 0));
+  ASSERT_TRUE(fs_->memory_failure(spare << kPageShift, kPageSize, 0));
+  FsStats s = fs_->stats();
+  EXPECT_EQ(s.bad_blocks, s0.bad_blocks + 2);
+  EXPECT_EQ(s.retired_blocks, s0.retired_blocks + 1);  // the free one; the used one is still f's
+  EXPECT_EQ(s.free_blocks, s0.free_blocks - 1);
+  // Bad input changes nothing.
+  EXPECT_EQ(fs_->memory_failure(testutil::kDeviceSize, kPageSize, 0).code(), Errc::out_of_range);
+  EXPECT_EQ(fs_->stats().bad_blocks, s.bad_blocks);
+  // The file lets go of its poisoned block (truncate frees it): it is retired, not freed.
+  ASSERT_TRUE(f.inode().truncate(kPageSize));
+  s = fs_->stats();
+  EXPECT_EQ(s.retired_blocks, s0.retired_blocks + 2);
+  EXPECT_EQ(s.free_blocks, s0.free_blocks - 1);
+  // Another file takes every block left: never a poisoned one.
+  File g = must_create("taker");
+  std::vector<std::uint64_t> got;
+  for (;;) {
+    auto b = fs_->allocator().alloc();
+    if (!b) {
+      EXPECT_EQ(b.code(), Errc::no_memory);
+      break;
+    }
+    got.push_back(*b);
+    EXPECT_NE(*b, used) << "the freed poisoned block was handed out again";
+    EXPECT_NE(*b, spare) << "the free poisoned block was handed out";
+  }
+  EXPECT_EQ(got.size(), s.free_blocks);
+  EXPECT_FALSE(fs_->allocator().alloc_extent(1, 1)) << "an extent of a poisoned block";
+  for (std::uint64_t b : got)
+    ASSERT_TRUE(fs_->allocator().release(b));
+  EXPECT_EQ(fs_->stats().free_blocks, s.free_blocks);
+  mm::AddressSpace as;
+  debug::Universe u;
+  u.address_spaces.push_back(&as);
+  u.complete = true;
+  debug::FsUniverse fu;
+  fu.filesystems.push_back(fs_.get());
+  debug::Report r = debug::check_fs_invariants(u, fu);
+  EXPECT_TRUE(r.ok()) << r.to_string();
+}
+
 INSTANTIATE_TEST_SUITE_P(AllStrategies, MemoryFailureTest,
                          ::testing::Values(Strategy::none, Strategy::per_lookup,
                                            Strategy::transition, Strategy::sweep,

@@ -7,6 +7,11 @@
 // returns 512 contiguous blocks starting at a 512-aligned device block (a 2 MiB extent a PMD can
 // map when the device's pfns are 2 MiB-aligned too).
 //
+// Bad blocks (memory failure): mark_bad() takes a block out of service for good. A free bad block
+// leaves the free pool at once; an allocated one keeps its sharers and is retired, not freed, when
+// the last of them releases it. alloc() and alloc_extent() never hand a bad block out, so a
+// poisoned block's next user is never a file that did not own it when it failed.
+//
 // Thread-safe (one internal mutex, a leaf in the lock order).
 #pragma once
 
@@ -40,11 +45,20 @@ class BlockAllocator {
   Result<std::uint32_t> release(std::uint64_t block);
   std::uint32_t share_count(std::uint64_t block) const;
 
+  // Takes `block` out of service (see "Bad blocks" above); idempotent. Errc::out_of_range.
+  Errc mark_bad(std::uint64_t block);
+  bool is_bad(std::uint64_t block) const;
+  std::uint64_t bad_blocks() const;      // marked bad, in use or retired
+  std::uint64_t retired_blocks() const;  // bad and released by every sharer: out of the pool
+
  private:
   const std::uint64_t nr_;
   mutable std::mutex mu_;
-  std::vector<std::uint32_t> shares_;  // per block; 0 = free
+  std::vector<std::uint32_t> shares_;  // per block; 0 = free (or retired, if bad)
+  std::vector<bool> bad_;              // per block: marked bad (never allocated again)
   std::uint64_t free_ = 0;
+  std::uint64_t bad_count_ = 0;
+  std::uint64_t retired_ = 0;
   std::uint64_t hint_ = 0;  // next block to try (first fit from here, then wrap)
 };
 

@@ -100,6 +100,14 @@ class File {
   std::shared_ptr<Inode> inode_;
 };
 
+// statfs-like figures of a DaxFs (DaxFs::stats()).
+struct FsStats {
+  std::uint64_t blocks = 0;          // 4 KiB blocks of the device
+  std::uint64_t free_blocks = 0;     // in the free pool (never a bad one)
+  std::uint64_t bad_blocks = 0;      // hit by a memory failure: never allocated again
+  std::uint64_t retired_blocks = 0;  // bad ones no file holds any more (out of the pool)
+};
+
 class DaxFs : public std::enable_shared_from_this<DaxFs> {
  public:
   // Mounts a filesystem on `dax` (fs_dax_get_by_bdev: registers as its holder). The device's
@@ -141,12 +149,17 @@ class DaxFs : public std::enable_shared_from_this<DaxFs> {
   void flush_evictions();
 
   // A memory failure (media error) on device bytes [offset, offset + len), as notify_failure
-  // delivers it: every block of the range is marked poisoned, and EVERY file mapping one of them
+  // delivers it: every block of the range is marked poisoned and bad in the allocator (never
+  // handed out again: a free one leaves the pool now, a used one when its last file frees it;
+  // FsStats::bad_blocks), and EVERY file mapping one of them
   // — each sharer of a reflinked block — records the failure (Inode::memory_failures) and has
   // the mappings of those pages zapped, so each mapping user gets SIGBUS BUS_MCEERR_AR at its
   // next access (faults on a poisoned block raise it). Returns the number of (file, page) owners
   // notified. Errc::out_of_range (offset past the device), Errc::dead (unmounted).
   Result<std::uint64_t> memory_failure(std::uint64_t offset, std::uint64_t len, int mf_flags);
+
+  // Block figures (statfs). Thread-safe; a snapshot.
+  FsStats stats() const;
 
   // The live (not yet evicted) inodes, for checkers and diagnostics.
   std::vector<std::shared_ptr<Inode>> inodes() const;
