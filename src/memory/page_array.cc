@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "pgmap/core/sanitizer.h"
+#include "pgmap/core/yield_point.h"
 
 #if defined(__SSE2__) && !defined(PGMAP_HAVE_TSAN)
 #include <emmintrin.h>
@@ -175,6 +176,7 @@ Errc PageArray::split_idle(std::uint64_t head, std::uint32_t head_ref) noexcept 
 Errc PageArray::owe_split(std::uint64_t head) noexcept {
   if (head >= entries_ || !is_head(head)) return Errc::invalid_argument;
   flags_[head].fetch_or(kPageSplitOwed, std::memory_order_seq_cst);
+  PGMAP_YIELD_POINT("memory.split_owed");  // a last put may come now and pay it
   return settle_split(head, 0, base_order_);
 }
 
@@ -193,9 +195,10 @@ Errc PageArray::settle_split(std::uint64_t head, std::uint32_t head_ref,
                                  std::memory_order_seq_cst, std::memory_order_relaxed)) {
       continue;
     }
+    PGMAP_YIELD_POINT("memory.settle_split");  // others spin on kPageSplitting meanwhile
     const Errc e = order(head) == keep_order ? Errc::ok : split_idle(head, head_ref);
-    const auto done = static_cast<std::uint8_t>(
-        e == Errc::ok ? kPageSplitOwed | kPageSplitting : kPageSplitting);
+    const auto done =
+        static_cast<std::uint8_t>(e == Errc::ok ? kPageSplitOwed | kPageSplitting : kPageSplitting);
     f.fetch_and(static_cast<std::uint8_t>(~done), std::memory_order_seq_cst);
     return e;
   }
