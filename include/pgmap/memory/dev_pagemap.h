@@ -41,7 +41,9 @@
 // pagemap alive — only possible under `none` or by misuse; counted in late_accesses(), never a
 // crash, nothing changed).
 //
-// When a folio's refcount reaches zero, ops.page_free runs on the putting thread, then waiters
+// When a folio's refcount reaches zero, a split its owner left owed (kPageSplitOwed, page_array.h:
+// a large fsdax folio disassociated while held) is paid first — so page_free sees the base order —
+// then ops.page_free runs on the putting thread, then waiters
 // keyed on the folio's refcount are woken (always for FS_DAX, I16; for other types while the
 // pagemap is dying); under `transition` the folio's pagemap reference is dropped last. Under
 // sweep and alloc_event page_free runs while the refcount reads FREEING (busy to memunmap's scan),
