@@ -67,6 +67,11 @@ constexpr std::uint32_t kRW = mm::kProtRead | mm::kProtWrite;
 constexpr auto kTeardownTimeout = std::chrono::seconds(120);
 constexpr std::uint64_t kTruncatePages[] = {1, 16, 256, 4096};
 constexpr std::uint64_t kThreadSpacing = 64;  // entry_cycle: folios between two threads' pfns
+// fault_unmap and entry_cycle are measured in 1 ms slices, as the hotpath comparisons are
+// (compare.h Comparison::slice_seconds; docs/results-format.md, "Sliced comparisons"): the cases
+// then see the same mix of this machine's speed modes. truncate (up to 4096 pages per operation)
+// keeps one repetition per round.
+constexpr double kSliceSeconds = 0.001;
 
 template <typename T>
 struct alignas(128) Isolated {
@@ -290,6 +295,7 @@ Result<std::vector<Row>> run_fault_unmap(const Config& cfg, std::uint64_t page_s
   }
   c.members.push_back(lock_pair_member(name, page_size, cfg, ctr));
   finish_comparison(c);
+  c.slice_seconds = kSliceSeconds;
   std::vector<Row> rows = run_comparison(cfg, c);
   std::string failures;
   for (auto& d : devices) {
@@ -560,6 +566,7 @@ Result<std::vector<Row>> run_entry_cycle(const Config& cfg, unsigned order) {
   }
   c.members.push_back(lock_pair_member(name, page_size, cfg, ctr));
   finish_comparison(c);
+  c.slice_seconds = kSliceSeconds;
   // The pagemap_refs:false rows of per_lookup/transition also compare with none (find_member
   // takes the first `none` row of that thread count, the only one).
   std::vector<Row> rows = run_comparison(cfg, c);
