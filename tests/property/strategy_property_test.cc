@@ -85,6 +85,11 @@ struct Round {
   std::atomic<bool> stop{false};
   std::atomic<bool> returned{false};  // the successful memunmap has returned
   Violations* v;
+  // Set before the memunmap call that cannot give up. A memunmap that times out or refuses makes
+  // the pagemap live again after its kill was visible; a get that saw that kill and then ran after
+  // the revival rightly succeeds. So "the kill was visible, the get must fail" is only asserted
+  // for a kill observed after this was set (every earlier call has returned by then).
+  std::atomic<bool> final_unmap{false};
 
   std::uint64_t folio_index(Pfn pfn) const {
     return pfn >= big_folio ? big_folio - pfns.start : pfn - pfns.start;
@@ -176,11 +181,13 @@ void direct_worker(Round& r, unsigned seed) {
       }
       auto& intent = r.intent[r.folio_index(pfn)];
       std::int32_t others = intent.fetch_add(1, std::memory_order_seq_cst);
-      // The kill is visible once the state says so (published after the kill completes).
+      // The kill is visible once the state says so (published after the kill completes); only
+      // the final one counts (Round::final_unmap).
+      const bool final_unmap = r.final_unmap.load(std::memory_order_seq_cst);
       bool killed_before = pg.state() != DevPagemap::State::live;
       Errc e = pin ? pg.pin_folio(pfn) : pg.get_folio(pfn);
       if (e == Errc::ok) {
-        got(r, mine, pfn, pin, std::move(alloc), killed_before, others);
+        got(r, mine, pfn, pin, std::move(alloc), killed_before && final_unmap, others);
       } else {
         intent.fetch_sub(1, std::memory_order_seq_cst);
         if (alloc) alloc.reset();
@@ -236,14 +243,15 @@ void worker(Round& r, unsigned seed) {
         bool pin = rng() % 4 == 0;
         auto& intent = r.intent[r.folio_index(pfn)];
         std::int32_t others = intent.fetch_add(1, std::memory_order_seq_cst);
-        // Has the kill become visible? Then this get must not make an idle folio busy.
+        // Has the final kill become visible? Then this get must not make an idle folio busy.
+        const bool final_unmap = r.final_unmap.load(std::memory_order_seq_cst);
         bool killed_before = !pg.tryget_live();
         if (!killed_before) {
           EXPECT_EQ(pg.put_ref(), Errc::ok);
         }
         Errc e = pin ? pg.pin_folio(pfn) : pg.get_folio(pfn);
         if (e == Errc::ok) {
-          got(r, mine, pfn, pin, {}, killed_before, others);
+          got(r, mine, pfn, pin, {}, killed_before && final_unmap, others);
         } else {
           intent.fetch_sub(1, std::memory_order_seq_cst);
           stop_after = refused(r, e);
@@ -311,6 +319,7 @@ void run_strategy(Strategy s, double seconds, Violations& v, int& rounds) {
     MemunmapOptions first;
     switch (rng() % 3) {
       case 0:
+        r.final_unmap.store(true, std::memory_order_seq_cst);  // waits: cannot give up
         break;
       case 1:
         first.timeout = std::chrono::microseconds(200 + rng() % 2000);
@@ -320,6 +329,7 @@ void run_strategy(Strategy s, double seconds, Violations& v, int& rounds) {
         break;
     }
     auto res = r.pgmap->memunmap(first);
+    r.final_unmap.store(true, std::memory_order_seq_cst);  // the retries below wait
     while (!res.ok()) {
       Errc c = res.code();
       EXPECT_TRUE(c == Errc::timed_out || c == Errc::busy) << res.error().to_string();
