@@ -171,14 +171,18 @@ for case, kw, label in (
                 "disturbed" if w and w.get("disturbed") else ""))
 
 # ---- print ----------------------------------------------------------------------------------
+sliced = [r for r in rows if r.get("interleave") == "slices"]
+sliced_text = (f"the comparisons of ref, gup, hotpath and fsdax fault_unmap / entry_cycle in "
+               f"{sliced[0].get('slices', '?')} rounds of {sliced[0].get('slice_seconds', 0) * 1e3:g} ms "
+               f"slices, " if sliced else "")
 held = sum(1 for o in out if o[4] == "holds")
 missed = sum(1 for o in out if o[4] == "**missed**")
 absent = sum(1 for o in out if o[4] == "not measured")
 print(f"Measured by `make run` on {machine.get('cpu_model', '?')}, {machine.get('nproc', '?')} vCPUs, "
       f"Linux {machine.get('kernel', '?')}, {machine.get('compiler', '?')}, PercpuRef "
       f"{machine.get('percpu_ref', '?')}; load {machine.get('loadavg_at_start', '?')} at start; "
-      f"{config.get('reps', '?')} interleaved rounds, medians (ratios: median of the per-round "
-      f"ratios). {held} targets hold, {missed} missed, {absent} not measured"
+      f"{sliced_text}{config.get('reps', '?')} interleaved rounds otherwise, medians (ratios: median of "
+      f"the per-round ratios). {held} targets hold, {missed} missed, {absent} not measured"
       f"{'; the run was DISTURBED (see the last column)' if doc.get('disturbed') else ''}.\n")
 print("| figure (DESIGN.md §5) | measured | vs in-run floor | target | verdict | |")
 print("|---|---|---|---|---|---|")
