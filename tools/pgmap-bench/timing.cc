@@ -45,6 +45,24 @@ struct RunTimes {
   double cpu_ns_per_op = 0;    // per-thread CPU time / ops, averaged over the threads
 };
 
+// Per-thread wall and CPU seconds of one run of `ops` operations each -> per-op figures (the
+// threads' mean) and the slowest thread's time.
+RunTimes run_times_of(const std::vector<double>& seconds, const std::vector<double>& cpu,
+                      std::uint64_t ops) {
+  RunTimes r;
+  double sum = 0;
+  double cpu_sum = 0;
+  for (std::size_t i = 0; i < seconds.size(); ++i) {
+    r.slowest_seconds = std::max(r.slowest_seconds, seconds[i]);
+    sum += seconds[i];
+    cpu_sum += cpu[i];
+  }
+  const double n = static_cast<double>(seconds.size());
+  r.ns_per_op = sum / n * 1e9 / static_cast<double>(ops);
+  r.cpu_ns_per_op = cpu_sum / n * 1e9 / static_cast<double>(ops);
+  return r;
+}
+
 RunTimes run_once(unsigned threads, std::uint64_t ops, const ThreadBody& body) {
   std::barrier start(static_cast<std::ptrdiff_t>(threads));
   std::vector<double> seconds(threads, 0.0);
@@ -65,17 +83,7 @@ RunTimes run_once(unsigned threads, std::uint64_t ops, const ThreadBody& body) {
   }
   for (std::thread& w : workers)
     w.join();
-  RunTimes r;
-  double sum = 0;
-  double cpu_sum = 0;
-  for (unsigned i = 0; i < threads; ++i) {
-    r.slowest_seconds = std::max(r.slowest_seconds, seconds[i]);
-    sum += seconds[i];
-    cpu_sum += cpu[i];
-  }
-  r.ns_per_op = sum / threads * 1e9 / static_cast<double>(ops);
-  r.cpu_ns_per_op = cpu_sum / threads * 1e9 / static_cast<double>(ops);
-  return r;
+  return run_times_of(seconds, cpu, ops);
 }
 
 }  // namespace
@@ -274,17 +282,7 @@ class ThreadTeam {
          d = done_.load(std::memory_order_acquire)) {
       done_.wait(d, std::memory_order_acquire);
     }
-    RunTimes r;
-    double sum = 0;
-    double cpu_sum = 0;
-    for (unsigned i = 0; i < size_; ++i) {
-      r.slowest_seconds = std::max(r.slowest_seconds, seconds_[i]);
-      sum += seconds_[i];
-      cpu_sum += cpu_[i];
-    }
-    r.ns_per_op = sum / size_ * 1e9 / static_cast<double>(ops);
-    r.cpu_ns_per_op = cpu_sum / size_ * 1e9 / static_cast<double>(ops);
-    return r;
+    return run_times_of(seconds_, cpu_, ops);
   }
 
  private:
