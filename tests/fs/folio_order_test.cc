@@ -184,10 +184,7 @@ TEST_P(FolioOrderTest, LastPutRacesReassociation) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(AllStrategies, FolioOrderTest,
-                         ::testing::Values(Strategy::none, Strategy::per_lookup,
-                                           Strategy::transition, Strategy::sweep,
-                                           Strategy::alloc_event),
+INSTANTIATE_TEST_SUITE_P(AllStrategies, FolioOrderTest, ::testing::ValuesIn(kAllStrategies),
                          testutil::strategy_name_of);
 
 }  // namespace

@@ -55,10 +55,7 @@ TEST_P(LifetimeTest, MappingKeepsFilesystemAlive) {
   EXPECT_EQ(dax_->holder(), nullptr);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllStrategies, LifetimeTest,
-                         ::testing::Values(Strategy::none, Strategy::per_lookup,
-                                           Strategy::transition, Strategy::sweep,
-                                           Strategy::alloc_event),
+INSTANTIATE_TEST_SUITE_P(AllStrategies, LifetimeTest, ::testing::ValuesIn(kAllStrategies),
                          testutil::strategy_name_of);
 
 }  // namespace

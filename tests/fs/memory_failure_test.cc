@@ -147,10 +147,7 @@ TEST_P(MemoryFailureTest, PoisonedBlocksAreNeverAllocatedAgain) {
   EXPECT_TRUE(r.ok()) << r.to_string();
 }
 
-INSTANTIATE_TEST_SUITE_P(AllStrategies, MemoryFailureTest,
-                         ::testing::Values(Strategy::none, Strategy::per_lookup,
-                                           Strategy::transition, Strategy::sweep,
-                                           Strategy::alloc_event),
+INSTANTIATE_TEST_SUITE_P(AllStrategies, MemoryFailureTest, ::testing::ValuesIn(kAllStrategies),
                          testutil::strategy_name_of);
 
 }  // namespace

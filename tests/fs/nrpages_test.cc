@@ -131,10 +131,7 @@ TEST_P(NrpagesTest, CollidingPteAndPmdFaults) {
   ASSERT_EQ(pte_as.munmap(*ta, kPmdSize), Errc::ok);
 }
 
-INSTANTIATE_TEST_SUITE_P(AllStrategies, NrpagesTest,
-                         ::testing::Values(Strategy::none, Strategy::per_lookup,
-                                           Strategy::transition, Strategy::sweep,
-                                           Strategy::alloc_event),
+INSTANTIATE_TEST_SUITE_P(AllStrategies, NrpagesTest, ::testing::ValuesIn(kAllStrategies),
                          testutil::strategy_name_of);
 
 }  // namespace
