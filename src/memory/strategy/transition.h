@@ -78,7 +78,7 @@ struct TransitionStrategy {
                                          std::uint32_t refs) noexcept {
     std::atomic<std::uint32_t>& r = a.ref(head);
     std::uint32_t old = r.load(std::memory_order_relaxed);
-    if (old == 0) {
+    if (old == 0) [[likely]] {
       // 0 -> 1: the busy period's pagemap reference first (percpu mode: one rseq add).
       if (!Access::ref(pg).get_if_percpu(1)) [[unlikely]]
         return transition_get_slow(pg, a, head, refs);
@@ -99,7 +99,8 @@ struct TransitionStrategy {
                                          std::uint32_t refs) noexcept {
     bool last = false;
     Errc e = plain_put(pg, a.ref(head), refs, &last);
-    if (!last) return e;
+    if (!last) [[unlikely]]
+      return e;
     if (free_path_has_work(pg)) [[unlikely]]
       return transition_put_free(pg, a, head);
     // The busy period's reference, taken at 0 -> 1.
