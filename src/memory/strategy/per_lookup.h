@@ -65,8 +65,12 @@ struct PerLookupStrategy {
     Errc e = plain_put(pg, a.ref(head), refs, &last);
     if (e != Errc::ok) [[unlikely]]
       return e;
-    if (last && free_path_has_work(pg)) [[unlikely]]
-      return per_lookup_put_free(pg, a, head, refs);
+    // The 1 -> 0 put is the fall-through path (as in transition.h): a busy put skips the check
+    // with one taken branch.
+    if (last) [[likely]] {
+      if (free_path_has_work(pg)) [[unlikely]]
+        return per_lookup_put_free(pg, a, head, refs);
+    }
     // Each dropped folio reference carried a pagemap reference.
     if (!Access::ref(pg).put_if_percpu(refs)) [[unlikely]]
       return put_pagemap_refs(pg, refs);
