@@ -11,7 +11,9 @@
 // Cost: get and put are written as a fast path with PercpuRef's percpu fast path inline
 // (get_if_percpu / put_if_percpu: one rseq add) and every other case (atomic mode, a lost 0 -> 1
 // race, overflow, teardown, a free path with work) in cold out-of-line functions reached by a
-// tail call, so the page cycle's functions save no registers and make no call.
+// tail call, so the page cycle's functions save no registers and make no call. The 0 -> 1 get and
+// the 1 -> 0 put, the cases that pay the rseq section, are the fall-through paths; a busy get or
+// put (one CAS, no section) takes one branch more.
 #pragma once
 
 #include "memory/strategy/folio_refcount.h"
