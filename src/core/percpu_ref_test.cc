@@ -84,27 +84,6 @@ TEST_F(PercpuRefTest, ImplementationIsChosenOnceAndCanBeForced) {
   expect_no_misuse();
 }
 
-#if PGMAP_PERCPU_RSEQ_INLINE
-// The section reaches the rseq area through the library's copy of __rseq_offset, which the
-// compiler treats as invariant (rseq_percpu.h): it must hold glibc's value before any ordinary
-// constructor runs, whether or not a PercpuRef was created yet, and with either implementation
-// (the section runs, and arms rseq_cs, before it tests the ref's word). Read during this
-// binary's own static initialisation, before any PercpuRef exists.
-const std::ptrdiff_t g_offset_at_static_init = pgmap_rseq_area_offset;
-
-TEST_F(PercpuRefTest, RseqAreaOffsetCopyIsSetBeforeStaticConstructors) {
-  EXPECT_EQ(g_offset_at_static_init, __rseq_offset);
-  EXPECT_EQ(pgmap_rseq_area_offset, __rseq_offset);
-  EXPECT_NE(pgmap_rseq_area_offset, 0);  // 0 would arm rseq_cs inside the TCB
-  Counted c;
-  EXPECT_EQ(c.ref.get(), Errc::ok);
-  EXPECT_EQ(c.ref.put(), Errc::ok);
-  EXPECT_EQ(c.ref.kill(), Errc::ok);
-  EXPECT_EQ(c.releases.load(), 1);
-  expect_no_misuse();
-}
-#endif
-
 // membarrier registration belongs to the process's mm: a forked child must still be able to kill
 // (with both implementations' barriers), including a ref that was live percpu at the fork.
 TEST_F(PercpuRefTest, KillWorksInAForkedChild) {
