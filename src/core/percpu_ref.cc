@@ -27,10 +27,9 @@ namespace {
 enum class Impl { per_thread, rseq };
 
 Impl choose_impl() {
-  const bool rseq_ok = rseq::available();
   const char* force = std::getenv("PGMAP_PERCPU_IMPL");
   if (force != nullptr && std::strcmp(force, "per-thread") == 0) return Impl::per_thread;
-  return rseq_ok ? Impl::rseq : Impl::per_thread;
+  return rseq::available() ? Impl::rseq : Impl::per_thread;
 }
 
 // The implementation, the slot allocator, and (per-thread) all counter blocks ever created and

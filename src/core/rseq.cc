@@ -12,34 +12,6 @@
 #include "pgmap/core/detail/rseq_percpu.h"
 #include "pgmap/core/percpu_ref.h"
 
-#if PGMAP_PERCPU_RSEQ_INLINE
-// pgmap_rseq_area_offset (rseq_percpu.h): defined here in assembly, so that the const
-// declaration the fast path sees is the only C++ declaration of it.
-asm(".pushsection .data\n\t"
-    ".balign 8\n\t"
-    ".globl pgmap_rseq_area_offset\n\t"
-    ".type pgmap_rseq_area_offset, @object\n\t"
-    ".size pgmap_rseq_area_offset, 8\n"
-    "pgmap_rseq_area_offset:\n\t"
-    ".quad 0\n\t"
-    ".popsection");
-
-namespace pgmap::detail::rseq {
-namespace {
-void copy_rseq_offset() noexcept {
-  std::ptrdiff_t* p;  // through the GOT: right in libpgmap.so too (copy relocations)
-  asm("movq pgmap_rseq_area_offset@GOTPCREL(%%rip), %0" : "=r"(p));
-  *p = __rseq_offset;
-}
-
-// Priority 101: before every constructor of default priority in this link unit.
-[[gnu::constructor(101)]] void copy_rseq_offset_at_start() {
-  copy_rseq_offset();
-}
-}  // namespace
-}  // namespace pgmap::detail::rseq
-#endif
-
 namespace pgmap::detail::rseq {
 namespace {
 
@@ -82,7 +54,6 @@ struct Runtime {
 
   Runtime() {
 #if PGMAP_PERCPU_RSEQ_INLINE
-    copy_rseq_offset();
     if (__rseq_size == 0) {
       why = "glibc did not register rseq (__rseq_size is 0)";
       return;

@@ -85,28 +85,6 @@ inline std::atomic<std::uint32_t> g_rseq_widen_spins{0};
 
 #if PGMAP_PERCPU_RSEQ_INLINE
 
-}  // namespace pgmap::detail
-
-// A copy of glibc's __rseq_offset (the offset of the thread's rseq area from the thread pointer),
-// the library's own so that the library's code reaches it with one load: glibc's variable lives
-// in ld.so, so position-independent code (the library) reads it through the GOT, two dependent
-// loads before the section can arm or read cpu_id. Ours is linked into the same binary as the
-// library's code, where the linker relaxes the GOT load into a `lea`.
-//
-// Declared const, like glibc's own declaration of __rseq_offset: the compiler then treats the
-// value as invariant and keeps it in a register across the sections' memory clobbers (a loop of
-// get/put loads it once; a mutable variable would be reloaded before every section, which measured
-// about 1 ns more per get+put pair). It is defined in assembly in src/core/rseq.cc (a writable
-// 8-byte object) and written there exactly once per process, by a constructor of priority 101,
-// before any constructor of default priority of the program or library it is linked into, hence
-// before any code that can reach a PercpuRef; the rseq runtime writes the same value again when
-// it initialises. It must be valid before the first section of ANY ref, not only of percpu ones:
-// the section arms rseq_cs (a store to %fs:offset + 8) before it reads the ref's word, and with an
-// offset of 0 that store would land in the thread control block.
-extern "C" const std::ptrdiff_t pgmap_rseq_area_offset;
-
-namespace pgmap::detail {
-
 // Adds `delta` to this CPU's counter and returns true, or returns false, having changed nothing,
 // when the word has a flag set (not percpu-by-CPU).
 [[gnu::always_inline]] inline bool rseq_percpu_add(const std::atomic<std::uintptr_t>* word,
@@ -159,7 +137,7 @@ namespace pgmap::detail {
       "jmp 0b\n\t"
       ".popsection\n\t"
       : [w] "=&r"(w), [cpu] "=&r"(cpu)PGMAP_RSEQ_WIDEN_OUT
-      : [word] "m"(*word), [delta] "er"(delta), [area] "r"(pgmap_rseq_area_offset),
+      : [word] "m"(*word), [delta] "er"(delta), [area] "r"(__rseq_offset),
         [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
         [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)PGMAP_RSEQ_WIDEN_IN
       : "memory", "cc"
@@ -201,7 +179,7 @@ flagged:
       "jmp 0b\n\t"
       ".popsection\n\t"
       : [cs] "=&r"(cs), [cpu] "=&r"(cpu)
-      : [base] "r"(cpu0), [delta] "er"(delta), [area] "r"(pgmap_rseq_area_offset),
+      : [base] "r"(cpu0), [delta] "er"(delta), [area] "r"(__rseq_offset),
         [cs_off] "i"(offsetof(struct rseq, rseq_cs)), [cpu_off] "i"(offsetof(struct rseq, cpu_id)),
         [shift] "J"(kCpuShift), [sig] "i"(RSEQ_SIG)
       : "memory", "cc");
