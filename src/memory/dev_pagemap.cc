@@ -61,6 +61,7 @@ DevPagemap::DevPagemap(const MemremapParams& params, std::vector<Range> ranges)
       quarantine_(params.quarantine.value_or(kQuarantineDefault)),
       name_(params.name),
       ranges_(std::move(ranges)),
+      free_work_(static_cast<bool>(params.ops.page_free) || params.type == PagemapType::fs_dax),
       // kAllowReinit: a refused or timed-out memunmap resurrects the ref into percpu mode, so the
       // pagemap is live again at the same cost as before (issue 7 item 3).
       ref_([this] { on_release(); }, PercpuRef::kAllowReinit) {
@@ -175,18 +176,25 @@ DevPagemap::~DevPagemap() {
   };
   // A stray put_ref makes the kill refuse (Errc::underflow) and reset the reference to the holders
   // the fold found; the next attempt then completes.
-  for (int attempt = 0; attempt < 3; ++attempt) {
+  bool finished = false;
+  for (int attempt = 0; attempt < 3 && !finished; ++attempt) {
     auto r = memunmap(opts);
     if (r || r.code() != Errc::underflow) {
       if (!r && r.code() != Errc::already_dead) {
         std::fprintf(stderr, "pgmap: destroying %s: %s\n", name_.c_str(),
                      r.error().to_string().c_str());
       }
-      return;
+      finished = true;
     }
   }
-  std::fprintf(stderr, "pgmap: destroying %s: its pagemap reference keeps underflowing\n",
-               name_.c_str());
+  if (!finished) {
+    std::fprintf(stderr, "pgmap: destroying %s: its pagemap reference keeps underflowing\n",
+                 name_.c_str());
+  }
+  // A teardown that did not complete may leave this pagemap killed: once gone it no longer counts.
+  if ((life_.load(std::memory_order_seq_cst) & (kKilled | kTornDown)) == kKilled) {
+    killed_pagemaps_.n.fetch_sub(1, std::memory_order_seq_cst);
+  }
 }
 
 // ---- lookups ----------------------------------------------------------------------------------
@@ -459,7 +467,10 @@ void DevPagemap::revive(std::uint64_t gen0, bool kill_dropped_initial) noexcept 
     state_.store(State::dying, std::memory_order_release);  // could not be brought back
     return;
   }
-  life_.fetch_and(static_cast<std::uint8_t>(~kKilled), std::memory_order_seq_cst);
+  if ((life_.fetch_and(static_cast<std::uint8_t>(~kKilled), std::memory_order_seq_cst) & kKilled) !=
+      0) {
+    killed_pagemaps_.n.fetch_sub(1, std::memory_order_seq_cst);
+  }
   state_.store(State::live, std::memory_order_release);
 }
 
@@ -540,6 +551,9 @@ Errc DevPagemap::wait_folios_idle(Deadline deadline, const WaitProgress& progres
 // interval is short for FREEING (a page_free in progress) and a safety net otherwise.
 Errc DevPagemap::scan_and_wait(Deadline deadline, const WaitProgress& progress,
                                std::uint64_t* waited, UnmapPolicy policy, unsigned scan_threads) {
+  // The kill's stores (life_, killed_pagemaps_) before the scan's loads: either a putter's load
+  // after its last CAS sees the kill and wakes us, or we see its 0.
+  sanitizer::full_fence();
   std::atomic<std::uint64_t> busy_seen{0};
   std::atomic<Errc> failed{Errc::ok};
   std::mutex progress_mu;  // one report at a time, from whichever scanning thread is due
@@ -609,6 +623,9 @@ Errc DevPagemap::scan_and_wait(Deadline deadline, const WaitProgress& progress,
 // still keeps the count above zero, so a refused memunmap can always resurrect — and sets it.
 Errc DevPagemap::kill_locked(bool* refused) noexcept {
   kill_gen_ = release_gen_.load(std::memory_order_acquire);
+  // Before the scan's loads of the refcounts (Dekker with a lean last put: its CAS to 0, then its
+  // load of this count; docs/strategies.md). Undone by revive or at teardown.
+  killed_pagemaps_.n.fetch_add(1, std::memory_order_seq_cst);
   // Before the ref's kill: a sweep get that loads life_ after its add backs out from here on.
   life_.fetch_or(kKilled, std::memory_order_seq_cst);
   Errc killed = ref_.kill_and_confirm([&] {
@@ -695,7 +712,6 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
   if (plan.scan_folios) {
     PGMAP_YIELD_POINT("memunmap.before_scan");
     auto t2 = Clock::now();
-    sanitizer::full_fence();  // the kill's life_ store before the scan's loads
     Errc e = scan_and_wait(deadline, progress, &stats.waited_folios, UnmapPolicy::wait,
                            opts.scan_threads);
     if (e != Errc::ok) return give_up(Errc::timed_out, "timed out waiting for busy folios");
@@ -711,7 +727,9 @@ Result<TeardownStats> DevPagemap::memunmap(const MemunmapOptions& opts) {
   (void)PagemapRegistry::global().remove(this);
   PGMAP_YIELD_POINT("memunmap.after_grace_period");
   // From here every folio operation returns use_after_teardown before touching the metadata.
-  life_.fetch_or(kTornDown, std::memory_order_seq_cst);
+  if ((life_.fetch_or(kTornDown, std::memory_order_seq_cst) & kKilled) != 0) {
+    killed_pagemaps_.n.fetch_sub(1, std::memory_order_seq_cst);  // nothing waits on its folios now
+  }
   for (Range& r : ranges_) {
     r.array->retire(quarantine_ ? PageArray::RetireMode::quarantine : PageArray::RetireMode::unmap);
     (void)r.backing->revoke(r.offset, r.pfns.bytes());  // ASan poisoning only; cannot matter

@@ -1116,6 +1116,75 @@ TEST_P(StrategyTest, FsDaxFinalPutWakesWaiters) {
   ASSERT_TRUE(pg->memunmap());
 }
 
+// The lean last put (sweep / alloc_event on a pagemap without page_free, not FS_DAX: no FREEING
+// state) must wake whoever waits on the folio once a kill is under way, reading nothing of the
+// pagemap after its refcount reached 0 (L2: the process-wide killed count). The waiter here has no
+// deadline, as the model's scan: without L2's wake-up it would sleep forever (memunmap's own
+// scan would only notice at its 10 ms safety-net re-check).
+class LeanLastPutTest : public ::testing::TestWithParam<Strategy> {};
+
+INSTANTIATE_TEST_SUITE_P(LeanProtocol, LeanLastPutTest,
+                         ::testing::Values(Strategy::sweep, Strategy::alloc_event),
+                         testutil::strategy_param_name);
+
+TEST_P(LeanLastPutTest, LastPutAfterTheKillWakesAWaiter) {
+  const std::uint32_t killed_before = DevPagemap::killed_pagemap_count();
+  auto pg = testutil::must_memremap(testutil::make_params(
+      GetParam(), testutil::make_backing(4 * kPmdSize), 0, PagemapType::generic));
+  const Pfn pfn = pg->range(0).start + 64;
+  PageArray* a = pg->array_for(pfn);
+  ASSERT_NE(a, nullptr);
+  std::atomic<std::uint32_t>& ref = a->ref(a->index_of(pfn));
+  FolioHold hold;
+  ASSERT_EQ(hold.take(*pg, pfn), Errc::ok);
+  ASSERT_EQ(pg->get_folio(pfn), Errc::ok);  // two references: the first put is not the last
+  ASSERT_EQ(pg->kill(), Errc::ok);
+  EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before + 1);
+
+  const std::uint32_t waiters_before = WaitTable::global().waiters(&ref);
+  std::atomic<bool> woken{false};
+  std::thread waiter([&] {
+    Errc e = wait_var_event(&ref, [&] { return ref.load() == 0; });  // no deadline
+    EXPECT_EQ(e, Errc::ok);
+    woken = true;
+  });
+  ASSERT_TRUE(eventually([&] { return WaitTable::global().waiters(&ref) > waiters_before; }));
+  ASSERT_EQ(pg->put_folio(pfn), Errc::ok);
+  std::this_thread::sleep_for(5ms);
+  EXPECT_FALSE(woken.load());  // still referenced
+  ASSERT_EQ(hold.release(), Errc::ok);
+  const bool ok = eventually([&] { return woken.load(); }, 10s);
+  EXPECT_TRUE(ok) << "the last put of a killed pagemap's folio did not wake its waiter";
+  if (!ok) wake_up_var(&ref);  // let the thread finish
+  waiter.join();
+  ASSERT_TRUE(pg->memunmap());
+  EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before);  // torn down: no longer counted
+}
+
+// The killed count follows every way out of the killed state: teardown (above), a memunmap that
+// gives up (revive), and the destructor of a pagemap whose teardown did not complete.
+TEST(LeanLastPut, KilledCountFollowsReviveAndDestruction) {
+  const std::uint32_t killed_before = DevPagemap::killed_pagemap_count();
+  {
+    auto pg = testutil::must_memremap(testutil::make_params(
+        Strategy::sweep, testutil::make_backing(4 * kPmdSize), 0, PagemapType::generic));
+    const Pfn pfn = pg->range(0).start;
+    FolioHold hold;
+    ASSERT_EQ(hold.take(*pg, pfn), Errc::ok);
+    MemunmapOptions o;
+    o.timeout = 20ms;
+    auto r = pg->memunmap(o);  // the held folio makes it time out; the pagemap is live again
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.code(), Errc::timed_out);
+    EXPECT_EQ(pg->state(), State::live);
+    EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before);
+    ASSERT_EQ(pg->kill(), Errc::ok);  // killed, then destroyed while the folio is still held
+    EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before + 1);
+    ASSERT_EQ(hold.release(), Errc::ok);
+  }  // ~DevPagemap completes the teardown
+  EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before);
+}
+
 }  // namespace
 }  // namespace pgmap
 
@@ -1487,11 +1556,11 @@ class FreeingBackOutTest : public ::testing::TestWithParam<Strategy> {
     if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
     backout_race::reset();
     old_hook_ = set_yield_hook(&backout_race::hook);
-    PagemapOps ops;
-    ops.page_free = [this](DevPagemap&, Pfn, unsigned) { frees_.fetch_add(1); };
     MemremapParams p = testutil::make_params(GetParam(), testutil::make_backing(4 * kMiB), 0,
                                              PagemapType::generic);
-    p.ops = std::move(ops);
+    if (with_page_free()) {
+      p.ops.page_free = [this](DevPagemap&, Pfn, unsigned) { frees_.fetch_add(1); };
+    }
     pg_ = testutil::must_memremap(std::move(p));
     ASSERT_TRUE(pg_);
     pfn_ = pg_->range(0).start;
@@ -1521,6 +1590,9 @@ class FreeingBackOutTest : public ::testing::TestWithParam<Strategy> {
     return t;
   }
 
+  // Without a page_free the pagemap takes the lean protocol (no FREEING state).
+  virtual bool with_page_free() const { return true; }
+
   std::atomic<int> frees_{0};
   YieldHook old_hook_ = nullptr;
   std::shared_ptr<DevPagemap> pg_;
@@ -1530,6 +1602,43 @@ class FreeingBackOutTest : public ::testing::TestWithParam<Strategy> {
 INSTANTIATE_TEST_SUITE_P(FreeingProtocol, FreeingBackOutTest,
                          ::testing::Values(Strategy::sweep, Strategy::alloc_event),
                          testutil::strategy_param_name);
+
+// The same race on a pagemap without page_free (the lean protocol): a back-out that ends the busy
+// period leaves the folio idle, never FREEING, and wakes a waiter (B3).
+class LeanBackOutTest : public FreeingBackOutTest {
+ protected:
+  bool with_page_free() const override { return false; }
+};
+INSTANTIATE_TEST_SUITE_P(LeanProtocol, LeanBackOutTest,
+                         ::testing::Values(Strategy::sweep, Strategy::alloc_event),
+                         testutil::strategy_param_name);
+
+TEST_P(LeanBackOutTest, BackOutAfterAJoinedGetCameAndWentLeavesTheFolioIdle) {
+  std::thread b = stopped_get(1);
+  ASSERT_EQ(pg_->get_folio(pfn_), Errc::ok);  // G joins on B's add
+  EXPECT_EQ(pg_->put_folio(pfn_), Errc::ok);  // G is done; B's add keeps the count at 1
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 1u);
+  ASSERT_EQ(pg_->kill(), Errc::ok);
+  PageArray* a = pg_->array_for(pfn_);
+  ASSERT_NE(a, nullptr);
+  std::atomic<std::uint32_t>& ref = a->ref(a->index_of(pfn_));
+  const std::uint32_t waiters_before = WaitTable::global().waiters(&ref);
+  std::atomic<bool> woken{false};
+  std::thread waiter([&] {
+    EXPECT_EQ(wait_var_event(&ref, [&] { return ref.load() == 0; }), Errc::ok);  // no deadline
+    woken = true;
+  });
+  ASSERT_TRUE(
+      testutil::eventually([&] { return WaitTable::global().waiters(&ref) > waiters_before; }));
+  backout_race::go[1] = true;
+  b.join();
+  const bool ok = testutil::eventually([&] { return woken.load(); });
+  EXPECT_TRUE(ok) << "the back-out that left the folio idle did not wake its waiter";
+  if (!ok) wake_up_var(&ref);
+  waiter.join();
+  EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
+  EXPECT_EQ(frees_.load(), 0);
+}
 
 // Defect A (the model's sweep/page_free_owed trail): B adds 0 -> 1 and stops; G gets 1 -> 2
 // (the pagemap is live: G succeeds) and puts 2 -> 1; the kill; B backs out 1 -> 0. G's busy

@@ -170,6 +170,13 @@ class PagemapRef {
   DevPagemap* p_ = nullptr;
 };
 
+namespace detail {
+// DevPagemap::killed_pagemaps_: a counter alone on its 128 bytes (an adjacent-line pair).
+struct alignas(128) KilledPagemaps {
+  std::atomic<std::uint32_t> n{0};
+};
+}  // namespace detail
+
 class DevPagemap {
  public:
   enum class State { live, dying, dead };
@@ -342,6 +349,11 @@ class DevPagemap {
   // atomic mode (after kill), a racy snapshot of the per-CPU sum while live; exact at quiescent
   // points either way. Read-only.
   std::int64_t ref_count_snapshot() const noexcept { return ref_.approx_count(); }
+  // Diagnostics: how many pagemaps of the process are killed and not torn down (while it is
+  // non-zero, the last put of a folio under sweep / alloc_event without FREEING also wakes).
+  static std::uint32_t killed_pagemap_count() noexcept {
+    return killed_pagemaps_.n.load(std::memory_order_seq_cst);
+  }
 
  private:
   friend Result<std::shared_ptr<DevPagemap>> memremap(MemremapParams params);
@@ -403,6 +415,11 @@ class DevPagemap {
   // kKilled | kTornDown. Sweep's gets load it after their add; every folio operation checks
   // kTornDown before touching the metadata; folio frees wake waiters once kKilled is set.
   std::atomic<std::uint8_t> life_{0};
+  // Whether a folio's free path has work that uses the pagemap whatever its life (ops.page_free,
+  // or FS_DAX's split settling and wake-up). Under sweep / alloc_event such a pagemap's last puts
+  // go through FREEING; without it they go straight to 0 (docs/strategies.md, "The lean last
+  // put"). Beside life_, so that a hot put reads one line of the pagemap.
+  const bool free_work_;
   PercpuRef ref_;
   // Cold.
   std::atomic<State> state_{State::live};
@@ -410,6 +427,12 @@ class DevPagemap {
   std::uint64_t kill_gen_ = 0;                 // release_gen_ at the last kill (teardown_mu_)
   std::atomic<std::uint64_t> late_accesses_{0};
   std::mutex teardown_mu_;  // one memunmap at a time
+
+  // Process-wide: how many pagemaps have kKilled set and are not torn down. A lean last put
+  // (free_work_ false) loads it after its refcount reached 0, when its own pagemap may be gone,
+  // to decide whether to wake a waiter; static storage, so that load is always valid. Alone on
+  // its cache line: read by every such put, written twice per kill.
+  static inline detail::KilledPagemaps killed_pagemaps_;
 };
 
 // Creates a pagemap. May block (an RCU grace period, to free the registry's previous snapshot);

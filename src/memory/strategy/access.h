@@ -47,6 +47,15 @@ struct Access {
   static bool has_page_free(const DevPagemap& p) noexcept {
     return static_cast<bool>(p.ops_.page_free);
   }
+  // Whether a folio's free path has work that uses the pagemap whatever its life: ops.page_free,
+  // or FS_DAX (split settling, the wake-up of I16). Fixed at memremap, on the hot line. Under
+  // sweep / alloc_event it decides whether last puts go through FREEING.
+  static bool has_free_work(const DevPagemap& p) noexcept { return p.free_work_; }
+  // Whether any pagemap of the process is killed and not torn down (process-wide; valid to call
+  // when this folio's own pagemap may be gone).
+  static bool any_pagemap_killed() noexcept {
+    return DevPagemap::killed_pagemaps_.n.load(std::memory_order_seq_cst) != 0;
+  }
   // A split the owner left owed at this folio's last put (kPageSplitOwed) is paid before
   // ops.page_free; `head_ref` is what the head's refcount reads meanwhile. A get that raced the
   // put leaves it owed (busy) for its own last put. Only FS_DAX owners owe splits, and an FS_DAX
