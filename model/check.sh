@@ -42,6 +42,8 @@ runs=(
   "percpu_ref_rseq.stray_put|percpu_ref_rseq|STRAY_PUT|safety|pass"
   "sweep|sweep||safety|pass|-O0"
   "sweep.live|sweep||live|pass|-O0"
+  "sweep_lean|sweep|LEAN|safety|pass|-O0"
+  "sweep_lean.live|sweep|LEAN|live|pass|-O0"
   # mutants: spin must refute each
   "percpu_ref/fold_before_barrier|percpu_ref|MUT_FOLD_BEFORE_BARRIER|safety|refute"
   "percpu_ref/no_barrier|percpu_ref|MUT_NO_BARRIER|safety|refute"
@@ -56,6 +58,8 @@ runs=(
   "sweep/no_poll|sweep|MUT_NO_POLL|safety|refute"
   "sweep/old_back_out|sweep|MUT_OLD_BACKOUT|safety|refute"
   "sweep/no_owed_mark|sweep|MUT_NO_OWED_MARK|safety|refute"
+  "sweep_lean/killed_before_cas|sweep|LEAN MUT_LEAN_KILLED_BEFORE_CAS|safety|refute"
+  "sweep_lean/no_poll_needed|sweep|LEAN MUT_NO_POLL|safety|pass"
   # design alternatives of the FREEING protocol
   "sweep/alt_wake_before_zero|sweep|ALT_WAKE_BEFORE_ZERO|safety|refute"
   "sweep/alt_blind_add|sweep|ALT_BLIND_ADD|safety|refute"

@@ -59,6 +59,15 @@
  *   MUT_NO_OWED_MARK      non-last puts do not set the owed flag (P1a missing): the same trail.
  *   MUT_NO_POLL           the scan waits on a FREEING folio without a deadline (lost wake-up when
  *                         the putter read P2 before the kill).
+ * LEAN: the lean protocol of a pagemap without a free path (no page_free, not FS_DAX; the code's
+ *   lean_get / lean_put / lean_idle, with back_out's owed flag never set): G1 is a blind
+ *   fetch_add (FREEING never occurs), the last put is L1 CAS 1 -> 0 then L2 a load of the
+ *   process-wide killed count (killedc, raised by the kill before life_ and the scan; not the
+ *   pagemap's memory, so no USE) and a wake-up if it is non-zero; there is no page_free, so the
+ *   ghost `owed` is not kept. Checked as above (no touch after free, no get after the kill,
+ *   teardown finds every folio idle), and the liveness claim now rests on L2's wake-up.
+ *   MUT_LEAN_KILLED_BEFORE_CAS  L2's load before the CAS (the lost wake-up the count's position
+ *                         after L1 prevents: the scan sleeps on a count whose last put did not wake).
  * Design alternatives (refuted; docs/model.md):
  *   ALT_WAKE_BEFORE_ZERO  P5 before P4 (lost wake-up for a scan waiting on a count).
  *   ALT_BLIND_ADD         G1 as a blind fetch_add, undone on FREEING (the spec's design): P4's
@@ -74,6 +83,7 @@ bit alive = 1;         /* !(life_ & kKilled) */
 bit published = 1;     /* the pagemap is in the registry */
 byte lookups = 0;      /* getters inside their lookup read section */
 bit freed = 0;         /* the pagemap and its metadata are gone */
+bit killedc = 0;       /* LEAN: DevPagemap::killed_pagemaps_ != 0 (static storage: never freed) */
 
 /* the wait-table bucket */
 bit wq_mu = 0;
@@ -127,6 +137,65 @@ inline freeing_to_idle(p) {
 #endif
 }
 
+#ifdef LEAN
+/* lean_put of one reference: plain_put's CAS loop (L1), then L2. */
+inline freeing_put(p) {
+  old = r[p];                            /* relaxed load */
+#ifdef MUT_LEAN_KILLED_BEFORE_CAS
+  wk = killedc;
+#endif
+  do
+  :: atomic {                            /* L1: CAS */
+       USE;
+       if
+       :: r[p] == old ->
+         assert(old > 0 && old < FREEING);
+         if
+         :: held -> holders[p]--
+         :: else -> skip
+         fi;
+         if
+         :: old == 1 -> r[p] = 0; last = 1
+         :: else -> r[p] = old - 1; last = 0
+         fi;
+         break
+       :: else -> old = r[p]
+       fi
+     }
+  od;
+#ifndef MUT_LEAN_KILLED_BEFORE_CAS
+  wk = killedc;                          /* L2: the process-wide count, not the pagemap */
+#endif
+  if
+  :: last && wk -> wake()
+  :: else -> skip
+  fi
+}
+
+/* back_out without the owed flag: our add only -> 0 (wake), else old -> old - 1. */
+inline back_out(p) {
+  do
+  :: atomic { USE; old = r[p] };         /* B1 */
+    atomic {                             /* B2: CAS */
+      USE;
+      if
+      :: r[p] == old ->
+        assert(old > 0 && old < FREEING);
+        if
+        :: old == 1 -> r[p] = 0; zero = 1
+        :: else -> r[p] = old - 1; zero = 0
+        fi;
+        break
+      :: else -> skip
+      fi
+    }
+  od;
+  if
+  :: zero -> wake()                      /* B3 */
+  :: else -> skip
+  fi
+}
+#else
 /* freeing_put of one reference (held: a successful get's, else a backing-out get's own add). */
 inline freeing_put(p) {
   old = r[p];                            /* relaxed load */
@@ -205,6 +274,8 @@ inline back_out(p) {
   fi
 }
 
+#endif  /* LEAN */
+
 proctype getter(byte me) {
   byte p, old; bit last, t0, dead, held, wk, owd, zero;
   if
@@ -224,7 +295,9 @@ proctype getter(byte me) {
   :: else -> skip
   fi;
 #endif
-#ifndef ALT_BLIND_ADD
+#if defined(LEAN)
+  atomic { USE; old = r[p]; assert(old < FREEING); r[p]++ };   /* L0: fetch_add */
+#elif !defined(ALT_BLIND_ADD)
   atomic {                               /* G1: CAS loop, refused on FREEING */
     USE;
     old = r[p];
@@ -251,7 +324,11 @@ proctype getter(byte me) {
   atomic {                               /* G2: life_ load */
     dead = !alive;
     if
+#ifdef LEAN
+    :: !dead -> holders[p]++             /* no page_free: nothing is owed */
+#else
     :: !dead -> holders[p]++; owed[p] = 1
+#endif
     :: else -> skip
     fi
   };
@@ -300,6 +377,7 @@ out:
 /* memunmap under sweep: kill, scan_and_wait, unpublish + grace period, retire. */
 proctype unmapper() {
   byte i, v;
+  killedc = 1;                           /* kill_locked: killed_pagemaps_ += 1 (seq_cst) */
   alive = 0;                             /* kill_locked: life_.fetch_or(kKilled) + full fence */
   i = 0;
   do
@@ -339,6 +417,7 @@ proctype unmapper() {
     assert(!owed[0] && !owed[1]);
     freed = 1
   };
+  killedc = 0;                           /* torn down: no longer counted */
   done++
 }
 
