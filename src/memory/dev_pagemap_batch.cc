@@ -43,10 +43,12 @@ struct PerLookupFolios {
   static Errc put(DevPagemap& pg, PageArray& a, std::uint64_t head, std::uint32_t refs) noexcept {
     bool last = false;
     Errc e = strategy_impl::plain_put(pg, a.ref(head), refs, &last);
-    if (e != Errc::ok) [[unlikely]]
-      return e;
-    if (last) strategy_impl::free_after_put(pg, a, head);
-    return Errc::ok;
+    // As `none`'s put: the free path's calls out of line, so that the batch loop keeps no
+    // registers live across them (with free_after_put inline, 512-page GUP cost 1.17-1.19x
+    // `none`'s per page).
+    if (last && strategy_impl::free_path_has_work(pg)) [[unlikely]]
+      return strategy_impl::none_free(pg, a, head);
+    return e;
   }
 };
 
