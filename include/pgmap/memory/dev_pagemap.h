@@ -417,8 +417,8 @@ class DevPagemap {
   std::atomic<std::uint8_t> life_{0};
   // Whether a folio's free path has work that uses the pagemap whatever its life (ops.page_free,
   // or FS_DAX's split settling and wake-up). Under sweep / alloc_event such a pagemap's last puts
-  // go through FREEING; without it they go straight to 0 (docs/strategies.md, "The lean last
-  // put"). Beside life_, so that a hot put reads one line of the pagemap.
+  // go through FREEING; without it they go straight to 0 (docs/strategies.md, "sweep without a free
+  // path"). Beside life_, so that a hot put reads one line of the pagemap.
   const bool free_work_;
   PercpuRef ref_;
   // Cold.

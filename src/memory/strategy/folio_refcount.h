@@ -159,8 +159,6 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 
 // A put of a held reference under the FREEING protocol, every case: a put that leaves the folio
 // busy (P1a), the last put (P1..P5), a CAS lost to a racing get or put, refused values.
-// A put of a held reference under the FREEING protocol, every case: a put that leaves the folio
-// busy (P1a), the last put (P1..P5), a CAS lost to a racing get or put, refused values.
 [[gnu::noinline]] inline Errc freeing_put_slow(DevPagemap& pg, PageArray& a, std::uint64_t head,
                                                std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
@@ -283,10 +281,10 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 }
 
 // ---- The lean protocol: sweep / alloc_event on a pagemap without FREEING ----------------------
-// (docs/strategies.md, "The lean last put"). With no page_free and not FS_DAX, a last put has
-// nothing to do between "no longer referenced" and "idle" but the wake-up, and the wake-up needs
-// only the refcount's address. So FREEING is never entered, and a folio operation costs what it
-// costs under `none` plus L2's load:
+// (docs/strategies.md, "sweep without a free path"). With no page_free and not FS_DAX, a last put
+// has nothing to do between "no longer referenced" and "idle" but the wake-up, and the wake-up
+// needs only the refcount's address. So FREEING is never entered, and a folio operation costs what
+// it costs under `none` plus L2's load:
 //   L0  get: fetch_add (no FREEING value to stay off), then G2's life_ load as in checked_get;
 //       a value that was not a reference count (retired metadata, overflow) is undone.
 //   L1  last put: CAS refs -> 0 (seq_cst). After it the pagemap may be gone.
@@ -299,13 +297,6 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 // folio. The key is only an address: nothing is dereferenced.
 [[gnu::cold, gnu::noinline]] inline Errc wake_idle_folio(std::atomic<std::uint32_t>& r) noexcept {
   wake_up_var(&r);
-  return Errc::ok;
-}
-
-// After L1 reached 0 the pagemap may be gone: the decision reads only the process-wide count.
-[[gnu::always_inline]] inline Errc lean_idle(std::atomic<std::uint32_t>& r) noexcept {
-  if (Access::any_pagemap_killed()) [[unlikely]]
-    return wake_idle_folio(r);
   return Errc::ok;
 }
 
@@ -338,8 +329,9 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   std::atomic<std::uint32_t>& r = a.ref(head);
   bool last = false;
   const Errc e = plain_put(pg, r, refs, &last);  // L1
-  // One branch, not two: the count is loaded for every put (a read-mostly line). Written as
-  // `if (last) return lean_idle(r)`, GCC made the last put jump out to the load and back, and
+  // After L1 reached 0 the pagemap may be gone: the decision reads only the process-wide count.
+  // One branch, not two: the count is loaded for every put (a read-mostly line). Written as a
+  // branch on `last` around the load, GCC made the last put jump out to the load and back, and
   // the page cycle measured 1.14-1.20x `none` against 1.09-1.11x this way (pgmap-bench hotpath,
   // interleaved). The load itself is what remains: hoisted above the CAS (which would break the
   // pairing with the kill) the cycle measured 1.00-1.05x.
