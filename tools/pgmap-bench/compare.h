@@ -46,6 +46,11 @@ struct Comparison {
   double slice_seconds = 0;
 };
 
+// The slice length of every sliced comparison (ref, gup, hotpath, fsdax fault_unmap and
+// entry_cycle): well under the time scale of this machine's speed modes (tens to hundreds of ms;
+// docs/results-format.md, "Sliced comparisons"), so every case sees the same mix of them.
+inline constexpr double kSliceSeconds = 0.001;
+
 // Runs the comparison for cfg.reps rounds; returns one Row per member, in member order.
 std::vector<Row> run_comparison(const Config& cfg, Comparison& c);
 

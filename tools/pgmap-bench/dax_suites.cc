@@ -280,8 +280,7 @@ Result<std::vector<Row>> run_gup(const Config& cfg, unsigned order) {
     if (m.row.strategy != "none") m.baseline = find_member(c, m.row.name, "none", m.row.threads);
     if (m.row.name == "pin_unpin") m.floor = floor;
   }
-  // 1 ms slices, as for the hotpath comparisons (docs/results-format.md, "Sliced comparisons").
-  c.slice_seconds = 0.001;
+  c.slice_seconds = kSliceSeconds;
   std::vector<Row> rows = run_comparison(cfg, c);
 
   std::string failures;

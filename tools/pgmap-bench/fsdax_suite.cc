@@ -67,11 +67,8 @@ constexpr std::uint32_t kRW = mm::kProtRead | mm::kProtWrite;
 constexpr auto kTeardownTimeout = std::chrono::seconds(120);
 constexpr std::uint64_t kTruncatePages[] = {1, 16, 256, 4096};
 constexpr std::uint64_t kThreadSpacing = 64;  // entry_cycle: folios between two threads' pfns
-// fault_unmap and entry_cycle are measured in 1 ms slices, as the hotpath comparisons are
-// (compare.h Comparison::slice_seconds; docs/results-format.md, "Sliced comparisons"): the cases
-// then see the same mix of this machine's speed modes. truncate (up to 4096 pages per operation)
-// keeps one repetition per round.
-constexpr double kSliceSeconds = 0.001;
+// fault_unmap and entry_cycle are measured in slices (compare.h kSliceSeconds); truncate (up to
+// 4096 pages per operation) keeps one repetition per round.
 
 template <typename T>
 struct alignas(128) Isolated {

@@ -41,9 +41,6 @@ namespace {
 
 constexpr std::uint64_t kMinDeviceBytes = std::uint64_t{64} << 20;
 constexpr std::uint64_t kThreadSpacing = 64;  // metadata entries between two threads' folios
-// One slice of one case (compare.h Comparison::slice_seconds): well under the time scale of this
-// machine's speed modes (tens to hundreds of ms; docs/results-format.md, "Sliced comparisons").
-constexpr double kSliceSeconds = 0.001;
 
 // A counter alone on its cache lines (and off the adjacent-line prefetch pair).
 template <typename T>

@@ -247,8 +247,7 @@ Result<std::vector<Row>> run_ref_comparison(const Config& cfg) {
     }
   }
   c.stability_floor = find_member(c, "relaxed_floor", "-", first);
-  // 1 ms slices, as for the hotpath comparisons (docs/results-format.md, "Sliced comparisons").
-  c.slice_seconds = 0.001;
+  c.slice_seconds = kSliceSeconds;
   std::vector<Row> rows = run_comparison(cfg, c);
 
   // Every get was matched by a put: the kill must find exactly the initial reference.
