@@ -1086,6 +1086,44 @@ TEST_P(StrategyTest, DescribeAndHoldersNameStrategyAndType) {
 
 // ---- FS_DAX wake-ups (I16) ----------------------------------------------------------------------
 
+// A thread that waits, with no deadline, until a folio's refcount reads 0 (wait_var_event on its
+// address, as memunmap's scan and the model's scan do): without the wake-up under test it would
+// sleep forever. start() returns whether it registered in the wait table; woken_within() whether
+// the wake-up came, and joins it either way (waking it by hand if it did not come: the condition
+// holds by then in every caller).
+class IdleWaiter {
+ public:
+  explicit IdleWaiter(std::atomic<std::uint32_t>& ref) : ref_(ref) {}
+  IdleWaiter(const IdleWaiter&) = delete;
+  IdleWaiter& operator=(const IdleWaiter&) = delete;
+  ~IdleWaiter() {
+    // An early test failure: let the thread finish if it can; otherwise std::thread's destructor
+    // ends the test process, as a bare std::thread did.
+    if (thread_.joinable() && ref_.load() == 0) (void)woken_within(0ms);
+  }
+
+  [[nodiscard]] bool start() {
+    const std::uint32_t before = WaitTable::global().waiters(&ref_);
+    thread_ = std::thread([this] {
+      EXPECT_EQ(wait_var_event(&ref_, [this] { return ref_.load() == 0; }), Errc::ok);
+      woken_ = true;
+    });
+    return eventually([&] { return WaitTable::global().waiters(&ref_) > before; });
+  }
+  bool woken() const { return woken_.load(); }
+  [[nodiscard]] bool woken_within(std::chrono::milliseconds limit = 10s) {
+    const bool ok = eventually([&] { return woken_.load(); }, limit);
+    if (!ok) wake_up_var(&ref_);  // let the thread finish
+    thread_.join();
+    return ok;
+  }
+
+ private:
+  std::atomic<std::uint32_t>& ref_;
+  std::atomic<bool> woken_{false};
+  std::thread thread_;
+};
+
 TEST_P(StrategyTest, FsDaxFinalPutWakesWaiters) {
   auto pg = map(GetParam());
   ASSERT_TRUE(pg);
@@ -1097,22 +1135,14 @@ TEST_P(StrategyTest, FsDaxFinalPutWakesWaiters) {
   ASSERT_EQ(hold.take(*pg, pfn), Errc::ok);
   ASSERT_EQ(pg->get_folio(pfn), Errc::ok);  // two references: the first put must not be final
 
-  const std::uint32_t waiters_before = WaitTable::global().waiters(&ref);
-  std::atomic<bool> woken{false};
-  std::thread waiter([&] {
-    Errc e = wait_var_event(&ref, [&] { return ref.load() == 0; });  // no deadline
-    EXPECT_EQ(e, Errc::ok);
-    woken = true;
-  });
-  ASSERT_TRUE(eventually([&] { return WaitTable::global().waiters(&ref) > waiters_before; }));
+  IdleWaiter waiter(ref);
+  ASSERT_TRUE(waiter.start());
   ASSERT_EQ(pg->put_folio(pfn), Errc::ok);
   std::this_thread::sleep_for(5ms);
-  EXPECT_FALSE(woken.load());  // still referenced
+  EXPECT_FALSE(waiter.woken());  // still referenced
   ASSERT_EQ(hold.release(), Errc::ok);
-  const bool ok = eventually([&] { return woken.load(); }, 10s);
-  EXPECT_TRUE(ok) << "the final put_folio of an FS_DAX folio did not wake its waiter";
-  if (!ok) wake_up_var(&ref);  // let the thread finish
-  waiter.join();
+  EXPECT_TRUE(waiter.woken_within())
+      << "the final put_folio of an FS_DAX folio did not wake its waiter";
   ASSERT_TRUE(pg->memunmap());
 }
 
@@ -1141,22 +1171,14 @@ TEST_P(LeanLastPutTest, LastPutAfterTheKillWakesAWaiter) {
   ASSERT_EQ(pg->kill(), Errc::ok);
   EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before + 1);
 
-  const std::uint32_t waiters_before = WaitTable::global().waiters(&ref);
-  std::atomic<bool> woken{false};
-  std::thread waiter([&] {
-    Errc e = wait_var_event(&ref, [&] { return ref.load() == 0; });  // no deadline
-    EXPECT_EQ(e, Errc::ok);
-    woken = true;
-  });
-  ASSERT_TRUE(eventually([&] { return WaitTable::global().waiters(&ref) > waiters_before; }));
+  IdleWaiter waiter(ref);
+  ASSERT_TRUE(waiter.start());
   ASSERT_EQ(pg->put_folio(pfn), Errc::ok);
   std::this_thread::sleep_for(5ms);
-  EXPECT_FALSE(woken.load());  // still referenced
+  EXPECT_FALSE(waiter.woken());  // still referenced
   ASSERT_EQ(hold.release(), Errc::ok);
-  const bool ok = eventually([&] { return woken.load(); }, 10s);
-  EXPECT_TRUE(ok) << "the last put of a killed pagemap's folio did not wake its waiter";
-  if (!ok) wake_up_var(&ref);  // let the thread finish
-  waiter.join();
+  EXPECT_TRUE(waiter.woken_within())
+      << "the last put of a killed pagemap's folio did not wake its waiter";
   ASSERT_TRUE(pg->memunmap());
   EXPECT_EQ(DevPagemap::killed_pagemap_count(), killed_before);  // torn down: no longer counted
 }
@@ -1622,20 +1644,12 @@ TEST_P(LeanBackOutTest, BackOutAfterAJoinedGetCameAndWentLeavesTheFolioIdle) {
   PageArray* a = pg_->array_for(pfn_);
   ASSERT_NE(a, nullptr);
   std::atomic<std::uint32_t>& ref = a->ref(a->index_of(pfn_));
-  const std::uint32_t waiters_before = WaitTable::global().waiters(&ref);
-  std::atomic<bool> woken{false};
-  std::thread waiter([&] {
-    EXPECT_EQ(wait_var_event(&ref, [&] { return ref.load() == 0; }), Errc::ok);  // no deadline
-    woken = true;
-  });
-  ASSERT_TRUE(
-      testutil::eventually([&] { return WaitTable::global().waiters(&ref) > waiters_before; }));
+  IdleWaiter waiter(ref);
+  ASSERT_TRUE(waiter.start());
   backout_race::go[1] = true;
   b.join();
-  const bool ok = testutil::eventually([&] { return woken.load(); });
-  EXPECT_TRUE(ok) << "the back-out that left the folio idle did not wake its waiter";
-  if (!ok) wake_up_var(&ref);
-  waiter.join();
+  EXPECT_TRUE(waiter.woken_within())
+      << "the back-out that left the folio idle did not wake its waiter";
   EXPECT_EQ(pg_->folio_ref_count(pfn_), 0u);
   EXPECT_EQ(frees_.load(), 0);
 }
