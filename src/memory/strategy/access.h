@@ -44,9 +44,6 @@ struct Access {
   static bool wakes_on_idle(const DevPagemap& p) noexcept {
     return p.type_ == PagemapType::fs_dax || (life(p) & kKilled) != 0;
   }
-  static bool has_page_free(const DevPagemap& p) noexcept {
-    return static_cast<bool>(p.ops_.page_free);
-  }
   // Whether a folio's free path has work that uses the pagemap whatever its life: ops.page_free,
   // or FS_DAX (split settling, the wake-up of I16). Fixed at memremap, on the hot line. Under
   // sweep / alloc_event it decides whether last puts go through FREEING.

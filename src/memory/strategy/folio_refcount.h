@@ -94,7 +94,7 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 // so that a 1 -> 0 put with nothing to do makes no call that is not a tail call and saves no
 // registers.
 [[gnu::always_inline]] inline bool free_path_has_work(const DevPagemap& pg) noexcept {
-  // has_page_free() || wakes_on_idle(), from the two bytes of the pagemap's hot line.
+  // ops.page_free, FS_DAX, or killed: from the two bytes of the pagemap's hot line.
   return Access::has_free_work(pg) || (Access::life(pg) & Access::kKilled) != 0;
 }
 
@@ -112,37 +112,23 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
 //   P3  page_free                          (the pagemap exists: the scan waits while FREEING)
 //   P4  store refcount 0 (release)         (the folio is idle; memunmap may now return)
 //   P5  if wake: wake_up_var(&refcount)    (the key is only an address: nothing is dereferenced)
-// freeing_to_idle_calls is P3..P5 with P2's answer given; freeing_to_idle is the whole path,
-// inline when there is neither a page_free nor a wake-up (then it makes no call: P3 and P5 are
-// nothing), out of line otherwise.
-[[gnu::always_inline]] inline void freeing_to_idle_last(PageArray& a, std::uint64_t head) noexcept {
+// freeing_to_idle is P2..P5. Only a pagemap with a free path (Access::has_free_work: a
+// page_free, or FS_DAX with its wake-up) enters FREEING, so there is always a call to make:
+// out of line, reached by a tail call from the puts (a pagemap without one takes the lean
+// protocol below). Returns ok: a put that reached FREEING has succeeded.
+[[gnu::noinline]] inline Errc freeing_to_idle(DevPagemap& pg, PageArray& a,
+                                              std::uint64_t head) noexcept {
+  std::atomic<std::uint32_t>& r = a.ref(head);
+  const bool wake = Access::wakes_on_idle(pg);  // P2
+  Access::settle_split(a, head, kFreeingRef);   // P3 (a split the owner left owed)
+  Access::page_free(pg, a, head);               // P3
+  PGMAP_YIELD_POINT("put.freeing");
   // P3b: the busy period is paid for; nobody holds the folio, so nobody sets the flag meanwhile.
   std::atomic<std::uint8_t>& f = a.flags(head);
   if ((f.load(std::memory_order_relaxed) & kPageFreeOwed) != 0) [[unlikely]]
     f.fetch_and(static_cast<std::uint8_t>(~kPageFreeOwed), std::memory_order_relaxed);
-  a.ref(head).store(0, std::memory_order_release);  // P4 (also publishes P3b)
-}
-
-[[gnu::cold, gnu::noinline]] inline Errc freeing_to_idle_calls(DevPagemap& pg, PageArray& a,
-                                                               std::uint64_t head,
-                                                               bool wake) noexcept {
-  std::atomic<std::uint32_t>& r = a.ref(head);
-  Access::settle_split(a, head, kFreeingRef);  // P3 (a split the owner left owed)
-  Access::page_free(pg, a, head);              // P3
-  PGMAP_YIELD_POINT("put.freeing");
-  freeing_to_idle_last(a, head);  // P3b, P4
-  if (wake) wake_up_var(&r);      // P5
-  return Errc::ok;
-}
-
-// Returns ok (a put that reached FREEING has succeeded), so that the calls are a tail call.
-[[gnu::always_inline]] inline Errc freeing_to_idle(DevPagemap& pg, PageArray& a,
-                                                   std::uint64_t head) noexcept {
-  const bool wake = Access::wakes_on_idle(pg);  // P2
-  if (wake || Access::has_page_free(pg)) [[unlikely]]
-    return freeing_to_idle_calls(pg, a, head, wake);
-  PGMAP_YIELD_POINT("put.freeing");
-  freeing_to_idle_last(a, head);  // P3b, P4
+  r.store(0, std::memory_order_release);  // P4 (also publishes P3b)
+  if (wake) wake_up_var(&r);              // P5
   return Errc::ok;
 }
 
@@ -180,11 +166,11 @@ static_assert(kFreeingRef > PageArray::kMaxRef && kFreeingRef != PageArray::kRet
   return Errc::ok;
 }
 
-// The put, with the page cycle's case inline: the last reference goes in one CAS (P1) and, with
-// neither a page_free nor a wake-up to do, P3b and P4 follow without a call. Straight-line on
-// purpose: written as one loop with both cases, GCC moved the whole FREEING path to the cold
-// section and saved two registers on every put (folio_put<SweepStrategy> pushed rbx and rbp).
-// Anything else is the slow function, reached by a tail call.
+// The put, with the last reference's case inline: one CAS (P1), then a tail call to the free
+// path. Straight-line on purpose: written as one loop with both cases, GCC moved the whole
+// FREEING path to the cold section and saved two registers on every put
+// (folio_put<SweepStrategy> pushed rbx and rbp). Anything else is the slow function, reached by
+// a tail call.
 [[gnu::always_inline]] inline Errc freeing_put(DevPagemap& pg, PageArray& a, std::uint64_t head,
                                                std::uint32_t refs) noexcept {
   std::atomic<std::uint32_t>& r = a.ref(head);
