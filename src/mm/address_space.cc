@@ -218,9 +218,16 @@ struct AddressSpace::Impl {
         const auto level = static_cast<Level>(li);
         const std::uint64_t bytes = level_bytes(level);
         const std::uint64_t at = align_down(addr, bytes);
-        if (level != Level::pte &&
-            (at < v->start || at + bytes > v->end || !pt.can_install(at, level))) {
-          continue;  // the VMA does not cover the aligned range, or smaller entries are there
+        if (level != Level::pte) {
+          if (at < v->start || at + bytes > v->end) continue;  // the VMA does not cover it
+          const PageTable::Probe slot = pt.probe(at, level);
+          if (slot == PageTable::Probe::blocked) continue;  // smaller entries are there
+          if (slot == PageTable::Probe::mapped) {
+            // A concurrent fault put an entry there after the lookup above: look again (it is
+            // spurious now), never ask the owner for a smaller entry under the one just mapped.
+            retry = true;
+            break;
+          }
         }
         FaultRequest req{at, v->pgoff_of(at), level, write};
         FaultResult res = owner.fault(*v, req);

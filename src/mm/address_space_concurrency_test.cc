@@ -140,10 +140,13 @@ TEST_F(AddressSpaceConcurrencyTest, ConcurrentFaultsInstallOneEntry) {
   EXPECT_EQ(d.refcount(0), 0u);
 }
 
-// The same race at PMD level (I6: one entry covers an index).
+// The same race at PMD level (I6: one entry covers an index). The owner refuses 4 KiB faults, as
+// a 2 MiB device-dax device does: a fault that lost the race must find the winner's entry, never
+// fall back to a smaller one (see FaultOvertakenByAPmdInstallFindsIt).
 TEST_F(AddressSpaceConcurrencyTest, ConcurrentPmdFaultsInstallOneEntry) {
   FakeOwner::Options o;
   o.max_level = Level::pmd;
+  o.min_level = Level::pmd;
   FakeDevice& d = device(8 * kMiB, kPmdOrder, o);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 8 * kMiB);
@@ -194,6 +197,85 @@ TEST_F(AddressSpaceConcurrencyTest, GupFastRacingUnmapMappingRange) {
     expect_refs_match_entries(as, d, a, kPages, 1);
     if (HasFatalFailure()) return;
   }
+}
+
+// A fault whose lookup found nothing, overtaken by a fault that maps the whole PMD before it tries
+// the levels, must find that entry (its fault is spurious now) instead of asking the owner for a
+// 4 KiB entry under it. A device-dax device of 2 MiB alignment answers that request with SIGBUS:
+// the TSan stress_alloc_event failure "alignment 0x200000 > fault size 0x1000" of a GUP fault.
+// Deterministic: the slow fault is stopped in max_level(), which it reads after its lookup, and
+// the fast one runs to the end meanwhile on another thread.
+TEST_F(AddressSpaceConcurrencyTest, FaultOvertakenByAPmdInstallFindsIt) {
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  o.min_level = Level::pmd;
+  FakeDevice& d = device(2 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
+  std::atomic<bool> armed{true};
+  d.owner->set_before_levels([&] {
+    if (!armed.exchange(false)) return;  // the fast fault, and the slow one's retry
+    std::thread fast([&] { EXPECT_FALSE(as.handle_fault(a + page(300), true)); });
+    fast.join();
+  });
+  const SignalInfo slow = as.handle_fault(a + page(5), true);
+  EXPECT_FALSE(slow) << slow.why;
+  EXPECT_FALSE(armed.load()) << "the slow fault was not overtaken";
+  EXPECT_EQ(d.owner->faults(Level::pte), 0u);
+  EXPECT_EQ(d.owner->faults(Level::pmd), 1u);
+  ASSERT_EQ(as.nr_entries(), 1u);
+  EXPECT_EQ(as.lookup(a)->level, Level::pmd);
+  EXPECT_EQ(d.refcount(0), 1u);
+  EXPECT_EQ(d.mapcount(0), 1);
+  EXPECT_EQ(d.owner->unmap_mapping_range(0, 0), 1u);
+}
+
+// The same while the winner's install holds the PMD slot locked (between taking the slot and
+// publishing the entry): the loser waits for the slot instead of reading it as occupied by smaller
+// entries. Needs the yield points: the winner is held at "pt.install_locked" until the loser
+// reaches "pt.wait_unlocked" (or has returned, on code that does not wait; 10 s at most).
+namespace install_locked {
+std::atomic<bool> armed{false};
+std::atomic<bool> holding{false};
+std::atomic<bool> waited{false};
+std::atomic<bool> loser_done{false};
+void hook(const char* name) noexcept {
+  if (std::strcmp(name, "pt.wait_unlocked") == 0) {
+    if (holding.load()) waited.store(true);
+    return;
+  }
+  if (std::strcmp(name, "pt.install_locked") != 0 || !armed.exchange(false)) return;
+  holding.store(true);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+  while (!waited.load() && !loser_done.load() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::yield();
+}
+}  // namespace install_locked
+
+TEST_F(AddressSpaceConcurrencyTest, FaultMeetingALockedPmdSlotWaitsForIt) {
+  if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
+  FakeOwner::Options o;
+  o.max_level = Level::pmd;
+  o.min_level = Level::pmd;
+  FakeDevice& d = device(2 * kMiB, kPmdOrder, o);
+  AddressSpace as;
+  const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
+  install_locked::armed.store(true);
+  const YieldHook old = set_yield_hook(&install_locked::hook);
+  std::thread winner([&] { EXPECT_FALSE(as.handle_fault(a + page(300), true)); });
+  while (!install_locked::holding.load())
+    std::this_thread::yield();
+  const SignalInfo loser = as.handle_fault(a + page(5), true);
+  install_locked::loser_done.store(true);
+  winner.join();
+  (void)set_yield_hook(old);
+  EXPECT_FALSE(loser) << loser.why;
+  EXPECT_TRUE(install_locked::waited.load());
+  EXPECT_EQ(d.owner->faults(Level::pte), 0u);
+  ASSERT_EQ(as.nr_entries(), 1u);
+  EXPECT_EQ(as.lookup(a)->level, Level::pmd);
+  EXPECT_EQ(d.refcount(0), 1u);
+  EXPECT_EQ(d.owner->unmap_mapping_range(0, 0), 1u);
 }
 
 // The same race widened at the yield points of the batched walk and of the zap (debug, asan and

@@ -31,6 +31,7 @@ std::atomic<std::int32_t>& mapcount_of(DevPagemap& pg, Pfn pfn) noexcept {
 }
 
 void wait_unlocked() noexcept {
+  PGMAP_YIELD_POINT("pt.wait_unlocked");
   std::this_thread::yield();
 }
 
@@ -118,13 +119,18 @@ std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexc
   }
 }
 
-bool PageTable::can_install(std::uint64_t addr, Level level) const noexcept {
+PageTable::Probe PageTable::probe(std::uint64_t addr, Level level) const noexcept {
   const Table* t = root_;
   for (unsigned depth = kDepths - 1;; --depth) {
-    const std::uint64_t e = t->entry[index_of(addr, depth)].load(std::memory_order_acquire);
-    if (depth == depth_of(level)) return e == 0;
-    if (e == 0) return true;                             // nothing below yet
-    if (!pte::present(e) || pte::leaf(e)) return false;  // locked or mapped by a larger leaf
+    const std::atomic<std::uint64_t>& slot = t->entry[index_of(addr, depth)];
+    std::uint64_t e = slot.load(std::memory_order_acquire);
+    while (pte::locked(e)) {
+      wait_unlocked();
+      e = slot.load(std::memory_order_acquire);
+    }
+    if (e == 0) return Probe::empty;  // nothing at this level or below yet
+    if (pte::leaf(e)) return Probe::mapped;
+    if (depth == depth_of(level)) return Probe::blocked;  // a lower table is in the way
     t = reinterpret_cast<const Table*>(e & pte::kFrameMask);
   }
 }
@@ -167,6 +173,7 @@ PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, 
                                       std::memory_order_acquire)) {
         continue;
       }
+      PGMAP_YIELD_POINT("pt.install_locked");
       t->pgmap[i].store(pgmap, std::memory_order_relaxed);
       // rmap before the entry is visible, so a zap never sees the mapcount go below zero.
       mapcount_of(*pgmap, pfn).fetch_add(1, std::memory_order_acq_rel);

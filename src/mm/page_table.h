@@ -126,8 +126,12 @@ class PageTable {
   };
   // Inline: GUP calls it once per table page, and a 1-page call is mostly fixed costs.
   std::optional<Slots> slots(std::uint64_t addr) const noexcept;
-  // True if a leaf of `level` could be installed at addr now (no leaf covers it, no lower table).
-  bool can_install(std::uint64_t addr, Level level) const noexcept;
+  // What a leaf of `level` at addr would meet now: nothing (empty), a leaf of this level or a
+  // larger one (mapped), or a lower-level table (blocked). A slot locked by an install or a zap in
+  // progress is waited for, never read as occupied: a fault that took a lock for a lower table
+  // would ask its owner for a smaller entry than the one being put in place.
+  enum class Probe { empty, mapped, blocked };
+  Probe probe(std::uint64_t addr, Level level) const noexcept;
   // Installs a leaf for [addr, addr + level_bytes(level)) mapping pfn of pgmap. The caller holds
   // one folio reference on pfn's folio, which moves into the entry on Install::installed.
   Install install(std::uint64_t addr, Level level, Pfn pfn, DevPagemap* pgmap, bool writable);

@@ -324,8 +324,10 @@ class World {
   void op_raw_put(Rng& rng, std::vector<RawHold>& holds);
 
   // An unexpected signal. A refused 4 KiB fault of a 2 MiB devdax ("alignment > fault size") is
-  // named apart: it was the known mm defect of emptied PTE tables left in place by munmap, fixed
-  // on main (munmap frees them), so it is a failure now like any other signal.
+  // named apart: it came from two mm defects, both fixed, so it is a failure now like any other
+  // signal: emptied PTE tables left in place by munmap (munmap frees them), and a fault that read
+  // a PMD slot locked or just filled by a concurrent fault as taken by smaller entries
+  // (PageTable::probe waits for a locked slot; a mapped one sends the fault back to its lookup).
   void signal(const mm::SignalInfo& sig, std::string what) {
     if (sig.signal == mm::Signal::sigbus && sig.why.find("> fault size") != std::string::npos) {
       v_.add("signal.pte_table_blocks_pmd", std::move(what));

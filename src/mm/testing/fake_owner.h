@@ -31,6 +31,9 @@ class FakeOwner : public MappingOwner {
  public:
   struct Options {
     Level max_level = Level::pte;
+    // Faults of a smaller level get SIGBUS, as a device-dax device refuses a fault smaller than its
+    // alignment (pte: none refused).
+    Level min_level = Level::pte;
     std::uint32_t vma_flags = kVmDax;
     std::string name = "fake-owner";
   };
@@ -44,7 +47,10 @@ class FakeOwner : public MappingOwner {
   // ---- MappingOwner ----
   std::string name() const override { return opts_.name; }
   std::uint64_t size() const override { return npages_ << kPageShift; }
-  Level max_level() const override { return opts_.max_level; }
+  Level max_level() const override {
+    if (before_levels_) before_levels_();
+    return opts_.max_level;
+  }
   std::uint32_t vma_flags() const override { return opts_.vma_flags; }
 
   Errc on_mmap(Vma& vma) override {
@@ -57,6 +63,9 @@ class FakeOwner : public MappingOwner {
     (void)vma;
     faults_[static_cast<std::size_t>(req.level)].fetch_add(1, std::memory_order_relaxed);
     if (killed_.load(std::memory_order_acquire)) return FaultResult::sigbus(opts_.name + " killed");
+    if (req.level < opts_.min_level) {
+      return FaultResult::sigbus(opts_.name + ": fault smaller than its minimum level");
+    }
     const std::uint64_t pages = order_pages(level_order(req.level));
     if (req.pgoff >= npages_ || pages > npages_ - req.pgoff) {
       if (req.level != Level::pte) return FaultResult::fallback();
@@ -107,6 +116,10 @@ class FakeOwner : public MappingOwner {
   // the window between the owner's fault and the address space installing the entry with it.
   // Set before the owner is used concurrently.
   void set_after_fault(std::function<void()> fn) { after_fault_ = std::move(fn); }
+  // Runs in max_level(), which a fault reads after its page-table lookup found nothing and before
+  // it tries the levels: a test stops a fault there while another one maps the address. Set
+  // before the owner is used concurrently.
+  void set_before_levels(std::function<void()> fn) { before_levels_ = std::move(fn); }
 
   // ---- observations ----
   DevPagemap& pgmap() const { return *pgmap_; }
@@ -137,6 +150,7 @@ class FakeOwner : public MappingOwner {
   std::set<std::uint64_t> holes_;
   std::vector<std::pair<std::uint64_t, std::uint64_t>> closed_;
   std::function<void()> after_fault_;
+  std::function<void()> before_levels_;
 };
 
 // A pagemap over a fresh anonymous backing and a FakeOwner over all of it.
