@@ -63,6 +63,14 @@ class AddressSpaceConcurrencyTest : public ::testing::Test {
     return devices_.back();
   }
 
+  // 2 MiB folios whose owner offers PMD faults only, as a device-dax device of 2 MiB alignment.
+  FakeDevice& pmd_only_device(std::uint64_t bytes) {
+    FakeOwner::Options o;
+    o.max_level = Level::pmd;
+    o.min_level = Level::pmd;
+    return device(bytes, kPmdOrder, std::move(o));
+  }
+
   static std::uint64_t must_mmap(AddressSpace& as, const FakeDevice& d, std::uint64_t len,
                                  std::uint64_t addr = 0, std::uint32_t flags = 0) {
     auto r = as.mmap(addr, len, kRW, kMapShared | flags, d.owner, 0);
@@ -144,10 +152,7 @@ TEST_F(AddressSpaceConcurrencyTest, ConcurrentFaultsInstallOneEntry) {
 // a 2 MiB device-dax device does: a fault that lost the race must find the winner's entry, never
 // fall back to a smaller one (see FaultOvertakenByAPmdInstallFindsIt).
 TEST_F(AddressSpaceConcurrencyTest, ConcurrentPmdFaultsInstallOneEntry) {
-  FakeOwner::Options o;
-  o.max_level = Level::pmd;
-  o.min_level = Level::pmd;
-  FakeDevice& d = device(8 * kMiB, kPmdOrder, o);
+  FakeDevice& d = pmd_only_device(8 * kMiB);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 8 * kMiB);
   for (int round = 0; round < kRounds; ++round) {
@@ -206,10 +211,7 @@ TEST_F(AddressSpaceConcurrencyTest, GupFastRacingUnmapMappingRange) {
 // Deterministic: the slow fault is stopped in max_level(), which it reads after its lookup, and
 // the fast one runs to the end meanwhile on another thread.
 TEST_F(AddressSpaceConcurrencyTest, FaultOvertakenByAPmdInstallFindsIt) {
-  FakeOwner::Options o;
-  o.max_level = Level::pmd;
-  o.min_level = Level::pmd;
-  FakeDevice& d = device(2 * kMiB, kPmdOrder, o);
+  FakeDevice& d = pmd_only_device(2 * kMiB);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
   std::atomic<bool> armed{true};
@@ -254,10 +256,7 @@ void hook(const char* name) noexcept {
 
 TEST_F(AddressSpaceConcurrencyTest, FaultMeetingALockedPmdSlotWaitsForIt) {
   if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
-  FakeOwner::Options o;
-  o.max_level = Level::pmd;
-  o.min_level = Level::pmd;
-  FakeDevice& d = device(2 * kMiB, kPmdOrder, o);
+  FakeDevice& d = pmd_only_device(2 * kMiB);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
   install_locked::armed.store(true);
