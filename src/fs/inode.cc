@@ -674,7 +674,6 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
     // scan again from the start: new pins may have been taken meanwhile.
     Folio f = folio_of(pg, *busy);
     std::atomic<std::uint32_t>& ref = f.a->ref(f.head);
-    const bool shared = (f.a->flags(f.head).load() & kPageShared) != 0;
     Interrupt* intr = uninterruptible ? nullptr : opts.interrupt;
     WaitOptions w;
     w.deadline = deadline;
@@ -703,9 +702,12 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
           std::fprintf(stderr, "pgmap fs: %s\n", rep.to_string().c_str());
         }
       };
-    } else if (shared) {
-      // Another file's mappings keep a shared folio's refcount up, so "idle for us" (refcount
-      // down to mapcount) may come without a wake-up: re-check periodically as well.
+    } else {
+      // "Idle for us" is the refcount down to the mapcount, and a put wakes only when the
+      // refcount reaches 0. Two things make the refcount stop above 0: another file's mappings
+      // of a shared folio, and a fault that maps the folio again while this wait has the
+      // invalidate lock dropped (then the holder's put brings it down to that mapping's
+      // reference). Re-check periodically as well; the next round unmaps it again.
       w.progress_every = std::chrono::milliseconds(10);
       w.progress = [] {};
     }

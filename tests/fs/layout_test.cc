@@ -133,6 +133,41 @@ TEST_P(LayoutTest, BoundedWaitTimesOutWithHolderReport) {
   EXPECT_EQ(mm::unpin_user_pages(*pins), Errc::ok);
 }
 
+// A fault while break_layout sleeps (the wait drops the invalidate lock) maps the busy page again,
+// and then the pin goes: the refcount comes down to the new mapping's reference, not to 0, so no
+// put wakes the waiter although the page is idle for it (refcount = mapcount). The wait must see
+// it anyway, and its next round unmaps the page and finds it idle. (pgmap-stress --fs hung there:
+// a reflink's wait without a deadline on a folio of refcount 1, mapcount 1.) The bound only turns
+// a hang into a failure.
+TEST_P(LayoutTest, BreakLayoutSeesIdleWhenARefaultHoldsTheLastReference) {
+  setup_file(1);
+  auto dio = DioRequest::submit(*as_, addr_, 1);
+  ASSERT_TRUE(dio) << dio.error().to_string();
+  const Pfn pfn = pfn_of_page(0);
+  Interrupt intr;  // frees the thread if the break never returns (the test fails then)
+  Status result;
+  std::atomic<bool> done{false};
+  std::thread t([&] {
+    BreakOptions o;
+    o.interrupt = &intr;
+    result = file_.inode().break_layout(0, 1, o);
+    done.store(true);
+  });
+  ASSERT_TRUE(waiter_asleep(pfn));
+  EXPECT_FALSE(as_->lookup(addr_));  // the break unmapped it before it slept
+  std::byte b{};
+  EXPECT_FALSE(as_->read(addr_, &b, 1));  // faulted in again under the sleeping break
+  EXPECT_TRUE(as_->lookup(addr_));
+  EXPECT_EQ((*dio)->complete(std::byte{0xcd}), Errc::ok);  // unpins: the mapping's ref is left
+  const bool returned = testutil::eventually([&] { return done.load(); });
+  EXPECT_TRUE(returned) << "break_layout still asleep 10 s after its page went idle";
+  if (!returned) intr.raise();
+  t.join();
+  EXPECT_TRUE(result) << result.to_string();
+  EXPECT_FALSE(as_->lookup(addr_));   // its next round unmapped the page again
+  EXPECT_EQ(ref_of(pfn).load(), 0u);  // no mapping, no pin
+}
+
 // I16: whichever holder drops the last reference wakes a break_layout that is already asleep.
 // A lost wake-up makes the bounded wait time out (the test then fails instead of hanging).
 enum class Holder { dio, pipe, gup_ref, gup_pin };
