@@ -30,9 +30,16 @@ std::atomic<std::int32_t>& mapcount_of(DevPagemap& pg, Pfn pfn) noexcept {
   return a->mapcount(a->head_of(a->index_of(pfn)));
 }
 
-void wait_unlocked() noexcept {
-  PGMAP_YIELD_POINT("pt.wait_unlocked");
-  std::this_thread::yield();
+// The slot's value once it is no longer locked by an install, zap or copy-on-write replace in
+// progress (a few stores): a walker that must act on what the slot will hold waits here.
+std::uint64_t load_unlocked(const std::atomic<std::uint64_t>& slot) noexcept {
+  std::uint64_t e = slot.load(std::memory_order_acquire);
+  while (pte::locked(e)) {
+    PGMAP_YIELD_POINT("pt.wait_unlocked");
+    std::this_thread::yield();
+    e = slot.load(std::memory_order_acquire);
+  }
+  return e;
 }
 
 }  // namespace
@@ -122,12 +129,7 @@ std::optional<PageTable::Leaf> PageTable::lookup(std::uint64_t addr) const noexc
 PageTable::Probe PageTable::probe(std::uint64_t addr, Level level) const noexcept {
   const Table* t = root_;
   for (unsigned depth = kDepths - 1;; --depth) {
-    const std::atomic<std::uint64_t>& slot = t->entry[index_of(addr, depth)];
-    std::uint64_t e = slot.load(std::memory_order_acquire);
-    while (pte::locked(e)) {
-      wait_unlocked();
-      e = slot.load(std::memory_order_acquire);
-    }
+    const std::uint64_t e = load_unlocked(t->entry[index_of(addr, depth)]);
     if (e == 0) return Probe::empty;  // nothing at this level or below yet
     if (pte::leaf(e)) return Probe::mapped;
     if (depth == depth_of(level)) return Probe::blocked;  // a lower table is in the way
@@ -155,8 +157,7 @@ PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, 
         continue;
       }
       if (pte::locked(e)) {
-        wait_unlocked();
-        e = slot.load(std::memory_order_acquire);
+        e = load_unlocked(slot);
         continue;
       }
       if (pte::leaf(e)) return Install::mapped;  // a larger leaf covers addr
@@ -182,8 +183,7 @@ PageTable::Install PageTable::install(std::uint64_t addr, Level level, Pfn pfn, 
       return Install::installed;
     }
     if (pte::locked(e)) {
-      wait_unlocked();
-      e = slot.load(std::memory_order_acquire);
+      e = load_unlocked(slot);
       continue;
     }
     return pte::leaf(e) ? Install::mapped : Install::blocked;
@@ -361,13 +361,8 @@ void PageTable::for_each_leaf(Table* t, unsigned depth, std::uint64_t base, std:
   const std::uint64_t first = (lo - base) >> shift_of(depth);
   const std::uint64_t last = (hi - 1 - base) >> shift_of(depth);
   for (std::uint64_t i = first; i <= last; ++i) {
-    std::uint64_t e = t->entry[i].load(std::memory_order_acquire);
-    // A slot locked by an install, zap or copy-on-write replace in progress is waited for (a few
-    // stores): a zap must not pass over a leaf that is being put in place.
-    while (pte::locked(e)) {
-      wait_unlocked();
-      e = t->entry[i].load(std::memory_order_acquire);
-    }
+    // A zap must not pass over a leaf that is being put in place.
+    const std::uint64_t e = load_unlocked(t->entry[i]);
     if (!pte::present(e)) continue;
     if (pte::leaf(e)) {
       fn(t, i);
