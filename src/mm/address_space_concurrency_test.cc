@@ -259,11 +259,14 @@ TEST_F(AddressSpaceConcurrencyTest, FaultMeetingALockedPmdSlotWaitsForIt) {
   FakeDevice& d = pmd_only_device(2 * kMiB);
   AddressSpace as;
   const std::uint64_t a = must_mmap(as, d, 2 * kMiB);
+  install_locked::holding.store(false);  // fresh for every run of the test (--gtest_repeat)
+  install_locked::waited.store(false);
+  install_locked::loser_done.store(false);
   install_locked::armed.store(true);
   const YieldHook old = set_yield_hook(&install_locked::hook);
   std::thread winner([&] { EXPECT_FALSE(as.handle_fault(a + page(300), true)); });
-  while (!install_locked::holding.load())
-    std::this_thread::yield();
+  EXPECT_TRUE(pgmap::testutil::eventually([] { return install_locked::holding.load(); }))
+      << "the winner's install never held the slot";
   const SignalInfo loser = as.handle_fault(a + page(5), true);
   install_locked::loser_done.store(true);
   winner.join();
