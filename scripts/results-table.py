@@ -78,8 +78,10 @@ add("PercpuRef live, 2 threads / 1 thread", times(flat), flat, lambda v: v <= 1.
 ar = None if atom1 is None else atom1.get("floor_ratio")
 add(f"PercpuRef after kill (atomic mode) / lock_pair ({ns(value(lock1))}), 1 thread", times(ar), ar,
     lambda v: v <= 1.5, "≤ 1.5×", None, (atom1,))
+bfloor = find(suite="ref", case="barrier_floor", threads=1)
+kr = None if kill is None else kill.get("floor_ratio")
 add("kill → confirm with an active reader", ns(value(kill)), value(kill), lambda v: v <= 10000,
-    "≤ 10 µs", None, (kill,))
+    "≤ 10 µs", f"{times(kr)} barrier_floor ({ns(value(bfloor))})" if kr else None, (kill,))
 
 # ---- page cycle -----------------------------------------------------------------------------
 none_cyc = find(suite="hotpath", case="page_cycle", strategy="none", threads=1)

@@ -17,6 +17,10 @@
 //                  counter) without PercpuRef's word load and flag test
 //   kill_confirm   latency of PercpuRef::kill() (fold + confirm + initial put) while another
 //                  thread keeps doing get/put on a different live PercpuRef
+//   barrier_floor  the floor of kill_confirm: the process-wide barrier that kill's fold issues
+//                  (membarrier PRIVATE_EXPEDITED_RSEQ for rseq, PercpuRef's heavy barrier for
+//                  per-thread), called on its own, timed alternately with the kills under the
+//                  same active reader
 //
 // Every loop has the same shape: the object's address is copied into a local before the loop,
 // so it stays in a register, then each op is the pair followed by clobber_memory(). (The loops
@@ -43,6 +47,8 @@
 
 #include "bench.h"
 #include "compare.h"
+#include "core/heavy_barrier.h"
+#include "core/rseq.h"
 #include "pgmap/core/percpu_ref.h"
 #include "timing.h"
 
@@ -283,13 +289,32 @@ Result<std::vector<Row>> run_ref_comparison(const Config& cfg) {
 constexpr std::uint64_t kReaderBatch = 64;  // reader ops between two progress marks (< 1 us)
 constexpr std::uint64_t kMaxAttempts = 20;
 
+//
+// barrier_floor is timed in the same loop: every attempt times one kill and one bare barrier, in
+// an order that alternates from attempt to attempt, and a barrier counts under the same rules as
+// a kill (the reader ran through it, the killer was not preempted). kill_confirm's floor_ratio is
+// the median over the repetitions of (median counted kill / median counted barrier) of that
+// repetition: what a kill costs beyond the one system call it cannot avoid. On a KVM guest that
+// call is an inter-processor interrupt to the reader's vCPU and back, whose cost is the host's.
 struct KillTimes {
   std::vector<double> counted;  // per-repetition medians of the kills the reader ran through
   std::vector<double> all;      // per-repetition medians of the first kills, counted or not
+  std::vector<double> barrier_counted;  // the same for the bare barriers
+  std::vector<double> barrier_all;
+  std::vector<double> ratios;   // per repetition: counted kill median / counted barrier median
   std::uint64_t discarded = 0;  // the reader did not run (or the killer was preempted)
   std::uint64_t preempted = 0;  // of those, the killer was preempted
   std::uint64_t failures = 0;
 };
+
+// The barrier a kill of a live ref issues in its fold (PercpuRef's Registry::barrier()).
+void kill_barrier() noexcept {
+  if (PercpuRef::implementation() == "rseq") {
+    detail::rseq::barrier();
+  } else {
+    detail::heavy_barrier();
+  }
+}
 
 // The calling thread's involuntary context switches so far (0 if unknown).
 long involuntary_switches() noexcept {
@@ -303,38 +328,58 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
   KillTimes out;
   std::vector<double> counted;
   std::vector<double> all;
+  std::vector<double> barrier_counted;
+  std::vector<double> barrier_all;
+  // Times `op` once; appends to `kept` when it counts, to `first` while it has room. Returns
+  // whether it counted.
+  auto timed = [&](auto&& op, std::vector<double>& kept, std::vector<double>& first) {
+    const long switches = involuntary_switches();
+    const std::uint64_t before = progress.load(std::memory_order_relaxed);
+    const auto t0 = SteadyClock::now();
+    op();
+    const double ns = seconds_since(t0) * 1e9;
+    const bool reader_ran = progress.load(std::memory_order_relaxed) != before;
+    const bool preempted = involuntary_switches() != switches;
+    if (first.size() < cfg.kills_per_rep) first.push_back(ns);
+    if (reader_ran && !preempted) {
+      kept.push_back(ns);
+      return true;
+    }
+    ++out.discarded;
+    if (preempted) ++out.preempted;
+    return false;
+  };
   for (unsigned rep = 0; rep < cfg.reps; ++rep) {
     counted.clear();
     all.clear();
+    barrier_counted.clear();
+    barrier_all.clear();
     for (std::uint64_t attempt = 0;
-         counted.size() < cfg.kills_per_rep && attempt < kMaxAttempts * cfg.kills_per_rep;
+         (counted.size() < cfg.kills_per_rep || barrier_counted.size() < cfg.kills_per_rep) &&
+         attempt < kMaxAttempts * cfg.kills_per_rep;
          ++attempt) {
       PercpuRef victim([] {});
       (void)victim.get();
       (void)victim.put();
-      const long switches = involuntary_switches();
-      const std::uint64_t before = progress.load(std::memory_order_relaxed);
-      const auto t0 = SteadyClock::now();
-      const Errc e = victim.kill();
-      const double ns = seconds_since(t0) * 1e9;
-      const bool reader_ran = progress.load(std::memory_order_relaxed) != before;
-      const bool preempted = involuntary_switches() != switches;
+      Errc e = Errc::ok;
+      auto kill = [&] { e = victim.kill(); };
+      const bool kill_first = attempt % 2 == 0;
+      if (kill_first) (void)timed(kill, counted, all);
+      (void)timed(kill_barrier, barrier_counted, barrier_all);
+      if (!kill_first) (void)timed(kill, counted, all);
       if (e != Errc::ok || !victim.is_zero()) ++out.failures;
-      if (all.size() < cfg.kills_per_rep) all.push_back(ns);
-      if (reader_ran && !preempted) {
-        counted.push_back(ns);
-      } else {
-        ++out.discarded;
-        if (preempted) ++out.preempted;
-      }
     }
     if (!counted.empty()) out.counted.push_back(summarize(counted).median);
     out.all.push_back(summarize(all).median);
+    if (!barrier_counted.empty()) out.barrier_counted.push_back(summarize(barrier_counted).median);
+    out.barrier_all.push_back(summarize(barrier_all).median);
+    if (!counted.empty() && !barrier_counted.empty())
+      out.ratios.push_back(out.counted.back() / out.barrier_counted.back());
   }
   return out;
 }
 
-Result<Row> run_kill_confirm(const Config& cfg) {
+Result<std::vector<Row>> run_kill_confirm(const Config& cfg) {
   Isolated<std::atomic<bool>> stop;
   Isolated<std::atomic<std::uint64_t>> progress;
   Isolated<PercpuRef> reader_ref([] {});
@@ -368,7 +413,9 @@ Result<Row> run_kill_confirm(const Config& cfg) {
   if (times.failures != 0) {
     return Error(Errc::busy, fmt::format("kill_confirm: {} kills failed", times.failures));
   }
-  const bool reader_ran = !times.counted.empty();
+  // Counted figures only when both the kills and the barriers have some (the floor ratio needs
+  // both); otherwise every first attempt of each is kept and reader_ran is false.
+  const bool reader_ran = !times.ratios.empty();
   Row row =
       ref_row("kill_confirm", 1, reader_ran ? std::move(times.counted) : std::move(times.all));
   row.extra["kills_per_rep"] = cfg.kills_per_rep;
@@ -376,10 +423,33 @@ Result<Row> run_kill_confirm(const Config& cfg) {
   row.extra["kills_preempted"] = reader_ran ? times.preempted : 0;
   row.extra["reader_threads"] = 1;
   row.extra["reader_ran"] = reader_ran;
-  row.note = reader_ran ? fmt::format("1 active reader, {} kills/rep, {} discarded ({} preempted)",
-                                      cfg.kills_per_rep, times.discarded, times.preempted)
+  if (reader_ran) {
+    const Summary ratio = summarize(times.ratios);
+    row.extra["floor_ratio"] = ratio.median;
+    row.extra["floor_ratio_min"] = ratio.min;
+    row.extra["floor_ratio_max"] = ratio.max;
+  }
+  row.note = reader_ran ? fmt::format(
+                              "1 active reader, {} kills/rep, {} discarded ({} preempted), "
+                              "floor: barrier_floor",
+                              cfg.kills_per_rep, times.discarded, times.preempted)
                         : "reader never ran during a kill: busy machine";
-  return row;
+  Row floor = ref_row("barrier_floor", 1,
+                      reader_ran ? std::move(times.barrier_counted) : std::move(times.barrier_all));
+  floor.extra["barriers_per_rep"] = cfg.kills_per_rep;
+  floor.extra["reader_threads"] = 1;
+  floor.extra["reader_ran"] = reader_ran;
+  floor.extra["barrier"] = PercpuRef::implementation() == "rseq"
+                               ? "membarrier PRIVATE_EXPEDITED_RSEQ"
+                               : detail::heavy_barrier_name();
+  floor.note = fmt::format(
+      "kill_confirm's floor: the barrier alone ({}), timed alternately with "
+      "the kills",
+      floor.extra["barrier"].get<std::string>());
+  std::vector<Row> rows;
+  rows.push_back(std::move(row));
+  rows.push_back(std::move(floor));
+  return rows;
 }
 
 }  // namespace
@@ -391,8 +461,10 @@ std::vector<Case> ref_cases(const Config& cfg) {
                           fmt::join(cfg.threads, ","));
   ref.run_rows = [&cfg] { return run_ref_comparison(cfg); };
   cases.push_back(std::move(ref));
-  cases.push_back(
-      {"ref kill_confirm with 1 active reader", [&cfg] { return run_kill_confirm(cfg); }});
+  Case kill;
+  kill.label = "ref kill_confirm and barrier_floor with 1 active reader";
+  kill.run_rows = [&cfg] { return run_kill_confirm(cfg); };
+  cases.push_back(std::move(kill));
   return cases;
 }
 
