@@ -295,6 +295,37 @@ template <typename S>
   return S::get(pg, a, a.head_of(a.index_of(pfn)), refs);
 }
 
+// per_lookup holds a pagemap reference for every folio reference, so its get takes the pagemap
+// reference before it locates the folio, where every other strategy's get works on the located
+// folio. The rseq section's two stores (the rseq_cs arm and the counter's add) then leave the
+// store buffer while the folio is located; right in front of the refcount's lock xadd, which
+// waits for every older store, they cost the page cycle about 0.6 ns (docs/strategies.md, "Why
+// per_lookup and transition cost more than their rseq pair"). The order of the pagemap reference
+// and the folio's refcount is the same as in PerLookupStrategy::get.
+[[gnu::cold, gnu::noinline]] Errc per_lookup_get_other_held(DevPagemap& pg, Pfn pfn,
+                                                            std::uint32_t refs) noexcept {
+  const auto l = Access::locate(pg, pfn);
+  if (l.array == nullptr) {
+    (void)Access::ref(pg).put_many(refs);  // ours: cannot underflow
+    return Errc::out_of_range;
+  }
+  return PerLookupStrategy::get_held(pg, *l.array, l.head, refs);
+}
+
+template <>
+[[gnu::noinline, gnu::aligned(64)]] Errc folio_get<PerLookupStrategy>(DevPagemap& pg, Pfn pfn,
+                                                                      std::uint32_t refs) noexcept {
+  if (Access::torn_down(pg)) [[unlikely]]
+    return Access::torn_down_access(pg, pfn);
+  // Not in percpu mode: the general path, whose PerLookupStrategy::get takes the slow way.
+  if (!Access::ref(pg).get_if_percpu(refs)) [[unlikely]]
+    return folio_get_other<PerLookupStrategy>(pg, pfn, refs);
+  PageArray& a = Access::first_array(pg);
+  if (!a.contains(pfn)) [[unlikely]]
+    return per_lookup_get_other_held(pg, pfn, refs);
+  return PerLookupStrategy::get_held(pg, a, a.head_of(a.index_of(pfn)), refs);
+}
+
 template <typename S>
 [[gnu::noinline, gnu::aligned(64)]] Errc folio_put(DevPagemap& pg, Pfn pfn,
                                                    std::uint32_t refs) noexcept {

@@ -1769,5 +1769,55 @@ TEST_P(PagemapRefPathTest, EveryPathCountsThePagemapReferences) {
   EXPECT_EQ(pg->memunmap().code(), Errc::ok);
 }
 
+// A pagemap of two ranges with a gap between them. per_lookup's get takes its pagemap references
+// before it locates the folio, so a pfn outside the first range, found in the second or in none,
+// goes through an out-of-line path that holds them already: the second range must count them as
+// the first does, and a pfn in no range must give them back.
+TEST_P(PagemapRefPathTest, OtherRangesAndPfnsOutsideEveryRangeCountThePagemapReferences) {
+  const auto [s, type, with_free] = GetParam();
+  FreeLog log;
+  auto b = make_backing(8 * kMiB);
+  MemremapParams p = make_params(s, b, 0, type);
+  if (with_free) p.ops = log.ops();
+  p.ranges[0].size = 2 * kMiB;
+  p.ranges.push_back(PagemapRangeSpec{b, 4 * kMiB, 2 * kMiB});
+  auto pg = must_memremap(std::move(p));
+  ASSERT_TRUE(pg);
+  const PfnRange r0 = pg->range(0);
+  const PfnRange r1 = pg->range(1);
+  const Pfn gap = r0.end();
+  const Pfn c = r1.start + 5;
+  auto refs = [&](std::int64_t per_lookup, std::int64_t transition) {
+    return s == Strategy::per_lookup ? per_lookup : transition;
+  };
+  ASSERT_EQ(pg->get_folio(c, 2), Errc::ok);  // second range, 0 -> 2
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(2, 1));
+  EXPECT_EQ(pg->folio_ref_count(c), 2u);
+  ASSERT_EQ(pg->get_folio(c), Errc::ok);  // busy
+  EXPECT_EQ(pg->holders().pagemap_refs, refs(3, 1));
+  for (Pfn outside : {gap, r0.start - 1, r1.end(), Pfn{~std::uint64_t{0}}}) {
+    EXPECT_EQ(pg->get_folio(outside), Errc::out_of_range) << outside;
+    EXPECT_EQ(pg->get_folio(outside, 4), Errc::out_of_range) << outside;
+    EXPECT_EQ(pg->holders().pagemap_refs, refs(3, 1)) << outside;
+  }
+  EXPECT_EQ(pg->folio_ref_count(gap), 0u);
+  ASSERT_EQ(pg->put_folio(c, 3), Errc::ok);  // 3 -> 0
+  EXPECT_EQ(pg->holders().pagemap_refs, 0);
+  EXPECT_EQ(pg->folio_ref_count(c), 0u);
+  EXPECT_EQ(log.count(), with_free ? 1u : 0u);
+
+  // Killed: the ref is atomic, so the get takes the general path, which refuses a pfn outside
+  // every range before it looks at the ref.
+  ASSERT_EQ(pg->get_folio(r0.start), Errc::ok);
+  ASSERT_EQ(pg->kill(), Errc::ok);
+  EXPECT_EQ(pg->get_folio(gap), Errc::out_of_range);
+  EXPECT_EQ(pg->get_folio(c), Errc::dead);
+  EXPECT_EQ(pg->holders().pagemap_refs, 1);
+  ASSERT_EQ(pg->put_folio(r0.start), Errc::ok);
+  EXPECT_EQ(pg->holders().pagemap_refs, 0);
+  EXPECT_EQ(misuse_.reported(), 0u);
+  EXPECT_EQ(pg->memunmap().code(), Errc::ok);
+}
+
 }  // namespace
 }  // namespace pgmap

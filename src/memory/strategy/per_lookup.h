@@ -53,6 +53,13 @@ struct PerLookupStrategy {
     // In percpu mode, tryget_live + get_many(refs - 1) is one add of refs.
     if (!Access::ref(pg).get_if_percpu(refs)) [[unlikely]]
       return per_lookup_get_slow(pg, a, head, refs);
+    return get_held(pg, a, head, refs);
+  }
+  // The folio's part of the get, with its `refs` pagemap references already held (they are
+  // dropped again on failure). folio_get<PerLookupStrategy> takes them before it locates the
+  // folio (dev_pagemap.cc).
+  [[gnu::always_inline]] static Errc get_held(DevPagemap& pg, PageArray& a, std::uint64_t head,
+                                              std::uint32_t refs) noexcept {
     const std::uint32_t old = a.ref(head).fetch_add(refs, std::memory_order_acq_rel);
     // The second look at the torn-down flag catches a teardown that raced the add.
     if (old > PageArray::kMaxRef - refs || Access::torn_down(pg)) [[unlikely]]
