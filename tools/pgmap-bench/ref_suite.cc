@@ -289,7 +289,6 @@ Result<std::vector<Row>> run_ref_comparison(const Config& cfg) {
 constexpr std::uint64_t kReaderBatch = 64;  // reader ops between two progress marks (< 1 us)
 constexpr std::uint64_t kMaxAttempts = 20;
 
-//
 // barrier_floor is timed in the same loop: every attempt times one kill and one bare barrier, in
 // an order that alternates from attempt to attempt, and a barrier counts under the same rules as
 // a kill (the reader ran through it, the killer was not preempted). kill_confirm's floor_ratio is
@@ -302,8 +301,10 @@ struct KillTimes {
   std::vector<double> barrier_counted;  // the same for the bare barriers
   std::vector<double> barrier_all;
   std::vector<double> ratios;   // per repetition: counted kill median / counted barrier median
-  std::uint64_t discarded = 0;  // the reader did not run (or the killer was preempted)
+  std::uint64_t discarded = 0;  // kills: the reader did not run (or the killer was preempted)
   std::uint64_t preempted = 0;  // of those, the killer was preempted
+  std::uint64_t barrier_discarded = 0;  // the same for the barriers
+  std::uint64_t barrier_preempted = 0;
   std::uint64_t failures = 0;
 };
 
@@ -330,9 +331,10 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
   std::vector<double> all;
   std::vector<double> barrier_counted;
   std::vector<double> barrier_all;
-  // Times `op` once; appends to `kept` when it counts, to `first` while it has room. Returns
-  // whether it counted.
-  auto timed = [&](auto&& op, std::vector<double>& kept, std::vector<double>& first) {
+  // Times `op` once; appends to `kept` when it counts (else to the discard tallies), to `first`
+  // while it has room.
+  auto timed = [&](auto&& op, std::vector<double>& kept, std::vector<double>& first,
+                   std::uint64_t& discarded, std::uint64_t& preempted_count) {
     const long switches = involuntary_switches();
     const std::uint64_t before = progress.load(std::memory_order_relaxed);
     const auto t0 = SteadyClock::now();
@@ -343,11 +345,10 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
     if (first.size() < cfg.kills_per_rep) first.push_back(ns);
     if (reader_ran && !preempted) {
       kept.push_back(ns);
-      return true;
+      return;
     }
-    ++out.discarded;
-    if (preempted) ++out.preempted;
-    return false;
+    ++discarded;
+    if (preempted) ++preempted_count;
   };
   for (unsigned rep = 0; rep < cfg.reps; ++rep) {
     counted.clear();
@@ -364,9 +365,10 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
       Errc e = Errc::ok;
       auto kill = [&] { e = victim.kill(); };
       const bool kill_first = attempt % 2 == 0;
-      if (kill_first) (void)timed(kill, counted, all);
-      (void)timed(kill_barrier, barrier_counted, barrier_all);
-      if (!kill_first) (void)timed(kill, counted, all);
+      if (kill_first) timed(kill, counted, all, out.discarded, out.preempted);
+      timed(kill_barrier, barrier_counted, barrier_all, out.barrier_discarded,
+            out.barrier_preempted);
+      if (!kill_first) timed(kill, counted, all, out.discarded, out.preempted);
       if (e != Errc::ok || !victim.is_zero()) ++out.failures;
     }
     if (!counted.empty()) out.counted.push_back(summarize(counted).median);
@@ -437,15 +439,16 @@ Result<std::vector<Row>> run_kill_confirm(const Config& cfg) {
   Row floor = ref_row("barrier_floor", 1,
                       reader_ran ? std::move(times.barrier_counted) : std::move(times.barrier_all));
   floor.extra["barriers_per_rep"] = cfg.kills_per_rep;
+  floor.extra["barriers_discarded"] = reader_ran ? times.barrier_discarded : 0;
+  floor.extra["barriers_preempted"] = reader_ran ? times.barrier_preempted : 0;
   floor.extra["reader_threads"] = 1;
   floor.extra["reader_ran"] = reader_ran;
   floor.extra["barrier"] = PercpuRef::implementation() == "rseq"
                                ? "membarrier PRIVATE_EXPEDITED_RSEQ"
                                : detail::heavy_barrier_name();
-  floor.note = fmt::format(
-      "kill_confirm's floor: the barrier alone ({}), timed alternately with "
-      "the kills",
-      floor.extra["barrier"].get<std::string>());
+  floor.note =
+      fmt::format("kill_confirm's floor: the barrier alone ({}), timed alternately with the kills",
+                  floor.extra["barrier"].get<std::string>());
   std::vector<Row> rows;
   rows.push_back(std::move(row));
   rows.push_back(std::move(floor));
