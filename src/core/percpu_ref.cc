@@ -186,6 +186,10 @@ std::string_view PercpuRef::implementation() noexcept {
   return Registry::get().impl == detail::Impl::rseq ? "rseq" : "per-thread";
 }
 
+void PercpuRef::kill_barrier() noexcept {
+  Registry::get().barrier();
+}
+
 PercpuRef::PercpuRef(Callback release, unsigned flags) : mode_(0), data_(new Data) {
   Registry& r = Registry::get();
   data_->release = std::move(release);

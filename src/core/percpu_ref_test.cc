@@ -84,6 +84,22 @@ TEST_F(PercpuRefTest, ImplementationIsChosenOnceAndCanBeForced) {
   expect_no_misuse();
 }
 
+// The bare barrier (pgmap-bench's kill floor) changes no ref: a live ref keeps its mode and its
+// count, and its kill afterwards folds the same count.
+TEST_F(PercpuRefTest, KillBarrierAloneChangesNoRef) {
+  Counted c;
+  ASSERT_EQ(c.ref.get_many(3), Errc::ok);
+  const bool percpu = c.ref.is_percpu();
+  PercpuRef::kill_barrier();
+  EXPECT_EQ(c.ref.is_percpu(), percpu);
+  EXPECT_FALSE(c.ref.is_dying());
+  ASSERT_EQ(c.ref.kill(), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 0);  // the three gets still hold it
+  ASSERT_EQ(c.ref.put_many(3), Errc::ok);
+  EXPECT_EQ(c.releases.load(), 1);
+  expect_no_misuse();
+}
+
 // membarrier registration belongs to the process's mm: a forked child must still be able to kill
 // (with both implementations' barriers), including a ref that was live percpu at the fork.
 TEST_F(PercpuRefTest, KillWorksInAForkedChild) {

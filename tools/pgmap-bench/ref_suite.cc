@@ -48,7 +48,6 @@
 #include "bench.h"
 #include "compare.h"
 #include "core/heavy_barrier.h"
-#include "core/rseq.h"
 #include "pgmap/core/percpu_ref.h"
 #include "timing.h"
 
@@ -308,15 +307,6 @@ struct KillTimes {
   std::uint64_t failures = 0;
 };
 
-// The barrier a kill of a live ref issues in its fold (PercpuRef's Registry::barrier()).
-void kill_barrier() noexcept {
-  if (PercpuRef::implementation() == "rseq") {
-    detail::rseq::barrier();
-  } else {
-    detail::heavy_barrier();
-  }
-}
-
 // The calling thread's involuntary context switches so far (0 if unknown).
 long involuntary_switches() noexcept {
   rusage ru{};
@@ -366,7 +356,7 @@ KillTimes time_kills(const Config& cfg, const std::atomic<std::uint64_t>& progre
       auto kill = [&] { e = victim.kill(); };
       const bool kill_first = attempt % 2 == 0;
       if (kill_first) timed(kill, counted, all, out.discarded, out.preempted);
-      timed(kill_barrier, barrier_counted, barrier_all, out.barrier_discarded,
+      timed(PercpuRef::kill_barrier, barrier_counted, barrier_all, out.barrier_discarded,
             out.barrier_preempted);
       if (!kill_first) timed(kill, counted, all, out.discarded, out.preempted);
       if (e != Errc::ok || !victim.is_zero()) ++out.failures;

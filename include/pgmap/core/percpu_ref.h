@@ -247,6 +247,10 @@ class PercpuRef {
   // ---- queries ----
   // "rseq" or "per-thread" (see the file comment); fixed for the life of the process.
   static std::string_view implementation() noexcept;
+  // Issues the process-wide barrier that the fold of a live ref's kill issues (membarrier
+  // PRIVATE_EXPEDITED_RSEQ, or the per-thread implementation's heavy barrier), and nothing else:
+  // what a kill costs at least (pgmap-bench's ref/barrier_floor). Changes no ref.
+  static void kill_barrier() noexcept;
 
   bool is_zero() const noexcept;    // atomic mode and count == 0
   bool is_dying() const noexcept {  // killed (DEAD set)
