@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "fs_oracle.h"
 #include "pgmap/dax/dax_device.h"
 #include "pgmap/debug/fs_invariants.h"
 #include "pgmap/fs/dax_fs.h"
@@ -142,9 +143,7 @@ class FsWorld {
   }
   std::set<std::uint64_t> lineage(std::uint64_t ino) {
     std::lock_guard<std::mutex> lock(mu_);
-    std::set<std::uint64_t> s = lineage_[ino];
-    s.insert(ino);
-    return s;
+    return lineage_.of(ino);
   }
   // The oracle: a page of file `ino` holds zeros, a record written through `ino` or a file it was
   // reflinked from, or the DIO mark of one of those. Anything else came from another file.
@@ -196,7 +195,7 @@ class FsWorld {
 
   std::mutex mu_;  // f_, lineage_, pipes_, dios_
   Figures f_;
-  std::map<std::uint64_t, std::set<std::uint64_t>> lineage_;  // ino -> inos reflinked into it
+  Lineage lineage_;
   std::vector<Pipe> pipes_;
   std::vector<Dio> dios_;
 };
@@ -486,10 +485,7 @@ void FsWorld::op(unsigned t, Rng& rng) {
       {
         // Before the share exists: b's pages may hold a's bytes from now on.
         std::lock_guard<std::mutex> lock(mu_);
-        std::set<std::uint64_t>& l = lineage_[b.inode().ino()];
-        l.insert(a.inode().ino());
-        const auto& la = lineage_[a.inode().ino()];
-        l.insert(la.begin(), la.end());
+        lineage_.reflinked(a.inode().ino(), b.inode().ino());
       }
       check_errc(fs.reflink(a.inode(), b.inode()), "reflink");
       break;
@@ -600,36 +596,21 @@ void FsWorld::quiescent_checks(std::uint64_t index) {
                                              v.detail));
     }
   }
-  // No held block belongs to a file outside the holder's lineage (generic/503: a pinned block is
-  // never handed to another file).
+  // No held block belongs to a file whose lineage does not meet the holder's (generic/503: a
+  // pinned block is never handed to another file; fs_oracle.h).
   if (pgmap_->state() == DevPagemap::State::dead) return;
-  const Pfn base = pgmap_->range(0).start;
-  std::map<std::uint64_t, std::set<std::uint64_t>> owners;  // block -> inos
-  for (const auto& inode : fs_->inodes()) {
-    for (const auto& [pg, block] : inode->snapshot().blocks)
-      owners[block].insert(inode->ino());
-  }
-  auto held = [&](Pfn pfn, std::uint64_t ino, const char* what) {
-    if (!pgmap_->contains(pfn)) return;  // the zero page
-    for (std::uint64_t o : owners[pfn - base]) {
-      std::set<std::uint64_t> l = lineage_[o];
-      l.insert(o);
-      if (l.count(ino) == 0) {
-        if (f_.violations["handed_over"]++ == 0 && f_.first_reports.size() < 8) {
-          f_.first_reports.push_back(fmt::format(
-              "[handed_over] phase {}: block {} held by a {} of ino {} belongs to ino {}", index,
-              pfn - base, what, ino, o));
-        }
-      }
-    }
-  };
+  std::vector<HeldPage> held;
   for (const Pipe& p : pipes_) {
     for (const mm::GupPage& g : p.buf->pages())
-      held(g.pfn, p.ino, "pipe");
+      held.push_back(HeldPage{g.pfn, p.ino, "pipe"});
   }
   for (const Dio& d : dios_) {
     for (const mm::GupPage& g : d.req->pages())
-      held(g.pfn, d.ino, "DIO pin");
+      held.push_back(HeldPage{g.pfn, d.ino, "DIO pin"});
+  }
+  for (std::string& v : handed_over(*pgmap_, *fs_, held, lineage_)) {
+    if (f_.violations["handed_over"]++ == 0 && f_.first_reports.size() < 8)
+      f_.first_reports.push_back(fmt::format("[handed_over] phase {}: {}", index, v));
   }
 }
 
