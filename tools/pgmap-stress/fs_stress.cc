@@ -100,7 +100,7 @@ class FsWorld {
  private:
   bool create_stack();
   void destroy_stack(std::uint64_t index);
-  void phase(std::uint64_t index);
+  bool phase(std::uint64_t index);  // false: the stack could not be re-created (reported)
   void worker(unsigned t, Rng rng);
   void op(unsigned t, Rng& rng);
   void drain(bool all);
@@ -639,7 +639,7 @@ void FsWorld::destroy_stack(std::uint64_t index) {
   ++f_.unbinds;
 }
 
-void FsWorld::phase(std::uint64_t index) {
+bool FsWorld::phase(std::uint64_t index) {
   const double secs = o_.phase_seconds > 0 ? o_.phase_seconds : (o_.quick ? 0.15 : 0.3);
   const bool unbind = index % 3 == 2;  // the device goes away under the mounted filesystem
   stop_.store(false);
@@ -668,18 +668,22 @@ void FsWorld::phase(std::uint64_t index) {
   drain(false);
   if (killed_.load()) {
     destroy_stack(index);
-    (void)create_stack();
+    return create_stack();
   }
+  return true;
 }
 
 Figures FsWorld::run() {
   const auto t0 = Clock::now();
   if (!create_stack()) return f_;
   std::uint64_t index = 0;
-  while (std::chrono::duration<double>(Clock::now() - t0).count() < o_.seconds)
-    phase(index++);
-  quiescent_checks(index);
-  destroy_stack(index);
+  bool stack = true;
+  while (stack && std::chrono::duration<double>(Clock::now() - t0).count() < o_.seconds)
+    stack = phase(index++);
+  if (stack) {
+    quiescent_checks(index);
+    destroy_stack(index);
+  }
   f_.strategy = s_;
   f_.phases = index;
   f_.seconds = std::chrono::duration<double>(Clock::now() - t0).count();
