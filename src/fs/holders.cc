@@ -2,6 +2,7 @@
 #include <cstring>
 #include <utility>
 
+#include "memory/device_bytes.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/fs/dio.h"
 #include "pgmap/fs/pipe.h"
@@ -25,7 +26,7 @@ DioRequest::~DioRequest() {
 Errc DioRequest::complete(std::byte fill) {
   // The "DMA": the pins keep every page (and its pagemap) alive.
   for (const mm::GupPage& p : pages_)
-    std::memset(p.pgmap->address_of(p.pfn), static_cast<int>(fill), kPageSize);
+    pgmap::detail::shared_fill(p.pgmap->address_of(p.pfn), fill, kPageSize);
   return mm::unpin_user_pages(pages_);
 }
 
@@ -50,7 +51,8 @@ Result<PipeBuffer> PipeBuffer::vmsplice(mm::AddressSpace& as, std::uint64_t addr
 Result<std::vector<std::byte>> PipeBuffer::consume() {
   std::vector<std::byte> out(pages_.size() * kPageSize);
   for (std::size_t i = 0; i < pages_.size(); ++i) {
-    std::memcpy(out.data() + i * kPageSize, pages_[i].pgmap->address_of(pages_[i].pfn), kPageSize);
+    pgmap::detail::shared_copy(out.data() + i * kPageSize,
+                               pages_[i].pgmap->address_of(pages_[i].pfn), kPageSize);
   }
   Errc e = mm::put_pages(pages_);
   if (e != Errc::ok) return Error(e, "pipe: dropping the page references");

@@ -8,6 +8,7 @@
 #include <limits>
 #include <utility>
 
+#include "memory/device_bytes.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
@@ -500,7 +501,7 @@ Errc Inode::zero_blocks(std::uint64_t block, std::uint64_t n) {
   auto acc = fs_->dax_device().direct_access(block, n);
   if (!acc) return acc.code();
   if (acc->nr < n) return Errc::out_of_range;
-  std::memset(acc->kaddr, 0, n << kPageShift);
+  pgmap::detail::shared_fill(acc->kaddr, std::byte{0}, n << kPageShift);
   return Errc::ok;
 }
 
@@ -510,7 +511,7 @@ Errc Inode::copy_block(std::uint64_t from, std::uint64_t to) {
   if (!src) return src.code();
   auto dst = fs_->dax_device().direct_access(to, 1);
   if (!dst) return dst.code();
-  std::memcpy(dst->kaddr, src->kaddr, kPageSize);
+  pgmap::detail::shared_copy(dst->kaddr, src->kaddr, kPageSize);
   return Errc::ok;
 }
 
@@ -605,7 +606,7 @@ Result<std::uint64_t> Inode::write(std::uint64_t off, const void* buf, std::uint
       auto b = block_of(page);
       auto acc = fs_->dax_device().direct_access(*b, 1);
       if (!acc) return acc.error();
-      std::memcpy(acc->kaddr + in, src + done, chunk);
+      pgmap::detail::shared_copy(acc->kaddr + in, src + done, chunk);
       done += chunk;
     }
   }
@@ -630,7 +631,7 @@ Result<std::uint64_t> Inode::read(std::uint64_t off, void* buf, std::uint64_t le
     if (auto b = block_of(pos >> kPageShift)) {
       auto acc = fs_->dax_device().direct_access(*b, 1);
       if (!acc) return acc.error();
-      std::memcpy(dst + done, acc->kaddr + in, chunk);
+      pgmap::detail::shared_copy(dst + done, acc->kaddr + in, chunk);
     } else {
       std::memset(dst + done, 0, chunk);
     }
@@ -785,7 +786,7 @@ Status Inode::truncate(std::uint64_t new_size, const BreakOptions& opts) {
       dax::DaxDevice::ReadLock rl;
       if (auto acc = fs_->dax_device().direct_access(*b, 1)) {
         const std::uint64_t in = new_size & (kPageSize - 1);
-        std::memset(acc->kaddr + in, 0, kPageSize - in);
+        pgmap::detail::shared_fill(acc->kaddr + in, std::byte{0}, kPageSize - in);
       }
     }
   }

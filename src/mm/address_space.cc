@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "memory/device_bytes.h"
 #include "mm/gup_access.h"
 #include "mm/page_table.h"
 #include "pgmap/core/rcu.h"
@@ -440,9 +441,9 @@ struct AddressSpace::Impl {
               std::min(len - done, leaf->addr + level_bytes(leaf->level) - at);
           std::byte* bytes = leaf->pgmap->address_of(leaf->pfn) + (at - leaf->addr);
           if (write) {
-            std::memcpy(bytes, from + done, chunk);
+            pgmap::detail::shared_copy(bytes, from + done, chunk);
           } else {
-            std::memcpy(to + done, bytes, chunk);
+            pgmap::detail::shared_copy(to + done, bytes, chunk);
           }
           done += chunk;
           copied = true;

@@ -3,6 +3,7 @@
 #include <cstring>
 #include <utility>
 
+#include "memory/device_bytes.h"
 #include "pgmap/memory/backing.h"
 
 namespace pgmap::mm {
@@ -57,9 +58,9 @@ Result<PageRef> AnonPool::alloc(const std::byte* src) {
   // The frame is idle and ours alone: fill it before anyone can see it.
   std::byte* bytes = pgmap_->address_of(pfn);
   if (src != nullptr) {
-    std::memcpy(bytes, src, kPageSize);
+    pgmap::detail::shared_copy(bytes, src, kPageSize);  // src may be a shared page
   } else {
-    std::memset(bytes, 0, kPageSize);
+    pgmap::detail::shared_fill(bytes, std::byte{0}, kPageSize);
   }
   // The pool owns the pagemap, so it may take the first reference of an idle folio.
   auto ref = PageRef::get(*pgmap_, pfn);
