@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "memory/device_bytes.h"
+#include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
@@ -649,10 +650,11 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
   DevPagemap& pg = fs_->pagemap();
   const Deadline deadline = deadline_after(opts.timeout);
   if (auto cover = entries_.peek(first)) first = std::min(first, cover->index);
+  bool zapped = false;
   for (;;) {
     // 1. No user mapping of the range survives (dax_layout_busy_page_range's unmap).
     // Private copy-on-write pages are not file pages: they stay (even_cows false).
-    (void)unmap_mapping_range(first, last == kAll ? 0 : last - first, false);
+    zapped |= unmap_mapping_range(first, last == kAll ? 0 : last - first, false) != 0;
     // 2. Scan every entry, waiting in place for locked ones (bug 5.5), for a busy folio — mapped
     // or not (bug 5.4).
     std::optional<Pfn> busy;
@@ -666,7 +668,17 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
       }
       entries_.unlock(slot->index);
     }
-    if (!busy) return {};
+    if (!busy) {
+      // The kernel's zap returns after the TLB flush: no CPU still loads or stores through a
+      // zapped entry, so the caller may free the blocks. Here a process's access that read the
+      // entry before the zap copies inside a read section (AddressSpace::read / write), so wait
+      // for those sections to end; otherwise its store could land in a block already handed to
+      // another file (pgmap-stress --fs, seed 23519509765207). Pre-remove breaks layouts inside
+      // the device's read lock, where no grace period can pass; it frees nothing (the entries
+      // go, the blocks stay until eviction, whose own break waits here).
+      if (zapped && !rcu::in_read_section()) (void)rcu::synchronize();
+      return {};
+    }
     if (opts.nowait) {
       return Error(Errc::busy,
                    fmt::format("{}: pfn {:#x} is busy (EAGAIN: not waiting)", name(), *busy));

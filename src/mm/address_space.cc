@@ -440,6 +440,8 @@ struct AddressSpace::Impl {
           const std::uint64_t chunk =
               std::min(len - done, leaf->addr + level_bytes(leaf->level) - at);
           std::byte* bytes = leaf->pgmap->address_of(leaf->pfn) + (at - leaf->addr);
+          // Between the look-up and the copy: what a zap racing the access must wait for.
+          PGMAP_YIELD_POINT("access.before_copy");
           if (write) {
             pgmap::detail::shared_copy(bytes, from + done, chunk);
           } else {

@@ -6,12 +6,15 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <cstring>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "fs/testing/fs_fixture.h"
+#include "pgmap/core/yield_point.h"
 #include "pgmap/fs/dio.h"
 #include "pgmap/fs/pipe.h"
 #include "pgmap/mm/gup.h"
@@ -166,6 +169,59 @@ TEST_P(LayoutTest, BreakLayoutSeesIdleWhenARefaultHoldsTheLastReference) {
   EXPECT_TRUE(result) << result.to_string();
   EXPECT_FALSE(as_->lookup(addr_));   // its next round unmapped the page again
   EXPECT_EQ(ref_of(pfn).load(), 0u);  // no mapping, no pin
+}
+
+// A store through a mapping caught between its look-up of the entry and its copy (yield point
+// access.before_copy) while truncate frees the block and another file gets it. The kernel's zap
+// returns after the TLB flush, so such a store lands before the block is freed; here the break
+// waits for the access's read section. Without that wait the store landed in the other file's
+// block (pgmap-stress --fs, seed 23519509765207: a record of one file read back in another).
+std::atomic<std::thread::id> g_caught_writer;
+std::atomic<bool> g_writer_caught{false};
+std::atomic<bool> g_writer_released{false};
+
+void hold_caught_writer(const char* name) noexcept {
+  if (std::strcmp(name, "access.before_copy") != 0 ||
+      std::this_thread::get_id() != g_caught_writer.load()) {
+    return;
+  }
+  g_writer_caught.store(true);
+  // Bounded: with the wait in place, truncate cannot return before this store is done.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+  while (!g_writer_released.load() && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
+TEST_P(LayoutTest, TruncateWaitsForAStoreCaughtBetweenLookupAndCopy) {
+  if (!kYieldPointsEnabled) GTEST_SKIP() << "needs yield points (debug, asan, tsan presets)";
+  setup_file(1);
+  const std::uint64_t block = *file_.inode().block_of(0);
+  g_writer_caught.store(false);
+  g_writer_released.store(false);
+  const YieldHook old_hook = set_yield_hook(hold_caught_writer);
+  std::thread writer([&] {
+    g_caught_writer.store(std::this_thread::get_id());
+    const std::vector<std::byte> stale(64, std::byte{0xab});
+    EXPECT_FALSE(as_->write(addr_, stale.data(), stale.size()));
+  });
+  ASSERT_TRUE(testutil::eventually([] { return g_writer_caught.load(); }));
+  EXPECT_TRUE(file_.inode().truncate(0));
+  File other = must_create("other");
+  FallocOptions o;
+  o.pmd_aligned = true;
+  EXPECT_TRUE(other.inode().fallocate(FallocMode::allocate, 0, kPmdSize, o));
+  g_writer_released.store(true);
+  writer.join();
+  (void)set_yield_hook(old_hook);
+  // The other file got the freed block (else this test proves nothing), and reads it as zeros.
+  std::optional<std::uint64_t> page;
+  for (const auto& [pg, b] : other.inode().snapshot().blocks) {
+    if (b == block) page = pg;
+  }
+  ASSERT_TRUE(page) << "block " << block << " was not reallocated to the other file";
+  std::vector<std::byte> back(kPageSize);
+  ASSERT_TRUE(other.inode().read(*page * kPageSize, back.data(), back.size()));
+  EXPECT_EQ(back, std::vector<std::byte>(kPageSize)) << "the stale store landed in block " << block;
 }
 
 // I16: whichever holder drops the last reference wakes a break_layout that is already asleep.
