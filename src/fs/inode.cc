@@ -9,7 +9,7 @@
 #include <utility>
 
 #include "memory/device_bytes.h"
-#include "pgmap/core/rcu.h"
+#include "mm/translation_users.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/wait_table.h"
 #include "pgmap/core/yield_point.h"
@@ -670,13 +670,11 @@ Status Inode::break_layout_locked(std::unique_lock<std::shared_mutex>& inv, std:
     }
     if (!busy) {
       // The kernel's zap returns after the TLB flush: no CPU still loads or stores through a
-      // zapped entry, so the caller may free the blocks. Here a process's access that read the
-      // entry before the zap copies inside a read section (AddressSpace::read / write), so wait
-      // for those sections to end; otherwise its store could land in a block already handed to
-      // another file (pgmap-stress --fs, seed 23519509765207). Pre-remove breaks layouts inside
-      // the device's read lock, where no grace period can pass; it frees nothing (the entries
-      // go, the blocks stay until eviction, whose own break waits here).
-      if (zapped && !rcu::in_read_section()) (void)rcu::synchronize();
+      // zapped entry, so the caller may free the blocks. Here a process's access that looked
+      // the entry up before the zap may still be copying (mm/translation_users.h); wait for it,
+      // or its store could land in a block already handed to another file (pgmap-stress --fs,
+      // seed 23519509765207).
+      if (zapped) mm::flush_translations();
       return {};
     }
     if (opts.nowait) {

@@ -11,6 +11,7 @@
 #include "memory/device_bytes.h"
 #include "mm/gup_access.h"
 #include "mm/page_table.h"
+#include "mm/translation_users.h"
 #include "pgmap/core/rcu.h"
 #include "pgmap/core/sanitizer.h"
 #include "pgmap/core/yield_point.h"
@@ -327,6 +328,7 @@ struct AddressSpace::Impl {
           // Only the entry's reference holds the source: the read section keeps its bytes valid
           // if a concurrent zap drops it (as access() does); the copy is discarded then.
           rcu::ReadGuard guard;
+          TranslationUse use;
           auto now = pt.lookup(page);
           if (now && now->raw == leaf->raw) {
             fresh = pool.alloc(leaf->pgmap->address_of(leaf->pfn));
@@ -435,6 +437,7 @@ struct AddressSpace::Impl {
         // bytes valid if a concurrent zap drops it (memunmap waits for a grace period before it
         // revokes them), as a TLB shootdown would.
         rcu::ReadGuard guard;
+        TranslationUse use;  // a zap's TLB flush waits for the copy (translation_users.h)
         auto leaf = pt.lookup(at);
         if (leaf && (!write || leaf->writable)) {
           const std::uint64_t chunk =
