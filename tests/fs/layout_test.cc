@@ -224,6 +224,30 @@ TEST_P(LayoutTest, TruncateWaitsForAStoreCaughtBetweenLookupAndCopy) {
   EXPECT_EQ(back, std::vector<std::byte>(kPageSize)) << "the stale store landed in block " << block;
 }
 
+// The break's wait for in-flight accesses is not a grace period of the global RCU: a global read
+// section may itself wait for the inode lock the break holds (kill's pre-remove takes inode locks
+// inside the device's read lock), so truncate must not wait for one. It did, in a first version
+// of the wait (ctest stress_fs_per_lookup hung under ASan).
+TEST_P(LayoutTest, TruncateDoesNotWaitForAGlobalReadSection) {
+  setup_file(1);
+  std::atomic<bool> in_section{false};
+  std::atomic<bool> truncated{false};
+  bool waited_out = false;
+  std::thread reader([&] {
+    dax::DaxDevice::ReadLock lock;  // the device's read lock is a global read section
+    in_section.store(true);
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(2);
+    while (!truncated.load() && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    waited_out = !truncated.load();
+  });
+  ASSERT_TRUE(testutil::eventually([&] { return in_section.load(); }));
+  EXPECT_TRUE(file_.inode().truncate(0));  // zaps the mapped page: the break waits for accesses
+  truncated.store(true);
+  reader.join();
+  EXPECT_FALSE(waited_out) << "truncate waited for the read section to end";
+}
+
 // I16: whichever holder drops the last reference wakes a break_layout that is already asleep.
 // A lost wake-up makes the bounded wait time out (the test then fails instead of hanging).
 enum class Holder { dio, pipe, gup_ref, gup_pin };
