@@ -15,6 +15,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <set>
 #include <span>
 #include <string>
@@ -45,6 +46,22 @@ class Lineage {
  private:
   std::map<std::uint64_t, std::set<std::uint64_t>> from_;  // ino -> inos reflinked into it
 };
+
+// The bytes a worker writes at the start of a page: one aligned 8-byte word naming the device
+// generation, the file (inode) written through and the file page, with a check. Shared memory
+// moves in whole aligned words (memory/device_bytes.h), so a read racing a write sees the whole
+// record or none of it; a page is only ever written in whole words (records, the DIO fill, the
+// fs's zeroing), so a racing read can mix words of two writes but never tear one.
+std::uint64_t record_word(std::uint64_t gen, std::uint64_t ino, std::uint64_t page);
+// What a DIO completion fills its pinned page with: the pinning file's mark.
+std::byte dio_fill(std::uint64_t ino);
+
+// The data oracle for one page of file `ino` (4 KiB), word by word: every word is zero, or the
+// DIO mark of a file in the lineage of `ino`, or (the first word) a record of generation `gen`
+// written through a file of that lineage. A page may mix them (a read racing a write). Returns
+// what is wrong, or nothing.
+std::optional<std::string> check_page(std::span<const std::byte> page, std::uint64_t ino,
+                                      std::uint64_t gen, const Lineage& lineage);
 
 // A page held by a pipe (a reference) or a DIO request (a pin), with the file it came from.
 struct HeldPage {

@@ -11,6 +11,7 @@
 #include <optional>
 #include <random>
 #include <set>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
@@ -34,27 +35,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using Rng = std::mt19937_64;
 
-constexpr std::uint64_t kMagic = 0x31736670616d6770ull;  // "pgmapfs1"
-constexpr std::uint64_t kMaxPages = 1024;                // files stay below 4 MiB
+constexpr std::uint64_t kMaxPages = 1024;  // files stay below 4 MiB
 constexpr unsigned kNames = 10;
-
-// The 64 bytes every write puts at the start of a page: which file (inode) wrote it.
-struct Record {
-  std::uint64_t magic, gen, ino, page, thread, seq, pad, sum;
-};
-static_assert(sizeof(Record) == 64);
-
-std::uint64_t checksum(const Record& r) {
-  std::uint64_t h = 0x9e3779b97f4a7c15ull;
-  for (std::uint64_t v : {r.magic, r.gen, r.ino, r.page, r.thread, r.seq, r.pad})
-    h = (h ^ v) * 0x100000001b3ull;
-  return h;
-}
-
-// What a DIO completion fills its pinned page with: the pinning file's mark.
-std::byte dio_fill(std::uint64_t ino) {
-  return static_cast<std::byte>(0x80u | (ino & 0x7fu));
-}
 
 struct Map {
   std::shared_ptr<fs::Inode> inode;
@@ -66,7 +48,6 @@ struct WorkerState {
   std::unique_ptr<mm::AddressSpace> as = std::make_unique<mm::AddressSpace>();
   std::vector<fs::File> files;
   std::vector<Map> maps;
-  std::uint64_t seq = 0;
 };
 
 struct Pipe {
@@ -141,43 +122,15 @@ class FsWorld {
       add("signal", fmt::format("{}: {} {}", what, mm::sig_code_name(sig.code), sig.why));
     }
   }
-  std::set<std::uint64_t> lineage(std::uint64_t ino) {
-    std::lock_guard<std::mutex> lock(mu_);
-    return lineage_.of(ino);
-  }
-  // The oracle: a page of file `ino` holds zeros, a record written through `ino` or a file it was
-  // reflinked from, or the DIO mark of one of those. Anything else came from another file.
+  // The data oracle (fs_oracle.h): a page of file `ino` holds zeros, a record written through
+  // `ino` or a file it was reflinked from, or the DIO mark of one of those, word by word.
   void check_page(const std::byte* p, std::uint64_t ino, const std::string& where) {
-    Record r;
-    std::memcpy(&r, p, sizeof r);
-    const std::set<std::uint64_t> ok = lineage(ino);
-    if (r.magic == kMagic) {
-      if (r.sum != checksum(r)) {
-        add("data", where + ": corrupt record");
-      } else if (r.gen != gen_ || ok.count(r.ino) == 0) {
-        add("data", fmt::format("{}: record of gen {} ino {} in gen {} ino {}", where, r.gen, r.ino,
-                                gen_, ino));
-      }
-      return;
+    std::optional<std::string> bad;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      bad = stress::check_page(std::span<const std::byte>(p, kPageSize), ino, gen_, lineage_);
     }
-    const std::byte b = p[0];
-    if (b == std::byte{0}) {
-      for (std::size_t i = 0; i < kPageSize; ++i) {
-        if (p[i] != std::byte{0}) {
-          add("data", fmt::format("{}: garbage at byte {}", where, i));
-          return;
-        }
-      }
-      return;
-    }
-    bool mark = false;
-    for (std::uint64_t x : ok)
-      mark = mark || dio_fill(x) == b;
-    if (!mark) {
-      add("data", fmt::format("{}: DIO mark {:#x} of another file in ino {} (a pinned block was "
-                              "handed over)",
-                              where, static_cast<unsigned>(b), ino));
-    }
+    if (bad) add("data", where + ": " + *bad);
   }
 
   const Strategy s_;
@@ -383,8 +336,7 @@ void FsWorld::op(unsigned t, Rng& rng) {
       count("write");
       fs::File* f = pick_file();
       if (f == nullptr) break;
-      Record r{kMagic, gen_, f->inode().ino(), page, t, ++w.seq, 0, 0};
-      r.sum = checksum(r);
+      const std::uint64_t r = record_word(gen_, f->inode().ino(), page);
       auto n = f->inode().write(page * kPageSize, &r, sizeof r);
       if (!n) check_errc(n.code(), "write");
       break;
@@ -438,8 +390,7 @@ void FsWorld::op(unsigned t, Rng& rng) {
         if (!sig)
           check_page(buf.data(), ino, fmt::format("mapped read of ino {} page {}", ino, pg));
       } else {
-        Record r{kMagic, gen_, ino, pg, t, ++w.seq, 0, 0};
-        r.sum = checksum(r);
+        const std::uint64_t r = record_word(gen_, ino, pg);
         check_signal(w.as->write(m->addr + pg * kPageSize, &r, sizeof r), "mapped write");
       }
       break;
