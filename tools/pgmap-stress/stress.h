@@ -77,9 +77,10 @@ Figures run_strategy(Strategy s, const Options& opts);
 // across operations. Every third phase the device is unbound (kill_dax) under the mounted,
 // busy filesystem, then everything is torn down (unmount, memunmap) and re-created over the same
 // memory. Between phases: the fs invariant checker (debug::check_fs_invariants, holders
-// included) and the generic/503 oracle: every page a file, a mapping, a pipe or a DIO pin shows
-// holds zeros, a record written through that file (or one reflinked into it) or that file's DIO
-// mark; no held block belongs to an unrelated file.
+// included) and the generic/503 oracle (fs_oracle.h): every word of every page a file, a
+// mapping, a pipe or a DIO pin shows is zero, the DIO mark of that file (or of one reflinked into
+// it) or, first in the page, a one-word record written through such a file; no held block belongs
+// to a file whose lineage does not meet the holder's.
 Figures run_fs_strategy(Strategy s, const Options& opts);
 
 // The yield hook: installs it (seeded) and reports how often each named point was reached.
