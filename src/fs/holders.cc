@@ -1,5 +1,4 @@
 // The page holders besides mappings: direct-I/O requests (dio.h) and pipe buffers (pipe.h).
-#include <cstring>
 #include <utility>
 
 #include "memory/device_bytes.h"

@@ -1,6 +1,5 @@
 #include "pgmap/mm/anon_pool.h"
 
-#include <cstring>
 #include <utility>
 
 #include "memory/device_bytes.h"
